@@ -1,0 +1,64 @@
+"""EngineConfig: every engine argument in one dataclass, validated once.
+
+Argument names follow vLLM / nano-vllm so that scripts port by changing the import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    kvcache_block_size: int = 16
+    device: str = "auto"  # "auto" | "cuda" | "cuda:N" | "cpu"
+    dtype: str = "auto"  # "auto": the checkpoint's dtype on CUDA, float32 on CPU
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None  # fixes the KV-cache size instead of sizing it from memory
+    cpu_kv_cache_gib: float = 2.0  # KV-cache budget on CPU, where there is no memory fraction to use
+    # Filled in by the engine once the model is known (not user arguments).
+    hf_config: object = field(default=None, repr=False)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **engine_args) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls) if f.name not in ("model", "hf_config")}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown engine argument(s): {', '.join(unknown)}; known arguments are: {', '.join(sorted(known))}"
+            )
+        return cls(model=model, **engine_args)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size"):
+            positive_int(name)
+        if self.max_model_len is not None:
+            positive_int("max_model_len")
+        if self.num_kv_blocks is not None:
+            positive_int("num_kv_blocks")
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not float(self.cpu_kv_cache_gib) > 0:
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")

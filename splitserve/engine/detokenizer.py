@@ -1,0 +1,33 @@
+"""Incremental detokenization that never emits half a multi-byte character.
+
+Decodes a small window of tokens twice (with and without the newest ones) and emits only the new suffix,
+holding it back while it ends in U+FFFD (an incomplete UTF-8 sequence). The window starts with the last
+prompt tokens so that tokenizers that drop a leading space at the start of a decode behave.
+"""
+
+from __future__ import annotations
+
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.tokens.append(token_id)
+        prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        text = self._decode(self.tokens[self.prefix_offset:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            return text[len(prefix_text):]
+        return ""

@@ -1,0 +1,220 @@
+"""LLMEngine: owns the tokenizer, scheduler and model runner; `step()` advances every request by one step."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from splitserve.config import EngineConfig
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+from splitserve.models.loader import load_hf_config, load_tokenizer, resolve_model
+from splitserve.models.registry import arch_flags
+from splitserve.outputs import CompletionOutput, RequestOutput
+from splitserve.sampling_params import SamplingParams
+from splitserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("splitserve")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        hf_config = load_hf_config(self.model_path)
+        arch_flags(hf_config)  # unsupported architectures fail here, before any weights are read
+        self.hf_config = config.hf_config = hf_config
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.vocab_size = hf_config.vocab_size
+        model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2**31)
+        user_max_len = config.max_model_len
+        if user_max_len is not None and user_max_len > model_max:
+            raise ValueError(f"max_model_len {user_max_len} exceeds the model's max_position_embeddings {model_max}")
+        config.max_model_len = user_max_len or model_max
+        self.runner = ModelRunner(config, hf_config, self.model_path)
+        capacity = self.runner.num_kv_blocks * config.kvcache_block_size
+        if capacity < config.max_model_len:
+            if user_max_len is not None:
+                raise ValueError(f"max_model_len {user_max_len} does not fit the KV cache ({capacity} tokens); "
+                                 "lower max_model_len or give the cache more memory")
+            logger.info("max_model_len lowered from %d to the KV-cache capacity %d", config.max_model_len, capacity)
+            config.max_model_len = capacity
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Sequence] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.startup_time_s = time.perf_counter() - t0
+        self.num_steps = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        try:
+            from transformers import GenerationConfig
+
+            sources.append(GenerationConfig.from_pretrained(self.model_path).eos_token_id)
+        except OSError:
+            pass
+        if self.tokenizer is not None:
+            sources.append(self.tokenizer.eos_token_id)
+        for src in sources:
+            ids.update([src] if isinstance(src, int) else (src or []))
+        return ids
+
+    # ---- requests ----
+    def make_sequence(self, prompt, sampling_params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Tokenize and validate one request; raises ValueError naming the problem. Adds nothing."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass prompts as token-id lists")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)
+                   or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        else:
+            raise TypeError(f"a prompt must be str, list[int] or dict, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt is empty (no tokens)")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens but max_model_len is {self.config.max_model_len} "
+                             "(the prompt must leave room for at least one new token)")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
+        return Sequence(token_ids, params, prompt=text, request_id=request_id)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
+        self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_token_ids, seq.sampling_params.skip_special_tokens)
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, sampling_params, request_id)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----
+    def step(self) -> list[Sequence]:
+        """Schedule, run the model once, append sampled tokens. Returns the sequences that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+        tokens, logprobs, samples = self.runner.execute(batch)
+        self.scheduler.complete_step(batch)
+        self.num_steps += 1
+        now = time.time()
+        updated = []
+        sampled_seqs = [s for s, flag in zip(batch.seqs, samples) if flag]
+        for row, (seq, token) in enumerate(zip(sampled_seqs, tokens)):
+            self._append_token(seq, token, row, logprobs, now)
+            updated.append(seq)
+        return updated
+
+    def _append_token(self, seq: Sequence, token: int, row: int, logprobs, now: float) -> None:
+        params = seq.sampling_params
+        seq.token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        seq.metrics.last_token_time = now
+        seq.metrics.token_times.append(now)
+        if logprobs is not None and seq.logprobs is not None:
+            chosen, top = logprobs
+            entry = {token: chosen[row]}
+            if top is not None:
+                values, indices = top
+                entry.update({i: v for i, v in zip(indices[row][: params.logprobs], values[row][: params.logprobs])})
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += chosen[row]
+        old_len = len(seq.output_text)
+        seq.output_text += self.detokenizers[seq.seq_id].step(token)
+
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", None
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            for stop in params.stop_list:
+                idx = seq.output_text.find(stop, max(0, old_len - len(stop) + 1))
+                if idx != -1:
+                    seq.output_text = seq.output_text[:idx]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    break
+        if seq.finish_reason is None and (seq.num_output_tokens >= params.max_tokens
+                                          or seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.metrics.finished_time = time.time()
+        self.scheduler.finish(seq)
+        self.detokenizers.pop(seq.seq_id, None)
+
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0, text=seq.output_text, token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+                             outputs=[completion], finished=seq.is_finished, metrics=seq.metrics,
+                             num_cached_tokens=seq.num_cached_tokens)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished request (after its output was taken)."""
+        self.requests.pop(seq.request_id, None)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_kv_blocks": bm.num_blocks, "kv_block_size": bm.block_size,
+            "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": bm.usage(),
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
+            "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "cuda_graphs": sorted(self.runner.graphs), "graph_capture_time_s": self.runner.graph_capture_time_s,
+            "graph_memory_bytes": self.runner.graph_memory_bytes, "startup_time_s": self.startup_time_s,
+        }

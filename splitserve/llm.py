@@ -1,0 +1,83 @@
+"""LLM: the offline API (vLLM's shape) over LLMEngine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+
+from splitserve.config import EngineConfig
+from splitserve.engine.engine import LLMEngine
+from splitserve.outputs import RequestOutput
+from splitserve.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args):
+        self.config = EngineConfig.from_kwargs(model, **engine_args)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        # Validate every request before any work starts, so one bad prompt costs nothing.
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                seqs.append(self.engine.make_sequence(prompt, p))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        try:
+            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                while any(not s.is_finished for s in seqs):
+                    finished = sum(s.is_finished for s in self.engine.step())
+                    bar.update(finished)
+        except BaseException:
+            for seq in seqs:
+                self.engine.abort(seq.request_id)
+            raise
+        finally:
+            outputs = [self.engine.output_of(s) for s in seqs]
+            for seq in seqs:
+                self.engine.release(seq)
+        return outputs
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """`messages`: one conversation (list of {"role", "content"}) or a list of conversations."""
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **(chat_template_kwargs or {})) for conv in conversations]
+        token_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        outputs = self.generate(token_ids, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outputs, prompts):
+            out.prompt = text
+        return outputs
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # a single token-id list
+    if isinstance(prompts, SequenceABC):
+        return list(prompts)
+    raise TypeError(f"prompts must be str, list[str], list[int] or list[list[int]], got {type(prompts).__name__}")

