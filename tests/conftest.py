@@ -1,0 +1,79 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+from splitserve.models.loader import resolve_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(default_model_dir, tmp_path_factory):
+    """Create a random-weight HF checkpoint (saved with transformers) sharing SmolLM2's tokenizer."""
+    import transformers
+
+    made: dict = {}
+
+    def make(arch: str = "qwen3", seed: int = 0, **overrides) -> str:
+        key = (arch, seed, repr(sorted(overrides.items(), key=str)))
+        if key in made:
+            return made[key]
+        base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                    rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.05,
+                    bos_token_id=1, eos_token_id=2)
+        base.update(overrides)
+        if arch == "qwen3":
+            cfg, cls = transformers.Qwen3Config(**base), transformers.Qwen3ForCausalLM
+        elif arch == "llama":
+            cfg, cls = transformers.LlamaConfig(**base), transformers.LlamaForCausalLM
+        elif arch == "qwen2":
+            base.pop("head_dim")
+            cfg, cls = transformers.Qwen2Config(**base), transformers.Qwen2ForCausalLM
+        else:
+            raise ValueError(arch)
+        torch.manual_seed(seed)
+        model = cls(cfg).float()
+        if getattr(cfg, "attention_bias", False) or arch == "qwen2":
+            with torch.no_grad():  # make biases non-zero so that loading them is tested
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(0, 0.05)
+        path = str(tmp_path_factory.mktemp(f"tiny-{arch}"))
+        model.save_pretrained(path)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(default_model_dir, name)
+            if os.path.exists(src):
+                shutil.copy(src, path)
+        made[key] = path
+        return path
+
+    return make
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Reference: HF transformers greedy decoding in fp32, one prompt at a time (no padding effects)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n_,), generator=g).tolist() for n_ in lens]
