@@ -211,7 +211,8 @@ class ModelRunner:
         tables = np.zeros((len(seqs), width), dtype=np.int32)
         for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = s.block_table
-        slots = tables[row, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        bs = self.block_size
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         samples = np.asarray(batch.samples(), dtype=bool)
         return {"input_ids": token_ids, "positions": positions, "slot_mapping": slots,
                 "query_start_loc": cu_q.astype(np.int32), "seq_lens": (starts + qlens).astype(np.int32),

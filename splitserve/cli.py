@@ -1,0 +1,126 @@
+"""splitserve command line: generate | chat | doctor."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from splitserve.config import EngineConfig
+
+_SKIP = {"model", "hf_config"}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+            if f.name not in _SKIP and getattr(args, f.name, None) is not None}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--sampling-seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):
+    from splitserve.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          max_tokens=args.max_tokens, seed=args.sampling_seed)
+
+
+def stream(llm, prompt, params) -> str:
+    """Print the answer as it is generated; returns the full text."""
+    engine = llm.engine
+    seq = engine.add_request(prompt, params)
+    printed = 0
+    try:
+        while not seq.is_finished:
+            engine.step()
+            sys.stdout.write(seq.output_text[printed:])
+            sys.stdout.flush()
+            printed = len(seq.output_text)
+    finally:
+        engine.abort(seq.request_id)
+        engine.release(seq)
+    sys.stdout.write("\n")
+    return seq.output_text
+
+
+def cmd_generate(args) -> None:
+    from splitserve import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    stream(llm, args.prompt, sampling_params(args))
+
+
+def cmd_chat(args) -> None:
+    from splitserve import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    tok = llm.get_tokenizer()
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("splitserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answer = stream(llm, tok.encode(prompt, add_special_tokens=False), params)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def cmd_doctor(args) -> None:
+    from splitserve.doctor import main as doctor_main
+
+    doctor_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", allow_abbrev=False, help="generate text for one prompt, streamed to the terminal")
+    gen.add_argument("prompt")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", allow_abbrev=False, help="interactive chat using the model's chat template")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    doctor = sub.add_parser("doctor", help="report Python, torch, CUDA, GPUs, Triton, P2P")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"splitserve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,123 @@
+"""Bad input gets a clear error naming the problem, raised before any work; the engine keeps serving."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from splitserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(make_tiny_model):
+    return LLM(make_tiny_model("qwen3"), max_model_len=64, kvcache_block_size=8)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "prompt is empty"),
+    ([], "prompt is empty"),
+    ([5] * 64, "max_model_len is 64"),
+    ([5, -1, 7], "outside the vocabulary"),
+    ([5, 49152], "outside the vocabulary"),
+    (3.5, "a prompt must be"),
+])
+def test_bad_prompts_rejected_before_any_work(llm, prompt, message):
+    good = [1, 2, 3, 4]
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        llm.generate([good, prompt], GREEDY, use_tqdm=False)
+    assert "prompt 1" in str(info.value)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+    assert llm.generate([good], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(stop=[""]), "stop"),
+    (dict(logprobs=-1), "logprobs"),
+])
+def test_invalid_sampling_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_engine_arg_named(make_tiny_model):
+    with pytest.raises(TypeError, match="max_num_seq\\b"):
+        LLM(make_tiny_model("qwen3"), max_num_seq=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"), (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"), (dict(kvcache_block_size=0), "kvcache_block_size"),
+])
+def test_invalid_engine_values(make_tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(make_tiny_model("qwen3"), **kwargs)
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        LLM(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_unsupported_architecture(make_tiny_model, tmp_path):
+    path = shutil.copytree(make_tiny_model("qwen3"), tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model architecture 'GPT2LMHeadModel'"):
+        LLM(str(path))
+
+
+def test_truncated_safetensors(make_tiny_model, tmp_path):
+    path = shutil.copytree(make_tiny_model("qwen3"), tmp_path / "m")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated safetensors file .*model.safetensors"):
+        LLM(str(path))
+
+
+def test_missing_weights_named(make_tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = shutil.copytree(make_tiny_model("qwen3"), tmp_path / "m")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight"):
+        LLM(str(path))
+
+
+def test_corrupt_gguf(tmp_path, default_model_dir):
+    from splitserve.models.loader import default_model_gguf
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    with pytest.raises(ValueError, match="cannot read GGUF file .*broken.gguf"):
+        LLM(str(bad))
+    truncated = tmp_path / "truncated.gguf"
+    with open(default_model_gguf(), "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    with pytest.raises(ValueError, match="cannot read GGUF file .*truncated.gguf"):
+        LLM(str(truncated))
+
+
+def test_string_prompt_without_tokenizer(make_tiny_model, tmp_path):
+    path = shutil.copytree(make_tiny_model("qwen3"), tmp_path / "m")
+    for name in os.listdir(path):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(path / name)
+    llm = LLM(str(path))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["hello"], GREEDY, use_tqdm=False)
+    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 4
