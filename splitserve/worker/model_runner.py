@@ -127,10 +127,10 @@ class ModelRunner:
         self._bind_kv_cache(self.kv_cache)
         return num_blocks
 
-    def _bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+    def _bind_kv_cache(self, kv_cache: torch.Tensor | None) -> None:
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.attn.k_cache = kv_cache[0, i]
-            layer.self_attn.attn.v_cache = kv_cache[1, i]
+            layer.self_attn.attn.k_cache = None if kv_cache is None else kv_cache[0, i]
+            layer.self_attn.attn.v_cache = None if kv_cache is None else kv_cache[1, i]
 
     def _blocks_from_gpu_memory(self) -> int:
         """Run the largest prefill once to find peak activation memory, then give the rest to the KV cache."""
@@ -148,7 +148,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
         del scratch
-        self._bind_kv_cache(torch.empty(0, device=self.device))
+        self._bind_kv_cache(None)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)

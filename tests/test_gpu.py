@@ -1,0 +1,82 @@
+"""GPU tests (marker `gpu`): run on an H100/H200 machine with `pytest -m gpu`, never in CI."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from conftest import random_prompts  # noqa: E402
+from kernel_cases import check_case  # noqa: E402
+
+from splitserve import LLM, SamplingParams  # noqa: E402
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643,
+                 eos_token_id=151645, initializer_range=0.02)
+
+
+@pytest.fixture(scope="module")
+def qwen3_06b(tmp_path_factory):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**QWEN3_06B)
+    model = transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    path = str(tmp_path_factory.mktemp("qwen3-0.6b"))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", [
+    (16, 8, 128, 16, [1] * 7, [0, 15, 16, 17, 100, 511, 1000]),  # Qwen3-0.6B decode
+    (32, 8, 128, 16, [1] * 5, [4095, 2048, 33, 1, 8191]),  # Qwen3-8B decode, long contexts
+    (32, 8, 128, 32, [300, 1, 77], [0, 2000, 129]),  # mixed chunked prefill + decode, block 32
+    (9, 3, 64, 16, [45, 1, 1], [19, 63, 64]),  # SmolLM2 heads (GQA 3)
+    (16, 16, 64, 8, [130, 2], [7, 250]),  # MHA
+    (64, 8, 128, 256, [1, 1, 513], [3000, 255, 0]),  # GQA 8, big blocks
+])
+def test_triton_kernels_match_reference(case, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    check_case(*case, device="cuda", dtype=dtype, tol=tol, seed=sum(case[4]) + sum(case[5]))
+
+
+def test_bf16_logits_and_greedy_match_hf(qwen3_06b):
+    from transformers import AutoModelForCausalLM
+
+    prompts = random_prompts(4, 20, 200, seed=0, vocab=151936)
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        x = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, min_new_tokens=40,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids[:32] == ref[:32]
+        # logprob of each chosen token vs HF's log-softmax at that step (teacher-forced on HF's tokens)
+        with torch.no_grad():
+            full = torch.tensor([prompt + ref], device="cuda")
+            lp = hf(full).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        ours = torch.tensor([next(iter(e.values())) for e in out.outputs[0].logprobs[:32]])
+        theirs = lp[torch.arange(32), torch.tensor(ref[:32])].cpu()
+        assert (ours - theirs).abs().max() < 0.1
+
+
+def test_cuda_graph_path_equals_eager(qwen3_06b):
+    prompts = random_prompts(13, 10, 300, seed=1, vocab=151936)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    kw = dict(max_model_len=1024, gpu_memory_utilization=0.4, dtype="float32", max_num_seqs=32)
+    eager = LLM(qwen3_06b, enforce_eager=True, **kw)
+    eager_out = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    del eager
+    torch.cuda.empty_cache()
+    graphed = LLM(qwen3_06b, **kw)
+    assert graphed.stats()["cuda_graphs"], "no CUDA graphs were captured"
+    graph_out = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
+    assert graph_out == eager_out
