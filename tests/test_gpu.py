@@ -45,27 +45,55 @@ def test_triton_kernels_match_reference(case, dtype):
     check_case(*case, device="cuda", dtype=dtype, tol=tol, seed=sum(case[4]) + sum(case[5]))
 
 
-def test_bf16_logits_and_greedy_match_hf(qwen3_06b):
+def hf_greedy_with_logits(hf, prompt, steps):
+    x = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        logits = hf(torch.tensor([prompt + ref], device="cuda")).logits[0, len(prompt) - 1:-1].float()
+    return ref, logits
+
+
+def test_fp32_greedy_matches_hf_exactly(qwen3_06b):
     from transformers import AutoModelForCausalLM
 
-    prompts = random_prompts(4, 20, 200, seed=0, vocab=151936)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = random_prompts(3, 20, 200, seed=0, vocab=151936)
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.float32).cuda().eval()
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32")
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ref, _ = hf_greedy_with_logits(hf, prompt, 40)
+        assert out.outputs[0].token_ids == ref
+
+
+def test_bf16_logits_close_and_greedy_matches_hf(qwen3_06b):
+    """bf16: chosen-token logprobs close to HF's; greedy equal for 32 steps, where a divergence is allowed
+    only at a near-tie in HF's own logits (top-2 gap below bf16 noise) — a random-weight model is flat."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = random_prompts(6, 20, 200, seed=0, vocab=151936)
     hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
+    full_matches = 0
     for prompt, out in zip(prompts, outs):
-        x = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, min_new_tokens=40,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert out.outputs[0].token_ids[:32] == ref[:32]
-        # logprob of each chosen token vs HF's log-softmax at that step (teacher-forced on HF's tokens)
-        with torch.no_grad():
-            full = torch.tensor([prompt + ref], device="cuda")
-            lp = hf(full).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
-        ours = torch.tensor([next(iter(e.values())) for e in out.outputs[0].logprobs[:32]])
-        theirs = lp[torch.arange(32), torch.tensor(ref[:32])].cpu()
-        assert (ours - theirs).abs().max() < 0.1
+        ours = out.outputs[0].token_ids
+        ref, logits = hf_greedy_with_logits(hf, prompt, 40)
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), 40)
+        if same < 32:
+            gap = (logits[same, ref[same]] - logits[same, ours[same]]).item()
+            assert gap < 0.125, f"diverged at step {same} where HF's logit gap is {gap:.3f} (not a tie)"
+        else:
+            full_matches += 1
+        lp = logits.log_softmax(-1)
+        n = min(same + 1, 32)  # up to and including the first differing step the contexts are equal
+        mine = torch.tensor([out.outputs[0].logprobs[i][ours[i]] for i in range(n)])
+        theirs = lp[torch.arange(n), torch.tensor(ours[:n], device="cuda")].cpu()
+        assert (mine - theirs).abs().max() < 0.1
+    print(f"bf16: {full_matches}/{len(prompts)} prompts match HF greedy for 32+ steps")
+    assert full_matches >= 1
 
 
 def test_cuda_graph_path_equals_eager(qwen3_06b):

