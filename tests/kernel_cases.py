@@ -51,3 +51,50 @@ CPU_CASES = [
     (4, 4, 32, 16, [20, 3], [17, 0]),  # MHA, chunked prefill over a prefix
     (8, 1, 16, 4, [1, 2], [30, 6]),  # MQA
 ]
+
+
+def check_fused(device="cpu", dtype=torch.float32, seed=0):
+    """Fused RMSNorm(+residual), q/k-norm in place, rotary and SiLU-and-mul vs the torch reference."""
+    from splitserve.kernels.fused import rms_norm, rotary_, silu_and_mul
+    from splitserve.layers.activation import silu_and_mul_torch
+    from splitserve.layers.norm import rms_norm_torch
+    from splitserve.layers.rotary import rotary_torch
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    exact = dtype == torch.float32
+
+    def same(a, b, what):
+        if exact:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), what
+        else:  # bf16/fp16: the same roundings; allow one unit in the last place for exp/rsqrt differences
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            assert err < 1e-2, (what, err)
+
+    for t, n in ((5, 64), (3, 96), (17, 1024)):
+        x, res, w = rand(t, n), rand(t, n), rand(n)
+        same(rms_norm(x, w, 1e-6), rms_norm_torch(x, w, 1e-6), "rms_norm")
+        o, r = rms_norm(x, w, 1e-6, res)
+        o_ref, r_ref = rms_norm_torch(x, w, 1e-6, res)
+        same(o, o_ref, "rms_norm+residual")
+        assert torch.equal(r, r_ref), "residual sum"
+        gu = rand(t, 2 * n)
+        same(silu_and_mul(gu), silu_and_mul_torch(gu), "silu_and_mul")
+    # q/k heads inside a fused QKV output: in-place norm and rotary on strided views
+    t, hq, hk, d, max_pos = 7, 4, 2, 32, 64
+    qkv = rand(t, (hq + 2 * hk) * d)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.view(t, hq, d), k.view(t, hk, d)
+    wq = rand(d)
+    q_ref = rms_norm_torch(q.clone(), wq, 1e-6)
+    rms_norm(q, wq, 1e-6, out=q)
+    same(q, q_ref, "q-norm in place")
+    positions = torch.randint(0, max_pos, (t,), generator=g).to(device)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.outer(torch.arange(max_pos).float(), inv)
+    emb = torch.cat((emb, emb), -1)
+    cos_sin = torch.stack((emb.cos(), emb.sin()), 1).to(device)
+    q_ref, k_ref = rotary_torch(q.clone(), k.clone(), positions, cos_sin)
+    rotary_(q, k, positions, cos_sin)
+    same(q, q_ref, "rotary q")
+    same(k, k_ref, "rotary k")

@@ -108,3 +108,10 @@ def test_cuda_graph_path_equals_eager(qwen3_06b):
     assert graphed.stats()["cuda_graphs"], "no CUDA graphs were captured"
     graph_out = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
     assert graph_out == eager_out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_kernels_match_reference(dtype):
+    from kernel_cases import check_fused
+
+    check_fused(device="cuda", dtype=dtype)

@@ -19,9 +19,13 @@ def _patch(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0].item()))
 interp._patch_lang_tensor = _patch
 
-from kernel_cases import CPU_CASES, check_case
+import torch
+from kernel_cases import CPU_CASES, check_case, check_fused
 for case in CPU_CASES:
     print("ok", case, check_case(*case))
+check_fused(dtype=torch.float32)
+check_fused(dtype=torch.float16)
+print("ok fused")
 """
 
 
@@ -30,4 +34,4 @@ def test_triton_kernels_match_torch_reference_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == 4
+    assert res.stdout.count("ok") == 5

@@ -6,20 +6,25 @@ import torch
 from torch import nn
 
 
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Reference (and CPU) path, with HF's arithmetic: normalise in fp32, cast back, then scale."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF: normalize in fp32, cast back, then scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
+        if x.is_cuda:
+            from splitserve.kernels.fused import rms_norm
+
+            # [T, H, D] heads (q/k norm) are normalised in place inside the fused QKV output
+            return rms_norm(x, self.weight, self.eps, residual, out=x if x.dim() == 3 else None)
+        return rms_norm_torch(x, self.weight, self.eps, residual)

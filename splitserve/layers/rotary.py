@@ -44,9 +44,19 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1) * self.scaling
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos_sin = self.cos_sin[positions].to(q.dtype)  # [T, 2, D]
-        cos, sin = cos_sin[:, 0].unsqueeze(1), cos_sin[:, 1].unsqueeze(1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        if q.is_cuda:
+            from splitserve.kernels.fused import rotary_
+
+            rotary_(q, k, positions, self.cos_sin)
+            return q, k
+        return rotary_torch(q, k, positions, self.cos_sin)
+
+
+def rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Reference (and CPU) path, with HF's arithmetic: cos/sin rounded to the model dtype."""
+    cs = cos_sin[positions].to(q.dtype)  # [T, 2, D]
+    cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+    return _apply(q, cos, sin), _apply(k, cos, sin)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -164,35 +164,50 @@ class ModelRunner:
     def _capture_decode_graphs(self) -> None:
         t0 = time.perf_counter()
         mem0 = torch.cuda.mem_get_info(self.device)[0]
-        max_bs = self.config.max_num_seqs
-        dev = self.device
-        self.graph_inputs = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
-            "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
-            "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-        }
+        max_bs, width = self.config.max_num_seqs, self.max_blocks_per_seq
+        # Static graph inputs, and pinned host mirrors so one step's inputs travel in three copies.
+        self.graph_i64 = torch.zeros(3, max_bs, dtype=torch.int64, device=self.device)  # ids, positions, slots
+        self.graph_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+        self.graph_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=self.device)
+        self.graph_query_start = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
+        self.stage_i64 = torch.zeros(3, max_bs, dtype=torch.int64).pin_memory()
+        self.stage_seq_lens = torch.zeros(max_bs, dtype=torch.int32).pin_memory()
+        self.stage_tables = torch.zeros(max_bs, width, dtype=torch.int32).pin_memory()
+        self.graph_i64[2].fill_(-1)
         self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.graph_buckets()):  # largest first so smaller graphs reuse its pool memory
-            meta = self._graph_meta(bs)
-            args = (self.graph_inputs["input_ids"][:bs], self.graph_inputs["positions"][:bs], meta)
+            args = (self.graph_i64[0, :bs], self.graph_i64[1, :bs], self._graph_meta(bs))
             with torch.no_grad():
                 self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.graph_outputs[bs] = self.model(*args)
             self.graphs[bs] = graph
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(self.device)
         self.graph_capture_time_s = time.perf_counter() - t0
-        self.graph_memory_bytes = mem0 - torch.cuda.mem_get_info(dev)[0]
+        self.graph_memory_bytes = mem0 - torch.cuda.mem_get_info(self.device)[0]
+
+    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int) -> torch.Tensor:
+        i64 = self.stage_i64.numpy()
+        i64[:, num_seqs:bucket] = ((0,), (0,), (-1,))  # padding rows: token 0, no KV write, empty context
+        i64[0, :num_seqs], i64[1, :num_seqs], i64[2, :num_seqs] = (
+            host["input_ids"], host["positions"], host["slot_mapping"])
+        lens = self.stage_seq_lens.numpy()
+        lens[num_seqs:bucket] = 0
+        lens[:num_seqs] = host["seq_lens"]
+        tables = host["block_tables"]
+        width = tables.shape[1]
+        self.stage_tables.numpy()[:num_seqs, :width] = tables
+        self.graph_i64[:, :bucket].copy_(self.stage_i64[:, :bucket], non_blocking=True)
+        self.graph_seq_lens[:bucket].copy_(self.stage_seq_lens[:bucket], non_blocking=True)
+        self.graph_tables[:num_seqs, :width].copy_(self.stage_tables[:num_seqs, :width], non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.graph_outputs[bucket][:num_seqs]
 
     def _graph_meta(self, bs: int) -> AttentionMetadata:
-        g = self.graph_inputs
-        return AttentionMetadata(slot_mapping=g["slot_mapping"][:bs], query_start_loc=g["query_start_loc"][: bs + 1],
-                                 seq_lens=g["seq_lens"][:bs], block_tables=g["block_tables"][:bs],
+        return AttentionMetadata(slot_mapping=self.graph_i64[2, :bs], query_start_loc=self.graph_query_start[: bs + 1],
+                                 seq_lens=self.graph_seq_lens[:bs], block_tables=self.graph_tables[:bs],
                                  max_query_len=1, max_seq_len=self.config.max_model_len)
 
     # ---- one step ----
@@ -231,14 +246,7 @@ class ModelRunner:
         num_seqs = len(batch)
         bucket = self._bucket(num_seqs) if batch.is_decode else None
         if bucket is not None:
-            g = self.graph_inputs
-            for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
-                g[name][num_seqs:bucket].fill_(-1 if name == "slot_mapping" else 0)
-                g[name][:num_seqs].copy_(self._to_device(host[name]), non_blocking=True)
-            tables = host["block_tables"]
-            g["block_tables"][:num_seqs, : tables.shape[1]].copy_(self._to_device(tables), non_blocking=True)
-            self.graphs[bucket].replay()
-            hidden = self.graph_outputs[bucket][:num_seqs]
+            hidden = self._replay_decode_graph(host, num_seqs, bucket)
         else:
             meta = AttentionMetadata(
                 slot_mapping=self._to_device(host["slot_mapping"]),
@@ -265,6 +273,10 @@ class ModelRunner:
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
+        want = [p.logprobs for p in params if p.logprobs is not None]
+        if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
+            return SamplingTensors(None, None, None, None, [], True, False, False, False,
+                                   max(want) if want else None)
         dev = self.device
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64)
@@ -275,7 +287,6 @@ class ModelRunner:
             if s.sampling_params.seed is not None and s.generator is None:
                 s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
             generators.append(s.generator)
-        want = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingTensors(
             temperature=temperature.to(dev), top_k=top_k.to(dev), top_p=top_p.to(dev), min_p=min_p.to(dev),
             generators=generators, all_greedy=all(p.temperature == 0 for p in params),
