@@ -21,8 +21,8 @@ def make_tiny_model(default_model_dir, tmp_path_factory):
 
     made: dict = {}
 
-    def make(arch: str = "qwen3", seed: int = 0, **overrides) -> str:
-        key = (arch, seed, repr(sorted(overrides.items(), key=str)))
+    def make(arch: str = "qwen3", seed: int = 0, max_shard_size: str | None = None, **overrides) -> str:
+        key = (arch, seed, max_shard_size, repr(sorted(overrides.items(), key=str)))
         if key in made:
             return made[key]
         base = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,7 +47,7 @@ def make_tiny_model(default_model_dir, tmp_path_factory):
                     if name.endswith("bias"):
                         p.normal_(0, 0.05)
         path = str(tmp_path_factory.mktemp(f"tiny-{arch}"))
-        model.save_pretrained(path)
+        model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         for name in TOKENIZER_FILES:
             src = os.path.join(default_model_dir, name)
             if os.path.exists(src):

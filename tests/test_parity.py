@@ -42,3 +42,14 @@ def test_default_model_matches_hf(default_model_dir):
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert [o.prompt_token_ids for o in outs] == prompts
     assert outs[0].outputs[0].text == tok.decode(expected[0], skip_special_tokens=True)
+
+
+def test_sharded_checkpoint_loads(make_tiny_model):
+    import glob
+
+    path = make_tiny_model("qwen3", seed=4, max_shard_size="2MB")
+    assert len(glob.glob(f"{path}/*.safetensors")) > 1
+    prompts = random_prompts(2, 5, 30, seed=7)
+    expected = hf_greedy(path, prompts, 32)
+    llm = LLM(path)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
