@@ -1,4 +1,4 @@
-"""splitserve command line: generate | chat | doctor."""
+"""splitserve command line: generate | chat | bench | doctor."""
 
 from __future__ import annotations
 
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from splitserve.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
     doctor = sub.add_parser("doctor", help="report Python, torch, CUDA, GPUs, Triton, P2P")
     doctor.set_defaults(func=cmd_doctor)
     return parser

@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # fixes the KV-cache size instead of sizing it from memory
     cpu_kv_cache_gib: float = 2.0  # KV-cache budget on CPU, where there is no memory fraction to use
+    load_format: str = "auto"  # "auto": weights from the checkpoint; "dummy": random weights (benchmarks)
     # Filled in by the engine once the model is known (not user arguments).
     hf_config: object = field(default=None, repr=False)
 
@@ -55,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not float(self.cpu_kv_cache_gib) > 0:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         dev = self.device

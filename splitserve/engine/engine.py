@@ -34,7 +34,8 @@ class LLMEngine:
         if user_max_len is not None and user_max_len > model_max:
             raise ValueError(f"max_model_len {user_max_len} exceeds the model's max_position_embeddings {model_max}")
         config.max_model_len = user_max_len or model_max
-        self.runner = ModelRunner(config, hf_config, self.model_path)
+        weights = None if config.load_format == "dummy" else self.model_path
+        self.runner = ModelRunner(config, hf_config, weights)
         capacity = self.runner.num_kv_blocks * config.kvcache_block_size
         if capacity < config.max_model_len:
             if user_max_len is not None:
@@ -50,6 +51,8 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.startup_time_s = time.perf_counter() - t0
         self.num_steps = 0
+        self.prefill_time_s = 0.0
+        self.decode_time_s = 0.0
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -142,7 +145,12 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
+        t0 = time.perf_counter()
         tokens, logprobs, samples = self.runner.execute(batch)
+        if batch.is_decode:
+            self.decode_time_s += time.perf_counter() - t0
+        else:
+            self.prefill_time_s += time.perf_counter() - t0  # steps that carry any prefill tokens
         self.scheduler.complete_step(batch)
         self.num_steps += 1
         now = time.time()
@@ -213,6 +221,7 @@ class LLMEngine:
             "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": bm.usage(),
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
+            "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
             "cuda_graphs": sorted(self.runner.graphs), "graph_capture_time_s": self.runner.graph_capture_time_s,

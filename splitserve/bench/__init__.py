@@ -1,0 +1,1 @@
+"""`splitserve bench`: latency, throughput and small-batch workloads, optionally against HF transformers."""

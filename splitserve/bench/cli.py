@@ -1,0 +1,89 @@
+"""`splitserve bench latency|throughput|smallbatch` argument handling and the run itself."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+
+
+def add_parser(sub, add_engine_args) -> None:
+    bench = sub.add_parser("bench", allow_abbrev=False, help="benchmarks: latency | throughput | smallbatch")
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch"])
+    bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
+                                                     "llama3-8b (instead of --model)")
+    bench.add_argument("--compare", choices=["hf"], default=None, help="run HF transformers in the same run")
+    bench.add_argument("--out", default="docs/benchmarks", help="folder for JSON, PNG and markdown")
+    bench.add_argument("--name", default=None, help="file name stem (default: workload-model-device)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    bench.add_argument("--context-lens", type=int, nargs="+", default=[256, 1024, 2048, 8192])
+    bench.add_argument("--num-requests", type=int, default=256)
+    bench.add_argument("--input-range", type=int, nargs=2, default=[100, 1024])
+    bench.add_argument("--output-range", type=int, nargs=2, default=[100, 1024])
+    bench.add_argument("--hf-requests", type=int, default=256, help="requests HF runs in the throughput compare")
+    add_engine_args(bench)
+    bench.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from splitserve import LLM
+    from splitserve.bench import report, workloads
+    from splitserve.bench.shapes import shape_folder
+    from splitserve.cli import engine_kwargs
+
+    kwargs = engine_kwargs(args)
+    model = args.model
+    if args.shape:
+        model = shape_folder(args.shape)
+        kwargs.setdefault("load_format", "dummy")
+    if args.workload == "latency":
+        kwargs.setdefault("max_num_seqs", max(args.batch_sizes))
+        kwargs.setdefault("max_model_len", max(args.context_lens) + 1)
+    llm = LLM(model, **kwargs)
+    runner = llm.engine.runner
+    meta = {"model": args.shape or model or "SmolLM2-135M-Instruct",
+            "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dtype": str(runner.dtype),
+            "engine": llm.stats()}
+    if args.workload == "latency":
+        result = workloads.latency(llm, args.batch_sizes, args.context_lens)
+    elif args.workload == "throughput":
+        result = workloads.throughput(llm, args.num_requests, tuple(args.input_range), tuple(args.output_range))
+    else:
+        result = workloads.smallbatch(llm)
+    result.update(meta)
+    if args.compare == "hf":
+        result["hf"] = _hf_compare(args, llm, result)
+    name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
+    for path in report.write(result, args.out, name):
+        print(path)
+    print(report.markdown(result))
+
+
+def _hf_compare(args, llm, result) -> dict:
+    import numpy as np
+
+    from splitserve.bench import hf, workloads
+
+    runner = llm.engine.runner
+    folder, random_weights = llm.engine.model_path, llm.config.load_format == "dummy"
+    del llm  # free the GPU for the HF model (the engine's memory goes with it)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    try:
+        model = hf.hf_model(folder, runner.device, runner.dtype, random_weights)
+        del runner
+        if args.workload == "smallbatch":
+            rng = np.random.default_rng(0)
+            prompts = [rng.integers(0, model.config.vocab_size, result["prompt_len"]).tolist()
+                       for _ in range(result["num_prompts"])]
+            return hf.hf_smallbatch(model, prompts, result["new_tokens"])
+        if args.workload == "throughput":
+            n = min(args.hf_requests, result["num_requests"])
+            prompts, _ = workloads.random_requests(result["num_requests"], tuple(args.input_range),
+                                                   tuple(args.output_range), model.config.vocab_size)
+            mean_out = int(round(np.mean(result["requests"]["output_lens"])))
+            return hf.hf_throughput(model, prompts[:n], mean_out)
+        return {"error": "no HF baseline for the latency workload"}
+    except Exception as e:  # the baseline failing must not lose our own numbers
+        return {"error": f"{type(e).__name__}: {e}"}

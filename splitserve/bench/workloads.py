@@ -1,0 +1,119 @@
+"""The three workloads. Each returns a JSON-able dict; ratios are computed from numbers of the same run."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from splitserve.engine.scheduler import ScheduledBatch
+from splitserve.engine.sequence import Sequence
+from splitserve.sampling_params import SamplingParams
+
+
+def device_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float | None:
+    """Bytes read + written per second of a large device-to-device copy (the HBM ceiling), or None on CPU."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / float(np.median(times))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 20) -> dict:
+    """Decode step time at (batch, context): one engine step (inputs, graph replay, sampling) timed directly
+    on the model runner, with random data in the KV cache."""
+    runner = llm.engine.runner
+    bs = runner.block_size
+    if runner.device.type == "cuda":
+        runner.kv_cache.normal_()  # never time on zeros
+    bandwidth = device_copy_bandwidth(runner.device)
+    wbytes = weight_bytes(runner.model)
+    kv_per_token = runner.kv_block_bytes() // bs
+    points = []
+    grid = [(b, c) for b in batch_sizes for c in context_lens]
+    for batch, ctx in tqdm(grid, desc="latency", unit="point"):
+        blocks_per_seq = -(-(ctx + 1) // bs)
+        if batch * blocks_per_seq > runner.num_kv_blocks or ctx + 1 > llm.config.max_model_len:
+            points.append({"batch": batch, "ctx": ctx, "skipped": "does not fit the KV cache"})
+            continue
+        seqs = []
+        for i in range(batch):
+            s = Sequence([1] * (ctx + 1), SamplingParams(temperature=0, max_tokens=1))
+            s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            s.num_computed_tokens = ctx
+            seqs.append(s)
+        step = ScheduledBatch(seqs, [1] * batch)
+        for _ in range(3):
+            runner.execute(step)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            runner.execute(step)  # ends in a device sync (sampled tokens to host)
+            times.append(time.perf_counter() - t0)
+        step_s = float(np.median(times))
+        point = {"batch": batch, "ctx": ctx, "ms_per_step": step_s * 1e3, "tok_s": batch / step_s,
+                 "graph": runner._bucket(batch) is not None}
+        if bandwidth:
+            bytes_read = wbytes + batch * ctx * kv_per_token
+            point["roofline_ms"] = bytes_read / bandwidth * 1e3
+            point["step_over_roofline"] = step_s / (bytes_read / bandwidth)
+        points.append(point)
+    return {"workload": "latency", "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
+            "weight_bytes": wbytes, "points": points}
+
+
+def random_requests(n: int, in_range: tuple[int, int], out_range: tuple[int, int], vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ins = rng.integers(in_range[0], in_range[1] + 1, n)
+    outs = rng.integers(out_range[0], out_range[1] + 1, n)
+    prompts = [rng.integers(0, vocab, k).tolist() for k in ins]
+    return prompts, outs.tolist()
+
+
+def throughput(llm, num_requests: int = 256, in_range=(100, 1024), out_range=(100, 1024), seed: int = 0) -> dict:
+    prompts, out_lens = random_requests(num_requests, in_range, out_range, llm.engine.vocab_size, seed)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm up
+    engine = llm.engine
+    engine.prefill_time_s = engine.decode_time_s = 0.0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    total = time.perf_counter() - t0
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"workload": "throughput", "num_requests": num_requests, "input_range": list(in_range),
+            "output_range": list(out_range), "output_tokens": generated, "total_s": total,
+            "output_tok_s": generated / total, "prefill_step_time_s": engine.prefill_time_s,
+            "decode_step_time_s": engine.decode_time_s,
+            "requests": {"input_lens": [len(p) for p in prompts], "output_lens": out_lens}}
+
+
+def smallbatch(llm, num_prompts: int = 4, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0) -> dict:
+    """The original M1/M2 system's workload: decode tok/s = decode tokens / decode time."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, llm.engine.vocab_size, prompt_len).tolist() for _ in range(num_prompts)]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)  # warm up
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    first = max(o.metrics.first_token_time for o in outs)
+    last = max(o.metrics.last_token_time for o in outs)
+    decode_tokens = num_prompts * (new_tokens - 1)
+    return {"workload": "smallbatch", "num_prompts": num_prompts, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "decode_s": last - first, "decode_tok_s": decode_tokens / (last - first),
+            "ttft_s": max(o.metrics.time_to_first_token for o in outs)}
