@@ -5,7 +5,8 @@ import torch
 from splitserve.layers.attention import AttentionMetadata, TorchBackend
 
 
-def check_case(hq, hkv, d, bs, qlens, ctx, device="cpu", dtype=torch.float32, tol=1e-5, seed=0):
+def check_case(hq, hkv, d, bs, qlens, ctx, device="cpu", dtype=torch.float32, tol=1e-5, seed=0,
+               num_splits=None):
     from splitserve.kernels.kv_store import store_kv
     from splitserve.kernels.paged_attention import paged_attention
 
@@ -38,7 +39,8 @@ def check_case(hq, hkv, d, bs, qlens, ctx, device="cpu", dtype=torch.float32, to
     q = q[:-1].contiguous()
     # The reference in fp32 from the same (rounded) inputs
     expect = ref.attend(q.float(), kc_ref.float(), vc_ref.float(), meta, scale)
-    got = paged_attention(q, k_cache, v_cache, bt, cu, lens, max(qlens), max(seq_lens), scale).float()
+    got = paged_attention(q, k_cache, v_cache, bt, cu, lens, max(qlens), max(seq_lens), scale,
+                          num_splits=num_splits).float()
     assert not got.isnan().any()
     err = ((got - expect).norm() / expect.norm()).item()
     assert err < tol, (hq, hkv, d, bs, qlens, ctx, err)
@@ -50,6 +52,11 @@ CPU_CASES = [
     (6, 2, 16, 8, [7, 1, 12], [0, 13, 3]),  # mixed prefill (with a cached prefix) + decode, GQA 3
     (4, 4, 32, 16, [20, 3], [17, 0]),  # MHA, chunked prefill over a prefix
     (8, 1, 16, 4, [1, 2], [30, 6]),  # MQA
+]
+# decode with the context split over several programs (flash-decoding), incl. splits left empty
+SPLIT_CASES = [
+    ((4, 2, 16, 4, [1, 1, 1, 1], [0, 5, 70, 200]), 3),
+    ((6, 2, 16, 8, [1, 1], [129, 1]), 5),
 ]
 
 

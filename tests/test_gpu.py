@@ -115,3 +115,10 @@ def test_fused_kernels_match_reference(dtype):
     from kernel_cases import check_fused
 
     check_fused(device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("splits", [2, 7, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_k_decode_matches_reference(splits, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    check_case(32, 8, 128, 16, [1] * 4, [0, 300, 4095, 8191], device="cuda", dtype=dtype, tol=tol, num_splits=splits)

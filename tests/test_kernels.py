@@ -20,9 +20,11 @@ def _patch(tensor, scope):
 interp._patch_lang_tensor = _patch
 
 import torch
-from kernel_cases import CPU_CASES, check_case, check_fused
+from kernel_cases import CPU_CASES, SPLIT_CASES, check_case, check_fused
 for case in CPU_CASES:
     print("ok", case, check_case(*case))
+for case, splits in SPLIT_CASES:
+    print("ok split", splits, check_case(*case, num_splits=splits))
 check_fused(dtype=torch.float32)
 check_fused(dtype=torch.float16)
 print("ok fused")
@@ -34,4 +36,4 @@ def test_triton_kernels_match_torch_reference_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == 5
+    assert res.stdout.count("ok") == 7

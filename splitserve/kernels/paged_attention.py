@@ -5,6 +5,10 @@ head's GQA group, so each K/V tile is loaded once per group. Keys are gathered t
 token by token, so the tile width (BLOCK_N) is independent of the cache's block size. Online softmax
 in fp32, causal with an offset: query i of a sequence with L cached tokens and q new ones sits at
 position L - q + i and sees keys 0..L - q + i.
+
+Decode with few (sequence, KV head) pairs would leave most SMs idle while each program walks a long
+context: there the context is split over NUM_SPLITS programs (flash-decoding) that write partial results
+with their log-sum-exp, and a small kernel merges them.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import triton.language as tl
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, scale,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, query_start_ptr,
+    seq_lens_ptr, scale, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    q_tile = tl.program_id(1)
+    q_tile = tl.program_id(1) // NUM_SPLITS
+    split = tl.program_id(1) % NUM_SPLITS
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
@@ -48,9 +55,12 @@ def _paged_attention_kernel(
     # Keys after this tile's last query are masked for every row: stop before them.
     later_queries = q_len - (q_tile + 1) * BLOCK_Q
     kv_end = seq_len - later_queries * (later_queries > 0).to(tl.int32)
-    for start in range(0, kv_end, BLOCK_N):
+    chunk = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    kv_start = split * chunk
+    kv_stop = tl.minimum(kv_start + chunk, kv_end)
+    for start in range(kv_start, kv_stop, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        n_valid = n < kv_end
+        n_valid = n < kv_stop
         block = tl.load(block_tables_ptr + seq * stride_bt + n // KV_BLOCK_SIZE, mask=n_valid, other=0)
         offs = block.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         kv_mask = n_valid[:, None] & d_valid[None, :]
@@ -66,31 +76,85 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    else:
+        part = (row * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=m_valid[:, None] & d_valid[None, :])
+        lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=m_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, stride_ot, stride_oh,
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    base = (row * num_heads + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - tl.where(top == float("-inf"), 0.0, top)))
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int,
-                    max_seq_len: int, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D]."""
+                    max_seq_len: int, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
+
+    `num_splits` (decode only) overrides the split-K choice; under CUDA graphs `max_seq_len` is the
+    longest context the graph will see, so the choice is fixed at capture."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    num_seqs = seq_lens.shape[0]
     if max_query_len == 1:
         block_q, block_m = 1, max(16, triton.next_power_of_2(group))
+        if num_splits is None:
+            num_splits = _decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
     else:
         block_m = max(64, triton.next_power_of_2(group))
         block_q = block_m // group
-    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_q), num_kv_heads)
+        num_splits = 1
+    part_out = part_lse = out  # unused when num_splits == 1
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q) * num_splits, num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, scale, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         KV_BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, num_heads, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
     return out
+
+
+_SM_COUNT: dict = {}
+
+
+def _decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:
+    """Enough programs to fill the GPU twice over, but no split shorter than 256 keys."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * _SM_COUNT[device], programs)
+    return max(1, min(want, triton.cdiv(max_seq_len, 256), 64))
