@@ -259,7 +259,9 @@ class ModelRunner:
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
         if not samplers:
             return [], None, host["samples"]
-        logits = self.model.compute_logits(hidden[self._to_device(host["logits_indices"])])
+        if len(samplers) < num_seqs or bucket is None:  # gather the rows that sample (always all in decode)
+            hidden = hidden[self._to_device(host["logits_indices"])]
+        logits = self.model.compute_logits(hidden)
         tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
         return tokens.tolist(), _logprobs_to_host(logprob_info), host["samples"]
 
