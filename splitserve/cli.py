@@ -1,4 +1,4 @@
-"""splitserve command line: generate | chat | bench | doctor."""
+"""splitserve command line: generate | chat | serve | bench | doctor."""
 
 from __future__ import annotations
 
@@ -97,6 +97,13 @@ def cmd_doctor(args) -> None:
     doctor_main()
 
 
+def cmd_serve(args) -> None:
+    from splitserve.server.api import serve
+
+    serve(args.model, engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
+          served_model_name=args.served_model_name, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", allow_abbrev=False, help="OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     from splitserve.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub, add_engine_args)

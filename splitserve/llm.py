@@ -57,13 +57,11 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """`messages`: one conversation (list of {"role", "content"}) or a list of conversations."""
-        tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("this model has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **(chat_template_kwargs or {})) for conv in conversations]
-        token_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        rendered = [self.engine.chat_prompt(conv, add_generation_prompt, **(chat_template_kwargs or {}))
+                    for conv in conversations]
+        prompts = [text for text, _ in rendered]
+        token_ids = [ids for _, ids in rendered]
         outputs = self.generate(token_ids, sampling_params, use_tqdm=use_tqdm)
         for out, text in zip(outputs, prompts):
             out.prompt = text

@@ -9,8 +9,9 @@ import torch
 
 
 def add_parser(sub, add_engine_args) -> None:
-    bench = sub.add_parser("bench", allow_abbrev=False, help="benchmarks: latency | throughput | smallbatch")
-    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch"])
+    bench = sub.add_parser("bench", allow_abbrev=False,
+                           help="benchmarks: latency | throughput | smallbatch | serve (load on a running server)")
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve"])
     bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
                                                      "llama3-8b (instead of --model)")
     bench.add_argument("--compare", choices=["hf"], default=None, help="run HF transformers in the same run")
@@ -22,6 +23,16 @@ def add_parser(sub, add_engine_args) -> None:
     bench.add_argument("--input-range", type=int, nargs=2, default=[100, 1024])
     bench.add_argument("--output-range", type=int, nargs=2, default=[100, 1024])
     bench.add_argument("--hf-requests", type=int, default=256, help="requests HF runs in the throughput compare")
+    serve = bench.add_argument_group("serve (online load against a running `splitserve serve`)")
+    serve.add_argument("--url", default="http://127.0.0.1:8000")
+    serve.add_argument("--request-rates", type=float, nargs="+", default=[1, 4, 16, float("inf")],
+                       help="requests/s (Poisson arrivals); inf sends all at once")
+    serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--served-model-name", default=None, help="default: the server's first model")
+    serve.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on time to first token (s)")
+    serve.add_argument("--slo-tpot", type=float, default=0.05, help="goodput SLO on time per output token (s)")
+    serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     add_engine_args(bench)
     bench.set_defaults(func=run)
 
@@ -32,6 +43,8 @@ def run(args: argparse.Namespace) -> None:
     from splitserve.bench.shapes import shape_folder
     from splitserve.cli import engine_kwargs
 
+    if args.workload == "serve":
+        return _run_serve(args)
     kwargs = engine_kwargs(args)
     model = args.model
     if args.shape:
@@ -56,6 +69,19 @@ def run(args: argparse.Namespace) -> None:
     if args.compare == "hf":
         result["hf"] = _hf_compare(args, llm, result)
     name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
+    for path in report.write(result, args.out, name):
+        print(path)
+    print(report.markdown(result))
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from splitserve.bench import report
+    from splitserve.bench.serving import serve_sweep
+
+    args.seed = args.seed or 0
+    result = serve_sweep(args)
+    result.update({"date": datetime.date.today().isoformat(), "model": args.served_model_name or "server"})
+    name = args.name or "serve"
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))

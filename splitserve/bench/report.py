@@ -22,6 +22,8 @@ def write(result: dict, out_dir: str, name: str) -> list[str]:
 
 def markdown(r: dict) -> str:
     head = f"# {r['workload']} — {r.get('model')} on {r.get('device')} (torch {r.get('torch')}, {r.get('date')})\n\n"
+    if "runs" in r or "setups" in r:
+        return head + serving_table(r)
     if r["workload"] == "latency":
         bw = r.get("copy_bandwidth_GBps")
         lines = [head, f"Device copy bandwidth measured in this run: {bw:.0f} GB/s.\n\n" if bw else "",
@@ -46,12 +48,57 @@ def markdown(r: dict) -> str:
     return "".join(lines)
 
 
+def _setups(r: dict) -> dict:
+    """Serving results: {setup name: [run per request rate]} (bench serve has one setup)."""
+    return r["setups"] if "setups" in r else {r.get("setup", "server"): r["runs"]}
+
+
+def serving_table(r: dict) -> str:
+    run0 = next(iter(_setups(r).values()))[0]
+    slo = run0["slo"]
+    lines = [f"SLO for goodput: TTFT ≤ {slo['ttft_s']} s and TPOT ≤ {slo['tpot_s'] * 1e3:.0f} ms.\n\n",
+             "| setup | rate (req/s) | done req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
+             "| goodput (req/s) | errors |\n", "|---|---|---|---|---|---|---|---|\n"]
+
+    def f(x, scale=1.0, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x * scale)
+
+    for name, runs in _setups(r).items():
+        for run in runs:
+            t, p = run["ttft_s"], run["tpot_s"]
+            lines.append(f"| {name} | {run['request_rate']} | {run['request_s']:.2f} | {run['output_tok_s']:.0f} | "
+                         f"{f(t['p50'])} / {f(t['p99'])} | {f(p['p50'], 1e3, '{:.1f}')} / "
+                         f"{f(p['p99'], 1e3, '{:.1f}')} | {run['goodput_request_s']:.2f} | {run['num_errors']} |\n")
+    return "".join(lines)
+
+
+def _plot_serving(r: dict, path: str, plt) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for name, runs in _setups(r).items():
+        rates = [float(run["request_rate"]) for run in runs]  # "inf" (all at once) is drawn at 2x the top rate
+        top = max([x for x in rates if x != float("inf")] or [1.0])
+        finite = [x if x != float("inf") else 2 * top for x in rates]
+        axes[0].plot(finite, [run["output_tok_s"] for run in runs], "o-", label=name)
+        axes[1].plot(finite, [run["ttft_s"]["p99"] or float("nan") for run in runs], "o-", label=name)
+        axes[2].plot(finite, [(run["tpot_s"]["p99"] or float("nan")) * 1e3 for run in runs], "o-", label=name)
+    for ax, label in zip(axes, ("output tok/s", "TTFT p99 (s)", "TPOT p99 (ms)")):
+        ax.set_xlabel("request rate (req/s; rightmost = all at once if inf)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{r['workload']}: {r.get('model')} on {r.get('device', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(r: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "runs" in r or "setups" in r:
+        return _plot_serving(r, path, plt)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if r["workload"] == "latency":
         pts = [p for p in r["points"] if "ms_per_step" in p]

@@ -19,6 +19,10 @@ from splitserve.worker.model_runner import ModelRunner
 logger = logging.getLogger("splitserve")
 
 
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a new token within max_model_len."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
@@ -101,12 +105,22 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt is empty (no tokens)")
         if len(token_ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens but max_model_len is {self.config.max_model_len} "
-                             "(the prompt must leave room for at least one new token)")
+            raise PromptTooLongError(f"prompt has {len(token_ids)} tokens but max_model_len is "
+                                     f"{self.config.max_model_len} (the prompt must leave room for one new token)")
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
         return Sequence(token_ids, params, prompt=text, request_id=request_id)
+
+    def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True,
+                    **template_kwargs) -> tuple[str, list[int]]:
+        """A conversation rendered with the tokenizer's chat template: (text, token ids)."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       **template_kwargs)
+        return text, tok.encode(text, add_special_tokens=False)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -218,12 +232,14 @@ class LLMEngine:
         bm = self.block_manager
         return {
             "num_kv_blocks": bm.num_blocks, "kv_block_size": bm.block_size,
+            "kv_used_blocks": bm.num_blocks - len(bm.free),
             "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": bm.usage(),
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "num_preemptions": self.scheduler.num_preemptions, "num_steps": self.num_steps,
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "decode_path": "cuda_graph" if self.runner.graphs else "eager",
             "cuda_graphs": sorted(self.runner.graphs), "graph_capture_time_s": self.runner.graph_capture_time_s,
             "graph_memory_bytes": self.runner.graph_memory_bytes, "startup_time_s": self.startup_time_s,
         }
