@@ -27,6 +27,13 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixes the KV-cache size instead of sizing it from memory
     cpu_kv_cache_gib: float = 2.0  # KV-cache budget on CPU, where there is no memory fraction to use
     load_format: str = "auto"  # "auto": weights from the checkpoint; "dummy": random weights (benchmarks)
+    # M1: prefill and decode in two worker processes, one per device, KV moved over torch.distributed.
+    enable_two_gpu_pd: bool = False
+    prefill_device_id: int | None = None  # CUDA ids; None: 0 and 1 on GPUs, nothing on CPU
+    decode_device_id: int | None = None
+    pd_decode_num_kv_blocks: int | None = None  # KV blocks of the decode worker (default: sized from memory)
+    pd_max_pending: int = 64  # prefilled sequences that may wait for decode-side room before prefill pauses
+    pd_verify_kv: bool = False  # hash every transferred KV buffer on both sides and compare (tests, debugging)
     # Filled in by the engine once the model is known (not user arguments).
     hf_config: object = field(default=None, repr=False)
 
@@ -46,7 +53,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "pd_max_pending"):
             positive_int(name)
         if self.max_model_len is not None:
             positive_int("max_model_len")
@@ -63,5 +70,15 @@ class EngineConfig:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        for name in ("prefill_device_id", "decode_device_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.pd_decode_num_kv_blocks is not None:
+            positive_int("pd_decode_num_kv_blocks")
+        if self.enable_two_gpu_pd and self.prefill_device_id is not None \
+                and self.prefill_device_id == self.decode_device_id:
+            raise ValueError(f"prefill_device_id and decode_device_id must differ for enable_two_gpu_pd "
+                             f"(both are {self.prefill_device_id})")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

@@ -12,10 +12,24 @@ from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
 
+def create_engine(config: EngineConfig) -> LLMEngine:
+    """The colocated engine, or the two-worker PD engine (same interface) when enable_two_gpu_pd is set."""
+    if config.enable_two_gpu_pd:
+        from splitserve.disagg.coordinator import PDEngine
+
+        return PDEngine(config)
+    return LLMEngine(config)
+
+
 class LLM:
     def __init__(self, model: str | None = None, **engine_args):
         self.config = EngineConfig.from_kwargs(model, **engine_args)
-        self.engine = LLMEngine(self.config)
+        self.engine = create_engine(self.config)
+
+    def shutdown(self) -> None:
+        """Stop worker processes now (PD mode); otherwise they stop when the LLM is garbage-collected."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

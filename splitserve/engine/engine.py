@@ -26,6 +26,17 @@ class PromptTooLongError(ValueError):
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
+        self._init_frontend(config)
+        weights = None if config.load_format == "dummy" else self.model_path
+        self.runner = ModelRunner(config, self.hf_config, weights)
+        self._fit_max_model_len(self.runner.num_kv_blocks * config.kvcache_block_size)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.startup_time_s = time.perf_counter() - t0
+
+    def _init_frontend(self, config: EngineConfig) -> None:
+        """Everything but the model: config, tokenizer, limits, request bookkeeping."""
         self.config = config
         self.model_path = resolve_model(config.model)
         hf_config = load_hf_config(self.model_path)
@@ -34,29 +45,26 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = hf_config.vocab_size
         model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2**31)
-        user_max_len = config.max_model_len
-        if user_max_len is not None and user_max_len > model_max:
-            raise ValueError(f"max_model_len {user_max_len} exceeds the model's max_position_embeddings {model_max}")
-        config.max_model_len = user_max_len or model_max
-        weights = None if config.load_format == "dummy" else self.model_path
-        self.runner = ModelRunner(config, hf_config, weights)
-        capacity = self.runner.num_kv_blocks * config.kvcache_block_size
-        if capacity < config.max_model_len:
-            if user_max_len is not None:
-                raise ValueError(f"max_model_len {user_max_len} does not fit the KV cache ({capacity} tokens); "
-                                 "lower max_model_len or give the cache more memory")
-            logger.info("max_model_len lowered from %d to the KV-cache capacity %d", config.max_model_len, capacity)
-            config.max_model_len = capacity
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
-                                          config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.user_max_model_len = config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{model_max}")
+        config.max_model_len = config.max_model_len or model_max
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self.startup_time_s = time.perf_counter() - t0
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
+
+    def _fit_max_model_len(self, capacity: int) -> None:
+        config = self.config
+        if capacity < config.max_model_len:
+            if self.user_max_model_len is not None:
+                raise ValueError(f"max_model_len {self.user_max_model_len} does not fit the KV cache ({capacity} "
+                                 "tokens); lower max_model_len or give the cache more memory")
+            logger.info("max_model_len lowered from %d to the KV-cache capacity %d", config.max_model_len, capacity)
+            config.max_model_len = capacity
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

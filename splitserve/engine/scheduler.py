@@ -50,6 +50,15 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose KV is already in its blocks (M1: it arrived from the prefill worker)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a running sequence out without freeing its blocks (M1: it leaves for the decode worker)."""
+        self.running.remove(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

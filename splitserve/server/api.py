@@ -281,6 +281,8 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
         llm.start()
         yield
         llm.shutdown()
+        if hasattr(llm.engine, "shutdown"):  # PD worker processes
+            llm.engine.shutdown()
 
     app = FastAPI(title="splitserve", lifespan=lifespan)
     app.state.server = server
@@ -346,9 +348,9 @@ def serve(model: str | None, engine_args: dict, host: str = "127.0.0.1", port: i
     import uvicorn
 
     from splitserve.config import EngineConfig
-    from splitserve.engine.engine import LLMEngine
+    from splitserve.llm import create_engine
 
-    engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
+    engine = create_engine(EngineConfig.from_kwargs(model, **engine_args))
     name = served_model_name or (os.path.basename(os.path.normpath(model)) if model else "SmolLM2-135M-Instruct")
     app = build_app(AsyncLLM(engine), name, api_key)
     logger.info("serving %s on http://%s:%d", name, host, port)
