@@ -77,12 +77,14 @@ class _Worker:
                                    decode_device_id=None, hf_config=None)
 
     def run(self) -> None:
-        was_busy = False
+        reported = None
         while not self.stopping:
             busy = self.busy()
-            if was_busy and not busy:  # final counters of a burst (transfers finish after the last report)
-                self.conn.send(("stats", self.role, self.stats()))
-            was_busy = busy
+            if not busy:  # idle: send the final counters once (transfers finish after the last report)
+                key = (self.num_transfers, self.engine.num_steps, self.engine.scheduler.num_preemptions)
+                if key != reported:
+                    self.conn.send(("stats", self.role, self.stats()))
+                    reported = key
             timeout = 0.0 if busy else 0.01
             while self.conn.poll(timeout):
                 self.handle(self.conn.recv())

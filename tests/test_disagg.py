@@ -1,0 +1,221 @@
+"""M1 on CPU: prefill and decode workers in two processes, KV over gloo (the same code as NCCL on GPUs)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as tmp
+from conftest import random_prompts
+
+from splitserve import LLM, SamplingParams
+from splitserve.config import EngineConfig
+from splitserve.disagg import kv_transfer
+from splitserve.disagg.coordinator import WorkerDiedError, pd_devices
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/status") as f:  # a zombie is dead too, but then nobody reaped it
+        return "zombie" not in f.read()
+
+
+# ---- KV transfer on its own ----
+SENT_BLOCKS, RECV_BLOCKS = [3, 7, 1], [0, 5, 2]
+
+
+def _transfer_rank(rank: int, port: int, out_dir: str) -> None:
+    kv_transfer.init_process_group(rank, torch.device("cpu"), "127.0.0.1", port)
+    if rank == kv_transfer.PREFILL_RANK:
+        kv = torch.randn(2, 3, 8, 4, 2, 5, generator=torch.Generator().manual_seed(0))
+        t = kv_transfer.send_blocks(kv, SENT_BLOCKS, "r")
+    else:
+        kv = torch.zeros(2, 3, 6, 4, 2, 5)
+        t = kv_transfer.recv_blocks(kv, RECV_BLOCKS, "r")
+    deadline = time.time() + 30
+    while not t.done():
+        assert time.time() < deadline
+        time.sleep(0.005)
+    if rank == kv_transfer.DECODE_RANK:
+        kv_transfer.finish_recv(kv, t)
+    torch.save(kv, os.path.join(out_dir, f"kv{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_kv_blocks_received_equal_blocks_sent(tmp_path):
+    sock = __import__("socket").socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    tmp.spawn(_transfer_rank, args=(port, str(tmp_path)), nprocs=2)
+    sent, received = torch.load(tmp_path / "kv0.pt"), torch.load(tmp_path / "kv1.pt")
+    for s, r in zip(SENT_BLOCKS, RECV_BLOCKS):
+        assert torch.equal(received[:, :, r], sent[:, :, s])
+    untouched = [b for b in range(received.shape[2]) if b not in RECV_BLOCKS]
+    assert torch.count_nonzero(received[:, :, untouched]) == 0
+    # the digest used by pd_verify_kv notices a single flipped value
+    assert kv_transfer.digest(received[:, :, RECV_BLOCKS]) == kv_transfer.digest(sent[:, :, SENT_BLOCKS])
+    received[1, 2, RECV_BLOCKS[1], 3, 1, 4] += 1e-6
+    assert kv_transfer.digest(received[:, :, RECV_BLOCKS]) != kv_transfer.digest(sent[:, :, SENT_BLOCKS])
+
+
+# ---- the engine ----
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_model):
+    return make_tiny_model("qwen3", seed=7)
+
+
+def _mixed_prompts() -> list[list[int]]:
+    shared = random_prompts(1, 40, 40, seed=99)[0]  # 2.5 blocks shared by several prompts: prefix-cache hits
+    prompts = random_prompts(10, 3, 70, seed=4)
+    return prompts[:5] + [shared + p[:9] for p in prompts[5:]] + [shared + [11, 12]]
+
+
+def test_pd_matches_colocated_with_prefix_hits_backpressure_and_preemption(tiny_dir):
+    prompts = _mixed_prompts()
+    # outputs long enough that two admitted sequences outgrow the decode cache together: preemption is certain
+    params = [SamplingParams(temperature=0, max_tokens=40 + 8 * i, ignore_eos=True) for i in range(len(prompts))]
+    colocated = LLM(tiny_dir, device="cpu").generate(prompts, params, use_tqdm=False)
+    # A 64-token budget spreads prefill (chunked) over steps, so later prompts hit the shared prefix's blocks.
+    # 12 decode blocks of 16 tokens cannot hold all sequences: admission waits and running ones get preempted.
+    llm = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True, max_num_batched_tokens=64, pd_decode_num_kv_blocks=12,
+              pd_max_pending=2, max_model_len=192, pd_verify_kv=True)
+    try:
+        pd = llm.generate(prompts, params, use_tqdm=False)
+        deadline = time.time() + 10  # the workers' counters arrive once they go idle
+        while llm.stats()["prefill"].get("kv_transfers", 0) < len(prompts) and time.time() < deadline:
+            llm.engine.step()
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    for i, (a, b) in enumerate(zip(pd, colocated)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, f"prompt {i}"
+        assert a.outputs[0].text == b.outputs[0].text and a.outputs[0].finish_reason == "length"
+    prefill, decode = stats["prefill"], stats["decode"]
+    assert prefill["prefix_cache_hit_tokens"] >= 2 * 32, prefill  # shared 40-token prefix = 2 full blocks
+    assert decode["num_preemptions"] > 0, decode
+    assert decode["deferred_admissions"] > 0 and prefill["backpressure_steps"] > 0
+    assert (prefill["kv_transfers"], decode["kv_transfers"], decode["kv_verified_transfers"]) == (len(prompts),) * 3
+    assert prefill["kv_used_blocks"] == 0 and decode["kv_used_blocks"] == 0
+
+
+def test_pd_sampling_seeded_matches_colocated_and_stop_strings(tiny_dir):
+    prompts = random_prompts(4, 5, 20, seed=8)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_tokens=16, ignore_eos=True,
+                             logprobs=2) for i in range(4)]
+    colocated = LLM(tiny_dir, device="cpu").generate(prompts, params, use_tqdm=False)
+    llm = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True)
+    try:
+        pd = llm.generate(prompts, params, use_tqdm=False)
+        text = colocated[0].outputs[0].text
+        stop = text[len(text) // 2: len(text) // 2 + 2]
+        stopped = llm.generate(prompts[:1], SamplingParams(temperature=0.8, top_p=0.9, seed=100, max_tokens=16,
+                                                           ignore_eos=True, stop=stop), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for a, b in zip(pd, colocated):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for mine, ref in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert sorted(mine) == sorted(ref) and [mine[k] for k in ref] == pytest.approx(list(ref.values()))
+    assert stopped[0].outputs[0].text == text[: text.index(stop)]
+    assert stopped[0].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("victim", ["decode", "prefill"])
+def test_killed_worker_raises_quickly_and_leaves_no_process(tiny_dir, victim):
+    llm = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True, max_model_len=2048)
+    pids = llm.engine.worker_pids()
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.time())
+        os.kill(pids[victim], signal.SIGKILL)
+
+    # long requests keep both workers busy (new prompts keep arriving at prefill as earlier ones decode)
+    prompts = random_prompts(16, 200, 600, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+    timer = threading.Timer(3.0, kill)
+    timer.start()
+    with pytest.raises(WorkerDiedError, match=f"the {victim} worker"):
+        llm.generate(prompts, params, use_tqdm=False)
+    raised_at = time.time()
+    timer.join()
+    assert killed_at and raised_at - killed_at[0] < 3.0, raised_at - killed_at[0]
+    for pid in pids.values():
+        assert not _alive(pid), pid
+    with pytest.raises(WorkerDiedError):  # the engine stays dead and says so
+        llm.generate(prompts[:1], params, use_tqdm=False)
+
+
+def test_ctrl_c_stops_everything(tiny_dir, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        from splitserve import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM({tiny_dir!r}, device="cpu", enable_two_gpu_pd=True)
+            print(*llm.engine.worker_pids().values(), flush=True)
+            try:
+                llm.generate([[5] * 50] * 4, SamplingParams(max_tokens=100000, ignore_eos=True), use_tqdm=False)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+                sys.exit(130)
+    """)
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2, proc.stderr.read()
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in out, err
+    assert "Traceback" not in err, err
+    for pid in pids:
+        assert not _alive(pid)
+
+
+def test_pd_flags_are_validated(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="must differ"):
+        EngineConfig(enable_two_gpu_pd=True, prefill_device_id=1, decode_device_id=1)
+    with pytest.raises(ValueError, match="device='cpu' cannot be combined with CUDA ids"):
+        pd_devices(EngineConfig(enable_two_gpu_pd=True, device="cpu", decode_device_id=1))
+    with pytest.raises(ValueError, match="prefill_device_id and decode_device_id"):
+        pd_devices(EngineConfig(enable_two_gpu_pd=True, device="cuda:0"))
+    with pytest.raises(ValueError, match="prefill_device_id must be a non-negative integer"):
+        EngineConfig(enable_two_gpu_pd=True, prefill_device_id=-1)
+    assert pd_devices(EngineConfig(enable_two_gpu_pd=True, device="cpu")) == ("cpu", "cpu")
+    # GPU machines, simulated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="needs two GPUs, found 1"):
+        pd_devices(EngineConfig(enable_two_gpu_pd=True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="decode_device_id=3 does not exist"):
+        pd_devices(EngineConfig(enable_two_gpu_pd=True, decode_device_id=3))
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    with caplog.at_level(logging.WARNING, logger="splitserve"):
+        assert pd_devices(EngineConfig(enable_two_gpu_pd=True, prefill_device_id=1, decode_device_id=0)) == \
+            ("cuda:1", "cuda:0")
+    assert "no P2P access between GPU 1 and GPU 0" in caplog.text
+
+
+def test_cli_generate_in_pd_mode(tiny_dir):
+    res = subprocess.run([sys.executable, "-m", "splitserve", "generate", "The capital of France is",
+                          "--enable-two-gpu-pd", "--device", "cpu", "--max-tokens", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "splitserve", "generate", "hi", "--enable-two-gpu-pd", "--device",
+                          "cpu", "--decode-device-id", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "cannot be combined with CUDA ids" in res.stderr
