@@ -94,7 +94,7 @@ def cmd_chat(args) -> None:
 def cmd_doctor(args) -> None:
     from splitserve.doctor import main as doctor_main
 
-    doctor_main()
+    doctor_main(args.prefill_device_id, args.decode_device_id)
 
 
 def cmd_serve(args) -> None:
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub, add_engine_args)
     doctor = sub.add_parser("doctor", help="report Python, torch, CUDA, GPUs, Triton, P2P")
+    doctor.add_argument("--prefill-device-id", type=int, default=None, help="GPU pair to check for two-GPU PD")
+    doctor.add_argument("--decode-device-id", type=int, default=None)
     doctor.set_defaults(func=cmd_doctor)
     return parser
 

@@ -24,7 +24,46 @@ def _driver_version() -> str:
         return f"unavailable ({type(e).__name__})"
 
 
-def report() -> list[tuple[str, str]]:
+def _topology() -> dict[tuple[int, int], str]:
+    """Link type between GPU pairs from `nvidia-smi topo -m` (NV# = NVLink, PIX/PXB/PHB/NODE/SYS = PCIe paths)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        text = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    rows = [ln.split() for ln in text.splitlines()]
+    rows = [r for r in rows if len(r) > 1 and r[0].startswith("GPU") and r[0][3:].isdigit()
+            and not r[1].startswith("GPU")]  # not the header line
+    links = {}
+    for row in rows:  # the first len(rows) columns are the GPUs (NICs, affinities follow)
+        for j, cell in enumerate(row[1:1 + len(rows)]):
+            links[(int(row[0][3:]), j)] = cell
+    return links
+
+
+def pd_report(prefill_id: int, decode_id: int) -> tuple[str, str]:
+    """Whether two-GPU PD can run on the chosen pair, and how KV would travel."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return ("two-GPU PD", f"GPU mode unavailable: needs two GPUs, found {count} "
+                              "(enable_two_gpu_pd with device='cpu' runs two CPU workers over gloo)")
+    if max(prefill_id, decode_id) >= count or prefill_id == decode_id:
+        return ("two-GPU PD", f"invalid pair {prefill_id}->{decode_id} (GPUs 0..{count - 1}, ids must differ)")
+    p2p = torch.cuda.can_device_access_peer(prefill_id, decode_id)
+    link = _topology().get((prefill_id, decode_id), "unknown")
+    nvlink = link.startswith("NV")
+    how = "NVLink" if nvlink else ("PCIe P2P" if p2p else "host memory (no P2P)")
+    return ("two-GPU PD", f"GPU {prefill_id} -> GPU {decode_id}: p2p {'yes' if p2p else 'no'}, link {link}; "
+                          f"NCCL moves KV over {how}")
+
+
+def report(prefill_id: int = 0, decode_id: int = 1) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = [("python", f"{sys.version.split()[0]} ({platform.machine()})")]
     import torch
 
@@ -43,6 +82,7 @@ def report() -> list[tuple[str, str]]:
         rows.append(("transformers", "not installed"))
     if not torch.cuda.is_available():
         rows.append(("cuda", f"not available: CPU path only (torch built with CUDA {torch.version.cuda})"))
+        rows.append(pd_report(prefill_id, decode_id))
         return rows
     rows.append(("cuda runtime (torch)", str(torch.version.cuda)))
     rows.append(("cuda driver", _driver_version()))
@@ -56,11 +96,12 @@ def report() -> list[tuple[str, str]]:
             if i != j:
                 ok = torch.cuda.can_device_access_peer(i, j)
                 rows.append((f"p2p {i}->{j}", "yes" if ok else "no"))
+    rows.append(pd_report(prefill_id, decode_id))
     return rows
 
 
-def main() -> None:
-    rows = report()
+def main(prefill_id: int | None = None, decode_id: int | None = None) -> None:
+    rows = report(0 if prefill_id is None else prefill_id, 1 if decode_id is None else decode_id)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -30,3 +30,16 @@ def test_doctor_reports():
     res = run("doctor")
     assert res.returncode == 0, res.stderr
     assert "torch" in res.stdout and "python" in res.stdout
+    assert "two-GPU PD" in res.stdout
+
+
+def test_doctor_reads_nvlink_topology(monkeypatch):
+    import shutil
+
+    from splitserve import doctor
+
+    sample = ("\tGPU0\tGPU1\tCPU Affinity\tNUMA Affinity\n"
+              "GPU0\t X \tNV18\t0-63\t0\nGPU1\tNV18\t X \t0-63\t0\n\nLegend:\n  X    = Self\n")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sample))
+    assert doctor._topology() == {(0, 0): "X", (0, 1): "NV18", (1, 0): "NV18", (1, 1): "X"}

@@ -219,3 +219,40 @@ def test_cli_generate_in_pd_mode(tiny_dir):
     res = subprocess.run([sys.executable, "-m", "splitserve", "generate", "hi", "--enable-two-gpu-pd", "--device",
                           "cpu", "--decode-device-id", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "cannot be combined with CUDA ids" in res.stderr
+
+
+def test_server_in_pd_mode(tiny_dir):
+    from test_server import _free_port, http
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", "serve", "--model", tiny_dir, "--device", "cpu",
+                             "--enable-two-gpu-pd", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if http("GET", url + "/health", key=None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.5)
+        prompt = random_prompts(1, 10, 10, seed=3)[0]
+        status, body = http("POST", url + "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                              "ignore_eos": True}, key=None)
+        assert status == 200, body
+        expected = LLM(tiny_dir, device="cpu").generate([prompt], SamplingParams(temperature=0, max_tokens=6,
+                                                                                 ignore_eos=True), use_tqdm=False)
+        assert body["choices"][0]["text"] == expected[0].outputs[0].text
+        stats = http("GET", url + "/stats", key=None)[1]
+        assert stats["mode"] == "two_device_pd"
+        pids = [stats["prefill"]["pid"], stats["decode"]["pid"]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    for pid in pids:
+        assert not _alive(pid)
