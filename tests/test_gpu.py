@@ -122,3 +122,28 @@ def test_fused_kernels_match_reference(dtype):
 def test_split_k_decode_matches_reference(splits, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     check_case(32, 8, 128, 16, [1] * 4, [0, 300, 4095, 8191], device="cuda", dtype=dtype, tol=tol, num_splits=splits)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_pd_two_gpus_matches_colocated_fp32(qwen3_06b):
+    """M1 on two GPUs (NCCL): greedy fp32 tokens equal the colocated engine's; KV verified by hash; the decode
+    worker runs CUDA graphs."""
+    prompts = random_prompts(8, 20, 600, seed=3, vocab=151936)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    colocated = LLM(qwen3_06b, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.5)
+    ref = colocated.generate(prompts, params, use_tqdm=False)
+    del colocated
+    torch.cuda.empty_cache()
+    llm = LLM(qwen3_06b, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.5, enable_two_gpu_pd=True,
+              pd_verify_kv=True)
+    try:
+        out = llm.generate(prompts, params, use_tqdm=False)
+        for _ in range(200):  # let the workers' final counters arrive
+            llm.engine.step()
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref]
+    assert stats["devices"] == {"prefill": "cuda:0", "decode": "cuda:1"}
+    assert stats["decode"]["decode_path"] == "cuda_graph" and stats["decode"]["cuda_graphs"]
+    assert stats["decode"]["kv_verified_transfers"] == len(prompts)

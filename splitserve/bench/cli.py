@@ -10,8 +10,9 @@ import torch
 
 def add_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", allow_abbrev=False,
-                           help="benchmarks: latency | throughput | smallbatch | serve (load on a running server)")
-    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve"])
+                           help="benchmarks: latency | throughput | smallbatch | serve (load on a running server) | "
+                                "pd (M1 serving simulation: colocated vs data-parallel vs prefill/decode split)")
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd"])
     bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
                                                      "llama3-8b (instead of --model)")
     bench.add_argument("--compare", choices=["hf"], default=None, help="run HF transformers in the same run")
@@ -33,6 +34,8 @@ def add_parser(sub, add_engine_args) -> None:
     serve.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on time to first token (s)")
     serve.add_argument("--slo-tpot", type=float, default=0.05, help="goodput SLO on time per output token (s)")
     serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
+    serve.add_argument("--setups", nargs="+", default=["colocated", "data_parallel", "pd"],
+                       choices=["colocated", "data_parallel", "pd"], help="pd workload: which setups to run")
     add_engine_args(bench)
     bench.set_defaults(func=run)
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.workload == "serve":
         return _run_serve(args)
+    if args.workload == "pd":
+        return _run_pd(args)
     kwargs = engine_kwargs(args)
     model = args.model
     if args.shape:
@@ -82,6 +87,23 @@ def _run_serve(args: argparse.Namespace) -> None:
     result = serve_sweep(args)
     result.update({"date": datetime.date.today().isoformat(), "model": args.served_model_name or "server"})
     name = args.name or "serve"
+    for path in report.write(result, args.out, name):
+        print(path)
+    print(report.markdown(result))
+
+
+def _run_pd(args: argparse.Namespace) -> None:
+    from splitserve.bench import report
+    from splitserve.bench.pd import pd_bench
+
+    args.enable_prefix_caching = False if args.enable_prefix_caching is None else args.enable_prefix_caching
+    result = pd_bench(args)
+    devices = result["devices"]
+    result.update({"date": datetime.date.today().isoformat(), "model": args.shape or args.model or "default",
+                   "torch": torch.__version__,
+                   "device": " + ".join(torch.cuda.get_device_name(d) if d.startswith("cuda") else d
+                                        for d in devices)})
+    name = args.name or f"pd-{result['model']}"
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))

@@ -23,7 +23,7 @@ def write(result: dict, out_dir: str, name: str) -> list[str]:
 def markdown(r: dict) -> str:
     head = f"# {r['workload']} — {r.get('model')} on {r.get('device')} (torch {r.get('torch')}, {r.get('date')})\n\n"
     if "runs" in r or "setups" in r:
-        return head + serving_table(r)
+        return head + serving_table(r) + pd_notes(r)
     if r["workload"] == "latency":
         bw = r.get("copy_bandwidth_GBps")
         lines = [head, f"Device copy bandwidth measured in this run: {bw:.0f} GB/s.\n\n" if bw else "",
@@ -70,6 +70,25 @@ def serving_table(r: dict) -> str:
                          f"{f(t['p50'])} / {f(t['p99'])} | {f(p['p50'], 1e3, '{:.1f}')} / "
                          f"{f(p['p99'], 1e3, '{:.1f}')} | {run['goodput_request_s']:.2f} | {run['num_errors']} |\n")
     return "".join(lines)
+
+
+def pd_notes(r: dict) -> str:
+    lines = []
+    for key, label in (("colocated_single_prompt", "colocated"), ("pd_single_prompt", "PD")):
+        if key in r:
+            p = r[key]
+            lines.append(f"- one {p['prompt_len']}-token prompt on an idle engine, {label}: TTFT "
+                         f"{p['ttft_s'] * 1e3:.1f} ms, second token at {p['second_token_s'] * 1e3:.1f} ms\n")
+    if "kv_transfer" in r:
+        t = r["kv_transfer"]
+        lines.append(f"- KV transfer of {t['tokens']} tokens ({t['bytes'] / 1e6:.0f} MB, gather + NCCL + scatter): "
+                     f"{t['seconds'] * 1e3:.2f} ms = {t['GBps']:.0f} GB/s; device-to-device copy "
+                     f"{r['copy_GBps']:.0f} GB/s; ratio {t['fraction_of_copy']:.2f}\n")
+    for goal, g in r.get("goals", {}).items():
+        lines.append(f"- **{goal}** {'met' if g.get('met') else 'missed'}: "
+                     + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                 for k, v in g.items() if k != "met") + "\n")
+    return ("\n" + "".join(lines)) if lines else ""
 
 
 def _plot_serving(r: dict, path: str, plt) -> None:
