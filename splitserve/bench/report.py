@@ -27,15 +27,16 @@ def markdown(r: dict) -> str:
     if r["workload"] == "latency":
         bw = r.get("copy_bandwidth_GBps")
         lines = [head, f"Device copy bandwidth measured in this run: {bw:.0f} GB/s.\n\n" if bw else "",
-                 "| batch | ctx | ms/step | tok/s | roofline ms | step ÷ roofline | graph |\n",
-                 "|---|---|---|---|---|---|---|\n"]
+                 "| batch | ctx | ms/step | tok/s | roofline ms | step ÷ roofline | graph | graph GPU ms |\n",
+                 "|---|---|---|---|---|---|---|---|\n"]
         for p in r["points"]:
             if "skipped" in p:
-                lines.append(f"| {p['batch']} | {p['ctx']} | {p['skipped']} | | | | |\n")
+                lines.append(f"| {p['batch']} | {p['ctx']} | {p['skipped']} | | | | | |\n")
             else:
                 roof = f"{p['roofline_ms']:.3f} | {p['step_over_roofline']:.2f}" if "roofline_ms" in p else "- | -"
+                gpu = f"{p['graph_gpu_ms']:.3f}" if "graph_gpu_ms" in p else "-"
                 lines.append(f"| {p['batch']} | {p['ctx']} | {p['ms_per_step']:.3f} | {p['tok_s']:.0f} | {roof} "
-                             f"| {p['graph']} |\n")
+                             f"| {p['graph']} | {gpu} |\n")
         return "".join(lines)
     key = "output_tok_s" if r["workload"] == "throughput" else "decode_tok_s"
     lines = [head, "| engine | tok/s |\n|---|---|\n", f"| splitserve | {r[key]:.0f} |\n"]
