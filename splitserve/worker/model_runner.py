@@ -174,30 +174,21 @@ class ModelRunner:
         self.stage_seq_lens = torch.zeros(max_bs, dtype=torch.int32).pin_memory()
         self.stage_tables = torch.zeros(max_bs, width, dtype=torch.int32).pin_memory()
         self.graph_i64[2].fill_(-1)
-        # lm_head and the greedy argmax are part of each graph; logits land in one static buffer shared by
-        # all buckets, so a sampled (non-greedy) batch reads them from there without another GEMM.
-        self.graph_logits = torch.empty(max_bs, self.hf_config.vocab_size, dtype=torch.float32, device=self.device)
-        self.graph_greedy = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
+        self.graph_outputs: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.graph_buckets()):  # largest first so smaller graphs reuse its pool memory
             args = (self.graph_i64[0, :bs], self.graph_i64[1, :bs], self._graph_meta(bs))
             with torch.no_grad():
-                self._decode_body(bs, args)  # warm up (Triton compiles, cuBLAS picks kernels)
+                self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._decode_body(bs, args)
+                    self.graph_outputs[bs] = self.model(*args)
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         self.graph_capture_time_s = time.perf_counter() - t0
         self.graph_memory_bytes = mem0 - torch.cuda.mem_get_info(self.device)[0]
 
-    def _decode_body(self, bs: int, args) -> None:
-        """What a decode graph runs: the model, lm_head into the static logits, greedy argmax."""
-        hidden = self.model(*args)
-        self.graph_logits[:bs].copy_(self.model.compute_logits(hidden))
-        torch.argmax(self.graph_logits[:bs], dim=-1, out=self.graph_greedy[:bs])
-
-    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int) -> None:
+    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int) -> torch.Tensor:
         i64 = self.stage_i64.numpy()
         i64[:, num_seqs:bucket] = ((0,), (0,), (-1,))  # padding rows: token 0, no KV write, empty context
         i64[0, :num_seqs], i64[1, :num_seqs], i64[2, :num_seqs] = (
@@ -212,6 +203,7 @@ class ModelRunner:
         self.graph_seq_lens[:bucket].copy_(self.stage_seq_lens[:bucket], non_blocking=True)
         self.graph_tables[:num_seqs, :width].copy_(self.stage_tables[:num_seqs, :width], non_blocking=True)
         self.graphs[bucket].replay()
+        return self.graph_outputs[bucket][:num_seqs]
 
     def _graph_meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.graph_i64[2, :bs], query_start_loc=self.graph_query_start[: bs + 1],
@@ -253,25 +245,21 @@ class ModelRunner:
         host = self.prepare(batch)
         num_seqs = len(batch)
         bucket = self._bucket(num_seqs) if batch.is_decode else None
-        if bucket is not None:  # decode: every sequence samples
-            self._replay_decode_graph(host, num_seqs, bucket)
-            st = self._sampling_tensors(batch.seqs)
-            if st.all_greedy and st.max_logprobs is None:
-                return self.graph_greedy[:num_seqs].tolist(), None, host["samples"]
-            tokens, logprob_info = sample(self.graph_logits[:num_seqs], st)
-            return tokens.tolist(), _logprobs_to_host(logprob_info), host["samples"]
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(host["slot_mapping"]),
-            query_start_loc=self._to_device(host["query_start_loc"]),
-            seq_lens=self._to_device(host["seq_lens"]),
-            block_tables=self._to_device(host["block_tables"]),
-            max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
-            query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
-        hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
+        if bucket is not None:
+            hidden = self._replay_decode_graph(host, num_seqs, bucket)
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=self._to_device(host["slot_mapping"]),
+                query_start_loc=self._to_device(host["query_start_loc"]),
+                seq_lens=self._to_device(host["seq_lens"]),
+                block_tables=self._to_device(host["block_tables"]),
+                max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
+                query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
+            hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
         if not samplers:
             return [], None, host["samples"]
-        if len(samplers) < num_seqs:  # only the rows that sample need logits
+        if len(samplers) < num_seqs or bucket is None:  # gather the rows that sample (always all in decode)
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
         tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
