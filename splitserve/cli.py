@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub, add_engine_args)
+    worker = sub.add_parser("pd-worker", add_help=False,
+                            help="two hosts: run the decode worker here (see README); --help for its flags")
+    worker.set_defaults(func=None)
     doctor = sub.add_parser("doctor", help="report Python, torch, CUDA, GPUs, Triton, P2P")
     doctor.add_argument("--prefill-device-id", type=int, default=None, help="GPU pair to check for two-GPU PD")
     doctor.add_argument("--decode-device-id", type=int, default=None)
@@ -136,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pd-worker"]:  # its own parser: it takes no engine flags (the coordinator sends them)
+        from splitserve.disagg.worker import remote_worker_cli
+
+        return remote_worker_cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

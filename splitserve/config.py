@@ -34,6 +34,7 @@ class EngineConfig:
     pd_decode_num_kv_blocks: int | None = None  # KV blocks of the decode worker (default: sized from memory)
     pd_max_pending: int = 64  # prefilled sequences that may wait for decode-side room before prefill pauses
     pd_verify_kv: bool = False  # hash every transferred KV buffer on both sides and compare (tests, debugging)
+    pd_remote_decode: str | None = None  # "HOST:PORT" to listen on for a decode worker started on another host
     # Filled in by the engine once the model is known (not user arguments).
     hf_config: object = field(default=None, repr=False)
 

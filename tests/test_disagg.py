@@ -256,3 +256,43 @@ def test_server_in_pd_mode(tiny_dir):
     assert proc.returncode == 0
     for pid in pids:
         assert not _alive(pid)
+
+
+def test_two_host_launch_with_a_decode_worker_started_by_hand(tiny_dir, monkeypatch):
+    """The two-host recipe on one host: the decode worker is started separately (`splitserve pd-worker`),
+    connects to the coordinator's address with the shared secret, and gets its config from it."""
+    from test_server import _free_port
+
+    port, master_port = _free_port(), _free_port()
+    env = {**os.environ, "SPLITSERVE_PD_AUTHKEY": "s3cret"}
+    worker = subprocess.Popen([sys.executable, "-m", "splitserve", "pd-worker", "--coordinator",
+                               f"127.0.0.1:{port}", "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    monkeypatch.setenv("SPLITSERVE_PD_AUTHKEY", "s3cret")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(master_port))
+    prompts = random_prompts(3, 5, 30, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    try:
+        llm = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True, pd_remote_decode=f"127.0.0.1:{port}")
+        try:
+            out = llm.generate(prompts, params, use_tqdm=False)
+            assert llm.stats()["devices"] == {"prefill": "cpu", "decode": "remote"}
+        finally:
+            llm.shutdown()
+        assert worker.wait(timeout=30) == 0, worker.stdout.read()  # it stops when told to
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    expected = LLM(tiny_dir, device="cpu").generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [e.outputs[0].token_ids for e in expected]
+
+
+def test_two_host_launch_needs_the_secret_and_rendezvous(tiny_dir, monkeypatch):
+    monkeypatch.delenv("SPLITSERVE_PD_AUTHKEY", raising=False)
+    with pytest.raises(ValueError, match="SPLITSERVE_PD_AUTHKEY"):
+        LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True, pd_remote_decode="127.0.0.1:1")
+    res = subprocess.run([sys.executable, "-m", "splitserve", "pd-worker", "--coordinator", "127.0.0.1:1"],
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                               if k != "SPLITSERVE_PD_AUTHKEY"}, timeout=120)
+    assert res.returncode != 0 and "SPLITSERVE_PD_AUTHKEY" in res.stderr

@@ -31,6 +31,10 @@ STARTUP_TIMEOUT_S = 600.0
 def pd_devices(config: EngineConfig) -> tuple[str, str]:
     """The two worker devices, or a ValueError that names what is wrong."""
     p_id, d_id = config.prefill_device_id, config.decode_device_id
+    if config.pd_remote_decode:  # the decode device is the other host's business
+        if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+            return "cpu", "remote"
+        return f"cuda:{p_id or 0}", "remote"
     ids_given = p_id is not None or d_id is not None
     if config.device.startswith("cuda:"):
         raise ValueError(f"device={config.device!r} cannot be used with enable_two_gpu_pd: "
@@ -89,23 +93,38 @@ class PDEngine(LLMEngine):
     def _start_workers(self) -> None:
         from splitserve.disagg.worker import worker_main
 
-        authkey = os.urandom(16)
-        self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        remote = self.config.pd_remote_decode
+        if remote:  # a decode worker on another host connects to us with the shared secret
+            key = os.environ.get("SPLITSERVE_PD_AUTHKEY")
+            if not key:
+                raise ValueError("pd_remote_decode needs SPLITSERVE_PD_AUTHKEY set (the same secret on both hosts)")
+            authkey = key.encode()
+            host, _, port = remote.rpartition(":")
+            self.listener = Listener((host or "0.0.0.0", int(port)), authkey=authkey)
+        else:
+            authkey = os.urandom(16)
+            self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
         master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         master_port = int(os.environ.get("MASTER_PORT", 0)) or _free_port()
+        if remote and "MASTER_ADDR" not in os.environ:
+            raise ValueError("pd_remote_decode needs MASTER_ADDR and MASTER_PORT (this host's address and a free "
+                             "port, reachable from the decode host: the torch.distributed rendezvous)")
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        for role in ("prefill", "decode"):
+        for role in ("prefill",) if remote else ("prefill", "decode"):
             proc = ctx.Process(target=worker_main, name=f"splitserve-{role}", daemon=True,
-                               args=(role, self.config, self.devices[role], self.listener.address, authkey,
-                                     master_addr, master_port))
+                               args=(role, self.devices[role], self.listener.address, authkey))
             proc.start()
             self.procs[role] = proc
+        if remote:
+            logger.warning("waiting for the decode worker: on the decode host run `SPLITSERVE_PD_AUTHKEY=... "
+                           "splitserve pd-worker --coordinator %s --device cuda:N`", remote)
         accepted: list = []
 
         def accept() -> None:
             for _ in range(2):
                 conn = self.listener.accept()
                 _, role, _pid = conn.recv()
+                conn.send(("config", self.config, master_addr, master_port))
                 accepted.append((role, conn))
 
         threading.Thread(target=accept, daemon=True).start()
@@ -118,8 +137,7 @@ class PDEngine(LLMEngine):
                 self._dispatch(conn.recv(), [])
             if time.time() > deadline:
                 raise WorkerDiedError(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
-        logger.info("two-device PD: prefill on %s (pid %d), decode on %s (pid %d)", self.devices["prefill"],
-                    self.procs["prefill"].pid, self.devices["decode"], self.procs["decode"].pid)
+        logger.info("two-device PD: prefill on %s, decode on %s", self.devices["prefill"], self.devices["decode"])
 
     def worker_pids(self) -> dict[str, int]:
         return {role: p.pid for role, p in self.procs.items()}

@@ -31,13 +31,15 @@ from splitserve.engine.sequence import Sequence
 logger = logging.getLogger("splitserve")
 
 
-def worker_main(role: str, config: EngineConfig, device: str, address, authkey: bytes,
-                master_addr: str | None, master_port: int | None) -> None:
-    """Process entry point. Ctrl-C is left to the coordinator, which stops the workers in order."""
+def worker_main(role: str, device: str, address, authkey: bytes, connect_timeout_s: float = 60.0) -> None:
+    """Process entry point (spawned locally, or `splitserve pd-worker` on another host). The engine config
+    and the rendezvous address come from the coordinator over the control connection. Ctrl-C is left to
+    the coordinator, which stops the workers in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Client(address, authkey=authkey)
+    conn = _connect(address, authkey, connect_timeout_s)
     conn.send(("hello", role, os.getpid()))
     try:
+        _, config, master_addr, master_port = conn.recv()
         torch_device = torch.device(device)
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
@@ -57,6 +59,35 @@ def worker_main(role: str, config: EngineConfig, device: str, address, authkey: 
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _connect(address, authkey: bytes, timeout_s: float):
+    """A worker started by hand may come up before the coordinator listens: retry until the timeout."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return Client(address, authkey=authkey)
+        except (ConnectionRefusedError, FileNotFoundError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def remote_worker_cli(argv: list[str] | None = None) -> None:
+    """`splitserve pd-worker`: a decode worker on another host (see README, two hosts)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="splitserve pd-worker", allow_abbrev=False)
+    parser.add_argument("--coordinator", required=True, help="HOST:PORT the coordinator listens on "
+                                                             "(its pd_remote_decode)")
+    parser.add_argument("--device", default="cuda:0", help="this host's device for the decode worker")
+    parser.add_argument("--connect-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    key = os.environ.get("SPLITSERVE_PD_AUTHKEY")
+    if not key:
+        raise SystemExit("splitserve pd-worker: set SPLITSERVE_PD_AUTHKEY (the same secret as the coordinator's)")
+    host, _, port = args.coordinator.rpartition(":")
+    worker_main("decode", args.device, (host, int(port)), key.encode(), args.connect_timeout)
 
 
 class _Worker:
@@ -245,7 +276,8 @@ class DecodeWorker(_Worker):
             seq.token_ids += output_ids
             in_flight = len(sched.running) + len(sched.waiting) + len(self.receiving)
             watermark = len(sched.running) + len(self.receiving)
-            if in_flight >= engine.config.max_num_seqs or \
+            # Preempted sequences (waiting to be recomputed here) come before new arrivals.
+            if sched.waiting or in_flight >= engine.config.max_num_seqs or \
                     bm.blocks_needed(seq, seq.num_tokens) + watermark > bm.num_free_blocks:
                 self.deferred_admissions += 1
                 return
@@ -287,7 +319,8 @@ class DecodeWorker(_Worker):
             engine.detokenizers[seq.seq_id] = detok
             self.sent[seq.request_id] = [seq.num_output_tokens, len(seq.output_text)]
             engine.scheduler.add_running(seq)
-        if engine.has_unfinished_requests():
+        blocked = not engine.scheduler.running and self.receiving  # preempted ones wait for blocks in flight
+        if engine.has_unfinished_requests() and not blocked:
             self.report(engine.step())
 
     def stats(self) -> dict:
