@@ -35,6 +35,11 @@ class EngineConfig:
     pd_max_pending: int = 64  # prefilled sequences that may wait for decode-side room before prefill pauses
     pd_verify_kv: bool = False  # hash every transferred KV buffer on both sides and compare (tests, debugging)
     pd_remote_decode: str | None = None  # "HOST:PORT" to listen on for a decode worker started on another host
+    # M2: decode pipeline over two green-context SM partitions (attention | FFN).
+    enable_decode_pipeline: bool = False
+    decode_attention_sm: int | None = None  # SMs of the attention partition (multiple of 8); None: planner
+    decode_ffn_sm: int | None = None  # SMs of the FFN partition; None: the rest
+    decode_pipeline_profiling: bool = False  # record per-step path, split and stage times
     # Filled in by the engine once the model is known (not user arguments).
     hf_config: object = field(default=None, repr=False)
 
@@ -81,5 +86,11 @@ class EngineConfig:
                 and self.prefill_device_id == self.decode_device_id:
             raise ValueError(f"prefill_device_id and decode_device_id must differ for enable_two_gpu_pd "
                              f"(both are {self.prefill_device_id})")
+        from splitserve.pipeline.green import check_sm_count
+
+        check_sm_count("decode_attention_sm", self.decode_attention_sm)
+        check_sm_count("decode_ffn_sm", self.decode_ffn_sm)
+        if (self.decode_attention_sm is not None or self.decode_ffn_sm is not None) and not self.enable_decode_pipeline:
+            raise ValueError("decode_attention_sm / decode_ffn_sm need enable_decode_pipeline=True")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

@@ -83,6 +83,7 @@ def report(prefill_id: int = 0, decode_id: int = 1) -> list[tuple[str, str]]:
     if not torch.cuda.is_available():
         rows.append(("cuda", f"not available: CPU path only (torch built with CUDA {torch.version.cuda})"))
         rows.append(pd_report(prefill_id, decode_id))
+        rows.append(("decode pipeline", "unavailable: CPU device: green contexts need a CUDA GPU"))
         return rows
     rows.append(("cuda runtime (torch)", str(torch.version.cuda)))
     rows.append(("cuda driver", _driver_version()))
@@ -97,6 +98,10 @@ def report(prefill_id: int = 0, decode_id: int = 1) -> list[tuple[str, str]]:
                 ok = torch.cuda.can_device_access_peer(i, j)
                 rows.append((f"p2p {i}->{j}", "yes" if ok else "no"))
     rows.append(pd_report(prefill_id, decode_id))
+    from splitserve.pipeline.green import capability
+
+    ok, reason = capability(torch.device("cuda", decode_id if decode_id < count else 0))
+    rows.append(("decode pipeline", ("available: " if ok else "unavailable: ") + reason))
     return rows
 
 

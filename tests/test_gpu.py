@@ -147,3 +147,51 @@ def test_pd_two_gpus_matches_colocated_fp32(qwen3_06b):
     assert stats["devices"] == {"prefill": "cuda:0", "decode": "cuda:1"}
     assert stats["decode"]["decode_path"] == "cuda_graph" and stats["decode"]["cuda_graphs"]
     assert stats["decode"]["kv_verified_transfers"] == len(prompts)
+
+
+def test_green_partitions_are_disjoint_and_captured_graphs_keep_them():
+    from splitserve.kernels.smid import record_smid
+    from splitserve.pipeline import green
+
+    device = torch.device("cuda", 0)
+    ok, reason = green.capability(device)
+    if not ok:
+        pytest.skip(reason)
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    part = green.split(device, 48)
+    assert (part.attention_sm, part.ffn_sm) == (48, total - 48)
+    attention, ffn = green.sm_ids(part.attention_stream), green.sm_ids(part.ffn_stream)
+    assert attention.isdisjoint(ffn)
+    assert len(attention) == part.attention_sm and len(ffn) == part.ffn_sm  # each uses all of its own SMs
+    smaller = green.split(device, 32, 48)  # FFN part smaller than the rest
+    assert (smaller.attention_sm, smaller.ffn_sm) == (32, 48)
+    assert len(green.sm_ids(smaller.ffn_stream)) == 48
+    # A graph captured on a partition's stream keeps that partition when replayed on the default stream.
+    out = torch.full((2048,), -1, dtype=torch.int32, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=part.attention_stream):
+        record_smid(out)
+    out.fill_(-1)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = set(out.tolist())
+    assert -1 not in replayed and replayed <= attention
+    everywhere = torch.full((4096,), -1, dtype=torch.int32, device=device)
+    record_smid(everywhere)  # the default stream still has the whole GPU
+    torch.cuda.synchronize()
+    assert len(set(everywhere.tolist())) == total
+
+
+def test_requested_pipeline_reports_partitions_and_keeps_graphs(qwen3_06b, caplog):
+    with caplog.at_level("WARNING", logger="splitserve"):
+        llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
+                  decode_attention_sm=64)
+    stats = llm.stats()
+    total = torch.cuda.get_device_properties(0).multi_processor_count
+    assert stats["decode_pipeline"]["attention_sm"] == 64 and stats["decode_pipeline"]["ffn_sm"] == total - 64
+    assert stats["decode_path"] == "cuda_graph"  # the fallback keeps graphs
+    assert sum("decode pipeline" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="above the"):
+        LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
+            decode_attention_sm=96, decode_ffn_sm=96)

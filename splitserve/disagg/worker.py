@@ -157,8 +157,9 @@ class PrefillWorker(_Worker):
         self.send_time_s = 0.0
 
     def engine_config(self, config: EngineConfig, device: str) -> EngineConfig:
-        # Prefill never runs a decode batch, so it captures no decode graphs.
-        return dataclasses.replace(super().engine_config(config, device), enforce_eager=True)
+        # Prefill never runs a decode batch: no decode graphs, no decode pipeline.
+        return dataclasses.replace(super().engine_config(config, device), enforce_eager=True,
+                                   enable_decode_pipeline=False, decode_attention_sm=None, decode_ffn_sm=None)
 
     def busy(self) -> bool:
         return self.engine.has_unfinished_requests() or bool(self.sending)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from splitserve.config import EngineConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer
@@ -33,7 +35,36 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.decode_pipeline = self._plan_decode_pipeline()
         self.startup_time_s = time.perf_counter() - t0
+
+    def _plan_decode_pipeline(self) -> dict:
+        """M2 status: what was asked, what runs, and why. A requested pipeline that cannot run says so
+        once, with the path actually used."""
+        from splitserve.pipeline import green
+
+        cfg, runner = self.config, self.runner
+        status = {"requested": cfg.enable_decode_pipeline, "active": False, "reason": "not requested",
+                  "attention_sm": None, "ffn_sm": None}
+        if not cfg.enable_decode_pipeline:
+            return status
+        if runner.graphs:
+            path = "plain CUDA graphs"
+        else:
+            path = "eager (enforce_eager=True)" if cfg.enforce_eager else f"eager ({runner.device.type})"
+        ok, reason = green.capability(runner.device)
+        if ok:
+            total = torch.cuda.get_device_properties(runner.device).multi_processor_count
+            attention_sm, ffn_sm = green.check_split(cfg.decode_attention_sm, cfg.decode_ffn_sm, total)
+            if attention_sm is None:  # until the planner calibrates: an even split
+                attention_sm = total // 2 // green.SM_GRANULARITY * green.SM_GRANULARITY
+            self.sm_partition = green.split(runner.device, attention_sm, ffn_sm)
+            status.update(attention_sm=self.sm_partition.attention_sm, ffn_sm=self.sm_partition.ffn_sm)
+            reason = (f"SM partitions made ({self.sm_partition.describe()}), but pipelined decode graphs are "
+                      "not built yet")
+        status["reason"] = reason
+        logger.warning("decode pipeline requested but not used: %s; decode runs %s", reason, path)
+        return status
 
     def _init_frontend(self, config: EngineConfig) -> None:
         """Everything but the model: config, tokenizer, limits, request bookkeeping."""
@@ -247,7 +278,8 @@ class LLMEngine:
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
-            "decode_path": "cuda_graph" if self.runner.graphs else "eager",
+            "decode_path": "cuda_graph" if self.runner.graphs else "eager", "decode_pipeline": self.decode_pipeline,
+            "decode_attention_sm": None, "decode_ffn_sm": None,  # the split in use (none while plain)
             "cuda_graphs": sorted(self.runner.graphs), "graph_capture_time_s": self.runner.graph_capture_time_s,
             "graph_memory_bytes": self.runner.graph_memory_bytes, "startup_time_s": self.startup_time_s,
         }

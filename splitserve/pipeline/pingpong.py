@@ -1,0 +1,124 @@
+"""Micro-batch ping-pong for decode: attention of one micro-batch overlaps the FFN of another.
+
+A decode batch is cut into micro-batches. Every layer keeps the model's own order for each micro-batch
+(attention stage, then FFN stage, then the next layer), so the result is the plain forward's. Only
+*where* a stage runs changes: attention stages go to the attention stream, FFN stages to the FFN stream
+(two green-context partitions on a GPU), and events order each micro-batch's stages:
+
+    attention stream:  A0(l)  A1(l)  A0(l+1)  A1(l+1) ...
+    FFN stream:               F0(l)  F1(l)    F0(l+1) ...      F(m, l) waits A(m, l); A(m, l+1) waits F(m, l)
+
+so A1(l) runs beside F0(l) and A0(l+1) beside F1(l). Without streams (CPU) the same order runs serially.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.layers.attention import AttentionMetadata
+
+
+def microbatch_bounds(batch_size: int, num_microbatches: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges, sizes differing by at most one (odd batches welcome)."""
+    n = max(1, min(num_microbatches, batch_size))
+    base, extra = divmod(batch_size, n)
+    bounds, start = [], 0
+    for i in range(n):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def split_decode_meta(meta: AttentionMetadata, start: int, end: int) -> AttentionMetadata:
+    """The metadata of rows [start, end) of a decode batch (one new token per sequence)."""
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping[start:end], query_start_loc=meta.query_start_loc[: end - start + 1],
+        seq_lens=meta.seq_lens[start:end], block_tables=meta.block_tables[start:end], max_query_len=1,
+        max_seq_len=meta.max_seq_len,
+        query_start_loc_cpu=list(range(end - start + 1)) if meta.query_start_loc_cpu is not None else None,
+        seq_lens_cpu=meta.seq_lens_cpu[start:end] if meta.seq_lens_cpu is not None else None)
+
+
+@dataclass
+class StageStreams:
+    """Where stages run: the attention and FFN partitions' streams (None: the current stream)."""
+    attention: torch.cuda.Stream | None = None
+    ffn: torch.cuda.Stream | None = None
+
+
+def pipelined_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                      num_microbatches: int = 2, streams: StageStreams | None = None,
+                      stage_events: list | None = None) -> torch.Tensor:
+    """Decode forward of `model` (a CausalLM) in micro-batches, attention and FFN on their own streams.
+    Query_start_loc must be arange (decode). `stage_events`, when given, receives (kind, micro-batch,
+    layer, start event, end event) for profiling."""
+    bounds = microbatch_bounds(input_ids.shape[0], num_microbatches)
+    streams = streams or StageStreams()
+    on_gpu = streams.attention is not None and streams.ffn is not None
+    main = torch.cuda.current_stream() if on_gpu else None
+    hidden_all = model.embed_tokens(input_ids)
+    metas = [split_decode_meta(meta, a, b) for a, b in bounds]
+    hidden = [hidden_all[a:b] for a, b in bounds]
+    residual: list = [None] * len(bounds)
+    if on_gpu:
+        ready = torch.cuda.Event()
+        ready.record(main)
+        streams.attention.wait_event(ready)
+    ffn_done: list = [None] * len(bounds)
+    for layer_index, layer in enumerate(model.layers):
+        attn_done = []
+        for m, (a, b) in enumerate(bounds):
+            with _on(streams.attention):
+                if on_gpu and ffn_done[m] is not None:
+                    streams.attention.wait_event(ffn_done[m])
+                start = _mark(on_gpu, streams.attention, stage_events)
+                hidden[m], residual[m] = layer.attention_stage(positions[a:b], hidden[m], residual[m], metas[m])
+                attn_done.append(_done(on_gpu, streams.attention, stage_events, "attention", m, layer_index, start))
+        for m in range(len(bounds)):
+            with _on(streams.ffn):
+                if on_gpu:
+                    streams.ffn.wait_event(attn_done[m])
+                start = _mark(on_gpu, streams.ffn, stage_events)
+                hidden[m], residual[m] = layer.ffn_stage(hidden[m], residual[m])
+                ffn_done[m] = _done(on_gpu, streams.ffn, stage_events, "ffn", m, layer_index, start)
+    if on_gpu:
+        for event in ffn_done:
+            main.wait_event(event)
+    out, _ = model.norm(torch.cat(hidden), torch.cat(residual))
+    return out
+
+
+class _on:
+    """`with torch.cuda.stream(s)` that is a no-op for None (CPU)."""
+
+    def __init__(self, stream):
+        self.ctx = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _mark(on_gpu: bool, stream, stage_events):
+    if not on_gpu or stage_events is None:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _done(on_gpu: bool, stream, stage_events, kind: str, m: int, layer: int, start):
+    if not on_gpu:
+        return None
+    end = torch.cuda.Event(enable_timing=stage_events is not None)
+    end.record(stream)
+    if stage_events is not None:
+        stage_events.append((kind, m, layer, start, end))
+    return end
