@@ -195,3 +195,42 @@ def test_requested_pipeline_reports_partitions_and_keeps_graphs(qwen3_06b, caplo
     with pytest.raises(ValueError, match="above the"):
         LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
             decode_attention_sm=96, decode_ffn_sm=96)
+
+
+def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
+    """Eager ping-pong over the two partitions (events order the stages) computes the plain forward: a
+    missing wait would show up as a large difference."""
+    from splitserve.engine.scheduler import ScheduledBatch
+    from splitserve.engine.sequence import Sequence
+    from splitserve.layers.attention import AttentionMetadata
+    from splitserve.pipeline import green
+    from splitserve.pipeline.pingpong import StageStreams, pipelined_forward
+
+    device = torch.device("cuda", 0)
+    ok, reason = green.capability(device)
+    if not ok:
+        pytest.skip(reason)
+    llm = LLM(qwen3_06b, max_model_len=2048, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True)
+    runner = llm.engine.runner
+    runner.kv_cache.normal_()
+    seqs, nb = [], 0
+    for i, ctx in enumerate(range(100, 100 + 64 * 29, 29)):
+        s = Sequence([5 + i] * (ctx + 1), SamplingParams(max_tokens=1))
+        blocks = -(-(ctx + 1) // runner.block_size)
+        s.block_table, s.num_computed_tokens = list(range(nb, nb + blocks)), ctx
+        nb += blocks
+        seqs.append(s)
+    host = runner.prepare(ScheduledBatch(seqs, [1] * len(seqs)))
+    t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+    meta = AttentionMetadata(t["slot_mapping"], t["query_start_loc"], t["seq_lens"], t["block_tables"], 1,
+                             int(host["seq_lens"].max()))
+    part = green.split(device, 64)
+    with torch.no_grad():
+        plain = runner.model(t["input_ids"], t["positions"], meta)
+        events: list = []
+        piped = pipelined_forward(runner.model, t["input_ids"], t["positions"], meta, 2,
+                                  StageStreams(part.attention_stream, part.ffn_stream), events)
+        torch.cuda.synchronize()
+    assert (piped - plain).abs().max().item() < 1e-3 * plain.abs().max().item()
+    assert torch.equal(runner.model.compute_logits(piped).argmax(-1), runner.model.compute_logits(plain).argmax(-1))
+    assert len(events) == 2 * 2 * len(runner.model.layers)  # (attention, FFN) x micro-batches x layers
