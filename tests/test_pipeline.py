@@ -99,7 +99,8 @@ def test_pipeline_flags_are_validated():
         green.check_split(72, 64, total_sms=132)
     assert green.check_split(64, 64, total_sms=132) == (64, 64)
     assert green.check_split(None, None, total_sms=132) == (None, None)
-    assert green.check_split(48, None, total_sms=132) == (48, 80)  # the rest, rounded down to 8
+    assert green.check_split(48, None, total_sms=132) == (48, None)  # the FFN part gets the rest
+    assert green.check_split(None, 64, total_sms=132) == (64, 64)
 
 
 def test_capability_reports_a_reason_on_cpu():

@@ -28,8 +28,8 @@ def check_sm_count(name: str, value: int | None) -> None:
 
 
 def check_split(attention_sm: int | None, ffn_sm: int | None, total_sms: int) -> tuple[int | None, int | None]:
-    """The split to use on a GPU with `total_sms`: both given, one given (the other gets the rest,
-    rounded down to the granularity), or neither (the planner chooses)."""
+    """The split to use on a GPU with `total_sms`: both given; only the attention part (the FFN part is
+    the rest: None); only the FFN part; or neither (the planner chooses)."""
     check_sm_count("decode_attention_sm", attention_sm)
     check_sm_count("decode_ffn_sm", ffn_sm)
     if attention_sm is None and ffn_sm is None:
@@ -37,7 +37,10 @@ def check_split(attention_sm: int | None, ffn_sm: int | None, total_sms: int) ->
     if attention_sm is None:
         attention_sm = (total_sms - ffn_sm) // SM_GRANULARITY * SM_GRANULARITY
     if ffn_sm is None:
-        ffn_sm = (total_sms - attention_sm) // SM_GRANULARITY * SM_GRANULARITY
+        if total_sms - attention_sm < SM_GRANULARITY:
+            raise ValueError(f"decode_attention_sm = {attention_sm} leaves under {SM_GRANULARITY} of the "
+                             f"{total_sms} SMs for the FFN partition")
+        return attention_sm, None
     if attention_sm + ffn_sm > total_sms:
         raise ValueError(f"decode_attention_sm + decode_ffn_sm = {attention_sm} + {ffn_sm} = {attention_sm + ffn_sm} "
                          f"is above the {total_sms} SMs of this GPU")
@@ -110,8 +113,14 @@ def split(device: torch.device, attention_sm: int, ffn_sm: int | None = None) ->
     groups, _, rest = _ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, attention_sm), "split (attention)")
     attention_res, ffn_res = groups[0], rest
     if ffn_sm is not None and ffn_sm < rest.sm.smCount:
-        groups, _, _ = _ok(driver.cuDevSmResourceSplitByCount(1, rest, 0, ffn_sm), "split (FFN)")
-        ffn_res = groups[0]
+        # The rest is "unstructured"; cutting it again must ignore SM co-scheduling (GPC) structure.
+        flags = int(getattr(getattr(driver, "CUdevSmResourceSplit_flags", None),
+                            "CU_DEV_SM_RESOURCE_SPLIT_IGNORE_SM_COSCHEDULING", 1))
+        result = driver.cuDevSmResourceSplitByCount(1, rest, flags, ffn_sm)
+        if int(result[0]) != 0:
+            raise ValueError(f"cannot cut an FFN partition of {ffn_sm} SMs from the {rest.sm.smCount} left "
+                             f"({result[0]!r}); leave decode_ffn_sm unset to give the FFN all of them")
+        ffn_res = result[1][0]
     handles, streams = [], []
     for resource in (attention_res, ffn_res):
         desc = _ok(driver.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
