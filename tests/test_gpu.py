@@ -163,9 +163,9 @@ def test_green_partitions_are_disjoint_and_captured_graphs_keep_them():
     attention, ffn = green.sm_ids(part.attention_stream), green.sm_ids(part.ffn_stream)
     assert attention.isdisjoint(ffn)
     assert len(attention) == part.attention_sm and len(ffn) == part.ffn_sm  # each uses all of its own SMs
-    smaller = green.split(device, 32, 48)  # FFN part smaller than the rest
-    assert (smaller.attention_sm, smaller.ffn_sm) == (32, 48)
-    assert len(green.sm_ids(smaller.ffn_stream)) == 48
+    other = green.split(device, 80)  # a second split of the whole GPU, for another SM split's graphs
+    assert (other.attention_sm, other.ffn_sm) == (80, total - 80)
+    assert green.sm_ids(other.attention_stream).isdisjoint(green.sm_ids(other.ffn_stream))
     # A graph captured on a partition's stream keeps that partition when replayed on the default stream.
     out = torch.full((2048,), -1, dtype=torch.int32, device=device)
     graph = torch.cuda.CUDAGraph()
@@ -192,6 +192,8 @@ def test_requested_pipeline_reports_partitions_and_keeps_graphs(qwen3_06b, caplo
     assert stats["decode_pipeline"]["attention_sm"] == 64 and stats["decode_pipeline"]["ffn_sm"] == total - 64
     assert stats["decode_path"] == "cuda_graph"  # the fallback keeps graphs
     assert sum("decode pipeline" in r.getMessage() for r in caplog.records) == 1
+    del llm
+    torch.cuda.empty_cache()
     with pytest.raises(ValueError, match="above the"):
         LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
             decode_attention_sm=96, decode_ffn_sm=96)

@@ -97,10 +97,12 @@ def test_pipeline_flags_are_validated():
         EngineConfig(decode_attention_sm=64)
     with pytest.raises(ValueError, match="above the 132 SMs"):
         green.check_split(72, 64, total_sms=132)
-    assert green.check_split(64, 64, total_sms=132) == (64, 64)
+    with pytest.raises(ValueError, match="would leave SMs idle"):
+        green.check_split(32, 48, total_sms=132)
+    assert green.check_split(64, 64, total_sms=132) == (64, None)  # 64 is the rest (68) rounded to 8
     assert green.check_split(None, None, total_sms=132) == (None, None)
     assert green.check_split(48, None, total_sms=132) == (48, None)  # the FFN part gets the rest
-    assert green.check_split(None, 64, total_sms=132) == (64, 64)
+    assert green.check_split(None, 64, total_sms=132) == (64, None)
 
 
 def test_capability_reports_a_reason_on_cpu():

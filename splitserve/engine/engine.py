@@ -29,6 +29,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self._init_frontend(config)
+        self._check_decode_pipeline_split()  # bad SM counts fail before any memory is taken
         weights = None if config.load_format == "dummy" else self.model_path
         self.runner = ModelRunner(config, self.hf_config, weights)
         self._fit_max_model_len(self.runner.num_kv_blocks * config.kvcache_block_size)
@@ -37,6 +38,15 @@ class LLMEngine:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         self.decode_pipeline = self._plan_decode_pipeline()
         self.startup_time_s = time.perf_counter() - t0
+
+    def _check_decode_pipeline_split(self) -> None:
+        from splitserve.pipeline import green
+        from splitserve.worker.model_runner import resolve_device
+
+        device = resolve_device(self.config.device)
+        if self.config.enable_decode_pipeline and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).multi_processor_count
+            green.check_split(self.config.decode_attention_sm, self.config.decode_ffn_sm, total)
 
     def _plan_decode_pipeline(self) -> dict:
         """M2 status: what was asked, what runs, and why. A requested pipeline that cannot run says so
@@ -55,10 +65,10 @@ class LLMEngine:
         ok, reason = green.capability(runner.device)
         if ok:
             total = torch.cuda.get_device_properties(runner.device).multi_processor_count
-            attention_sm, ffn_sm = green.check_split(cfg.decode_attention_sm, cfg.decode_ffn_sm, total)
+            attention_sm, _ = green.check_split(cfg.decode_attention_sm, cfg.decode_ffn_sm, total)
             if attention_sm is None:  # until the planner calibrates: an even split
                 attention_sm = total // 2 // green.SM_GRANULARITY * green.SM_GRANULARITY
-            self.sm_partition = green.split(runner.device, attention_sm, ffn_sm)
+            self.sm_partition = green.split(runner.device, attention_sm)
             status.update(attention_sm=self.sm_partition.attention_sm, ffn_sm=self.sm_partition.ffn_sm)
             reason = (f"SM partitions made ({self.sm_partition.describe()}), but pipelined decode graphs are "
                       "not built yet")

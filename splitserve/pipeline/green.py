@@ -36,17 +36,22 @@ def check_split(attention_sm: int | None, ffn_sm: int | None, total_sms: int) ->
         return None, None
     if attention_sm is None:
         attention_sm = (total_sms - ffn_sm) // SM_GRANULARITY * SM_GRANULARITY
+    rest = total_sms - attention_sm
     if ffn_sm is None:
-        if total_sms - attention_sm < SM_GRANULARITY:
+        if rest < SM_GRANULARITY:
             raise ValueError(f"decode_attention_sm = {attention_sm} leaves under {SM_GRANULARITY} of the "
                              f"{total_sms} SMs for the FFN partition")
         return attention_sm, None
     if attention_sm + ffn_sm > total_sms:
         raise ValueError(f"decode_attention_sm + decode_ffn_sm = {attention_sm} + {ffn_sm} = {attention_sm + ffn_sm} "
                          f"is above the {total_sms} SMs of this GPU")
-    if min(attention_sm, ffn_sm) < SM_GRANULARITY:
-        raise ValueError(f"the split {attention_sm}/{ffn_sm} leaves a partition under {SM_GRANULARITY} SMs")
-    return attention_sm, ffn_sm
+    if ffn_sm < rest // SM_GRANULARITY * SM_GRANULARITY:
+        # The driver cuts the SMs once (group + rest); cutting the rest again is refused
+        # (CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION on H200), so SMs cannot be left idle.
+        raise ValueError(f"decode_ffn_sm = {ffn_sm} would leave SMs idle: the FFN partition is the "
+                         f"{rest} SMs that decode_attention_sm = {attention_sm} leaves (give {rest // 8 * 8} "
+                         "or leave it unset)")
+    return attention_sm, None
 
 
 def _driver():
@@ -100,9 +105,8 @@ class SMPartition:
         return f"attention {self.attention_sm} SMs | FFN {self.ffn_sm} SMs"
 
 
-def split(device: torch.device, attention_sm: int, ffn_sm: int | None = None) -> SMPartition:
-    """Split the GPU once into an attention part of `attention_sm` SMs and an FFN part (`ffn_sm` of the
-    rest, or all of it)."""
+def split(device: torch.device, attention_sm: int) -> SMPartition:
+    """Split the GPU once into an attention part of `attention_sm` SMs and an FFN part of the rest."""
     driver = _driver()
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch.cuda.init()
@@ -110,17 +114,8 @@ def split(device: torch.device, attention_sm: int, ffn_sm: int | None = None) ->
     dev = _ok(driver.cuDeviceGet(index), "cuDeviceGet")
     whole = _ok(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
                 "cuDeviceGetDevResource")
-    groups, _, rest = _ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, attention_sm), "split (attention)")
+    groups, _, rest = _ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, attention_sm), "cuDevSmResourceSplitByCount")
     attention_res, ffn_res = groups[0], rest
-    if ffn_sm is not None and ffn_sm < rest.sm.smCount:
-        # The rest is "unstructured"; cutting it again must ignore SM co-scheduling (GPC) structure.
-        flags = int(getattr(getattr(driver, "CUdevSmResourceSplit_flags", None),
-                            "CU_DEV_SM_RESOURCE_SPLIT_IGNORE_SM_COSCHEDULING", 1))
-        result = driver.cuDevSmResourceSplitByCount(1, rest, flags, ffn_sm)
-        if int(result[0]) != 0:
-            raise ValueError(f"cannot cut an FFN partition of {ffn_sm} SMs from the {rest.sm.smCount} left "
-                             f"({result[0]!r}); leave decode_ffn_sm unset to give the FFN all of them")
-        ffn_res = result[1][0]
     handles, streams = [], []
     for resource in (attention_res, ffn_res):
         desc = _ok(driver.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
