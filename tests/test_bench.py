@@ -31,3 +31,16 @@ def test_throughput_harness_with_hf(tmp_path):
 def test_smallbatch_harness_with_hf(tmp_path):
     data, _ = run_bench(tmp_path, "smallbatch", "--compare", "hf")
     assert data["decode_tok_s"] > 0 and data["hf"]["decode_tok_s"] > 0, data["hf"]
+
+
+def test_pd_serving_simulation_harness(tmp_path):
+    """Three setups (colocated, data-parallel, PD) on CPU processes; every request completes in each."""
+    data, files = run_bench(tmp_path, "pd", "--num-requests", "6", "--input-range", "8", "40", "--output-range",
+                            "3", "9", "--request-rates", "40", "inf")
+    assert set(data["setups"]) == {"colocated", "data_parallel", "pd"}
+    for runs in data["setups"].values():
+        assert [r["request_rate"] for r in runs] == [40.0, "inf"]
+        for r in runs:
+            assert r["num_requests"] == 6 and r["num_errors"] == 0
+            assert r["ttft_s"]["p50"] > 0 and r["output_tok_s"] > 0
+    assert "P7" in data["goals"] and any(f.endswith(".png") for f in files)
