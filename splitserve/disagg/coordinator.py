@@ -147,6 +147,15 @@ class PDEngine(LLMEngine):
             if proc.exitcode is not None:
                 self._died(f"the {role} worker (pid {proc.pid}) exited with code {proc.exitcode}")
 
+    def _lost(self, role: str) -> None:
+        """A worker's connection closed: name the worker, with its exit code when it is a local process."""
+        proc = self.procs.get(role)
+        if proc is not None:
+            proc.join(1.0)  # a killed process needs a moment before its exit code can be read
+            if proc.exitcode is not None:
+                self._died(f"the {role} worker (pid {proc.pid}) exited with code {proc.exitcode}")
+        self._died(f"the {role} worker closed its connection")
+
     def _died(self, reason: str) -> None:
         self.shutdown()
         for seq in self.requests.values():
@@ -211,19 +220,19 @@ class PDEngine(LLMEngine):
             self.conns[role].send(msg)
         except (OSError, KeyError):
             self._check_workers()
-            self._died(f"the {role} worker is unreachable")
+            self._lost(role)
 
     # ---- one step: relay messages and apply reports ----
     def step(self) -> list[Sequence]:
         self._check_workers()
         updated: list[Sequence] = []
+        role_of = {id(c): r for r, c in self.conns.items()}
         for conn in wait(list(self.conns.values()), timeout=POLL_S):
             try:
                 while conn.poll():
                     self._dispatch(conn.recv(), updated)
             except (EOFError, OSError):
-                self._check_workers()
-                self._died("a worker closed its connection")
+                self._lost(role_of.get(id(conn), "a"))
         self.num_steps += 1
         return list(dict.fromkeys(updated))
 
