@@ -11,9 +11,7 @@ import torch
 
 from splitserve import LLM
 from splitserve.bench.shapes import shape_folder
-from splitserve.engine.scheduler import ScheduledBatch
-from splitserve.engine.sequence import Sequence
-from splitserve.sampling_params import SamplingParams
+from splitserve.bench.workloads import decode_batch
 
 KINDS = (("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas")), ("attention", ("paged_attention", "merge")),
          ("norm/rope/act", ("rms_norm", "rotary", "silu")), ("kv store", ("store_kv", "kv_store")),
@@ -33,15 +31,7 @@ def main() -> None:
     llm = LLM(shape_folder(shape), load_format="dummy", enforce_eager=True, max_model_len=ctx + 16,
               max_num_seqs=max(batch, 1), gpu_memory_utilization=0.8)
     runner = llm.engine.runner
-    bs = runner.block_size
-    blocks = -(-(ctx + 1) // bs)
-    seqs = []
-    for i in range(batch):
-        s = Sequence([1] * (ctx + 1), SamplingParams(temperature=0, max_tokens=1))
-        s.block_table = list(range(i * blocks, (i + 1) * blocks))
-        s.num_computed_tokens = ctx
-        seqs.append(s)
-    step = ScheduledBatch(seqs, [1] * batch)
+    step = decode_batch(batch, ctx, runner.block_size)
     for _ in range(5):
         runner.execute(step)
     torch.cuda.synchronize()

@@ -36,6 +36,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def decode_batch(batch: int, ctx: int, block_size: int) -> ScheduledBatch:
+    """`batch` sequences with `ctx` tokens in the cache (consecutive blocks) and one token to decode."""
+    blocks_per_seq = -(-(ctx + 1) // block_size)
+    seqs = []
+    for i in range(batch):
+        s = Sequence([1] * (ctx + 1), SamplingParams(temperature=0, max_tokens=1))
+        s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        s.num_computed_tokens = ctx
+        seqs.append(s)
+    return ScheduledBatch(seqs, [1] * batch)
+
+
 def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 20) -> dict:
     """Decode step time at (batch, context): one engine step (inputs, graph replay, sampling) timed directly
     on the model runner, with random data in the KV cache."""
@@ -53,13 +65,7 @@ def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 2
         if batch * blocks_per_seq > runner.num_kv_blocks or ctx + 1 > llm.config.max_model_len:
             points.append({"batch": batch, "ctx": ctx, "skipped": "does not fit the KV cache"})
             continue
-        seqs = []
-        for i in range(batch):
-            s = Sequence([1] * (ctx + 1), SamplingParams(temperature=0, max_tokens=1))
-            s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            s.num_computed_tokens = ctx
-            seqs.append(s)
-        step = ScheduledBatch(seqs, [1] * batch)
+        step = decode_batch(batch, ctx, bs)
         for _ in range(3):
             runner.execute(step)
         times = []
