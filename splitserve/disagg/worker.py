@@ -273,16 +273,16 @@ class DecodeWorker(_Worker):
         while self.offers:
             (request_id, prompt_ids, output_ids, prompt, params, num_kv, text, logprobs, cumulative, cached,
              gen_state, check) = self.offers[0]
-            seq = Sequence(prompt_ids, params, prompt=prompt, request_id=request_id)
-            seq.token_ids += output_ids
             in_flight = len(sched.running) + len(sched.waiting) + len(self.receiving)
             watermark = len(sched.running) + len(self.receiving)
+            needed = -(-(len(prompt_ids) + len(output_ids)) // bm.block_size)
             # Preempted sequences (waiting to be recomputed here) come before new arrivals.
-            if sched.waiting or in_flight >= engine.config.max_num_seqs or \
-                    bm.blocks_needed(seq, seq.num_tokens) + watermark > bm.num_free_blocks:
+            if sched.waiting or in_flight >= engine.config.max_num_seqs or needed + watermark > bm.num_free_blocks:
                 self.deferred_admissions += 1
                 return
             self.offers.popleft()
+            seq = Sequence(prompt_ids, params, prompt=prompt, request_id=request_id)
+            seq.token_ids += output_ids
             seq.output_text, seq.cumulative_logprob, seq.num_cached_tokens = text, cumulative, cached
             if logprobs is not None:
                 seq.logprobs = list(logprobs)

@@ -29,7 +29,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self._init_frontend(config)
-        self._check_decode_pipeline_split()  # bad SM counts fail before any memory is taken
+        self.pipeline_attention_sm = self._check_decode_pipeline_split()  # bad SM counts fail before any memory
         weights = None if config.load_format == "dummy" else self.model_path
         self.runner = ModelRunner(config, self.hf_config, weights)
         self._fit_max_model_len(self.runner.num_kv_blocks * config.kvcache_block_size)
@@ -39,14 +39,19 @@ class LLMEngine:
         self.decode_pipeline = self._plan_decode_pipeline()
         self.startup_time_s = time.perf_counter() - t0
 
-    def _check_decode_pipeline_split(self) -> None:
+    def _check_decode_pipeline_split(self) -> int | None:
+        """The attention partition's SM count to use (None: not on a GPU or not requested)."""
         from splitserve.pipeline import green
         from splitserve.worker.model_runner import resolve_device
 
         device = resolve_device(self.config.device)
-        if self.config.enable_decode_pipeline and device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).multi_processor_count
-            green.check_split(self.config.decode_attention_sm, self.config.decode_ffn_sm, total)
+        if not (self.config.enable_decode_pipeline and device.type == "cuda"):
+            return None
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        attention_sm, _ = green.check_split(self.config.decode_attention_sm, self.config.decode_ffn_sm, total)
+        if attention_sm is None:  # until the planner calibrates: an even split
+            attention_sm = total // 2 // green.SM_GRANULARITY * green.SM_GRANULARITY
+        return attention_sm
 
     def _plan_decode_pipeline(self) -> dict:
         """M2 status: what was asked, what runs, and why. A requested pipeline that cannot run says so
@@ -64,11 +69,7 @@ class LLMEngine:
             path = "eager (enforce_eager=True)" if cfg.enforce_eager else f"eager ({runner.device.type})"
         ok, reason = green.capability(runner.device)
         if ok:
-            total = torch.cuda.get_device_properties(runner.device).multi_processor_count
-            attention_sm, _ = green.check_split(cfg.decode_attention_sm, cfg.decode_ffn_sm, total)
-            if attention_sm is None:  # until the planner calibrates: an even split
-                attention_sm = total // 2 // green.SM_GRANULARITY * green.SM_GRANULARITY
-            self.sm_partition = green.split(runner.device, attention_sm)
+            self.sm_partition = green.split(runner.device, self.pipeline_attention_sm)
             status.update(attention_sm=self.sm_partition.attention_sm, ffn_sm=self.sm_partition.ffn_sm)
             reason = (f"SM partitions made ({self.sm_partition.describe()}), but pipelined decode graphs are "
                       "not built yet")
