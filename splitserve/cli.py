@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 
 from splitserve.config import EngineConfig
@@ -138,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(level: str) -> None:
+    """The engine's own messages (decode plan, fallbacks, limits) on stderr; a library user configures
+    logging themselves, as with any library."""
+    log = logging.getLogger("splitserve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s splitserve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pd-worker"]:  # its own parser: it takes no engine flags (the coordinator sends them)
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
         return remote_worker_cli(argv[1:])
     args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "info"))
     try:
         args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:

@@ -44,3 +44,42 @@ def test_pd_serving_simulation_harness(tmp_path):
             assert r["num_requests"] == 6 and r["num_errors"] == 0
             assert r["ttft_s"]["p50"] > 0 and r["output_tok_s"] > 0
     assert "P7" in data["goals"] and any(f.endswith(".png") for f in files)
+
+
+def test_pipeline_bench_needs_green_contexts_and_says_so(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "pipeline", "--shapes", "tiny", "--device",
+                          "cpu", "--batch-sizes", "16", "--context-lens", "64", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "green contexts" in res.stderr and "CPU" in res.stderr
+
+
+def test_pipeline_report_goals_table_and_heatmap(tmp_path):
+    """The pipeline report from a result (made up, as the GPU would write it): goals judged from the
+    measured grid, a table row per point, and a heatmap."""
+    from splitserve.bench import report
+    from splitserve.bench.pipeline import goals
+
+    def point(batch, ctx, plain, split, planner):
+        ms = {"plain": plain, "pipeline:64": split}
+        best = min(ms, key=ms.get)
+        return {"batch": batch, "ctx": ctx, "ms": ms, "best": best, "planner": planner,
+                "speedup_best_vs_plain": plain / ms[best], "planner_over_best": ms[planner] / ms[best],
+                "roofline_serial_ms": 1.0, "roofline_overlap_ms": 0.8}
+
+    shape = {"batches": [16, 1024], "ctxs": [256, 512], "splits": {"pipeline:64": [64, 68]},
+             "graph_grid": {"count": 2, "capture_s": 1.0, "memory_bytes": 2**30}, "plan": {"calibration_s": 2.0},
+             "plan_table": "batch | ...", "copy_bandwidth_GBps": 4000, "gemm_TFLOPs": 700,
+             "points": [point(16, 256, 1.0, 1.5, "plain"), point(16, 512, 1.1, 1.6, "plain"),
+                        point(1024, 256, 30.0, 24.0, "pipeline:64"), point(1024, 512, 36.0, 26.0, "plain")],
+             "m3": {"batch": 1024, "ctx_from": 256, "ctx_to": 512, "step": 256, "adaptive_ms": 50.0,
+                    "fixed_ms": {"plain": 66.0, "pipeline:64": 50.0}, "best_fixed": "pipeline:64",
+                    "best_fixed_over_adaptive": 1.0, "switches": 0}}
+    r = {"workload": "pipeline", "shapes": {"qwen3-8b": shape}, "device": "test", "torch": "x", "date": "d"}
+    r["goals"] = goals(r)
+    assert r["goals"]["P5"]["value"] == 36.0 / 26.0 and r["goals"]["P5"]["met"]
+    assert r["goals"]["P6"]["value"] == 36.0 / 26.0 and not r["goals"]["P6"]["met"]  # the planner missed one
+    assert r["goals"]["M3"]["met"]
+    paths = report.write(r, str(tmp_path), "pipeline")
+    assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "md", "png"]
+    md = (tmp_path / "pipeline.md").read_text()
+    assert md.count("| 1024 |") == 2 and "P6" in md and "missed" in md

@@ -1,5 +1,7 @@
 """GPU tests (marker `gpu`): run on an H100/H200 machine with `pytest -m gpu`, never in CI."""
 
+import os
+
 import pytest
 import torch
 
@@ -67,31 +69,36 @@ def test_fp32_greedy_matches_hf_exactly(qwen3_06b):
         assert out.outputs[0].token_ids == ref
 
 
+def check_bf16_against_hf(hf, prompts, outs, steps: int = 32) -> int:
+    """bf16: chosen-token logprobs close to HF's; greedy equal for `steps` steps, where a divergence is
+    allowed only at a near-tie in HF's own logits (top-2 gap below bf16 noise) — a random-weight model is
+    flat. Returns how many prompts match for all `steps` steps."""
+    full_matches = 0
+    for prompt, out in zip(prompts, outs):
+        ours = out.outputs[0].token_ids
+        ref, logits = hf_greedy_with_logits(hf, prompt, len(ours))
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))
+        if same < steps:
+            gap = (logits[same, ref[same]] - logits[same, ours[same]]).item()
+            assert gap < 0.125, f"diverged at step {same} where HF's logit gap is {gap:.3f} (not a tie)"
+        else:
+            full_matches += 1
+        lp = logits.log_softmax(-1)
+        n = min(same + 1, steps)  # up to and including the first differing step the contexts are equal
+        mine = torch.tensor([out.outputs[0].logprobs[i][ours[i]] for i in range(n)])
+        theirs = lp[torch.arange(n), torch.tensor(ours[:n], device="cuda")].cpu()
+        assert (mine - theirs).abs().max() < 0.1
+    return full_matches
+
+
 def test_bf16_logits_close_and_greedy_matches_hf(qwen3_06b):
-    """bf16: chosen-token logprobs close to HF's; greedy equal for 32 steps, where a divergence is allowed
-    only at a near-tie in HF's own logits (top-2 gap below bf16 noise) — a random-weight model is flat."""
     from transformers import AutoModelForCausalLM
 
     prompts = random_prompts(6, 20, 200, seed=0, vocab=151936)
     hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    full_matches = 0
-    for prompt, out in zip(prompts, outs):
-        ours = out.outputs[0].token_ids
-        ref, logits = hf_greedy_with_logits(hf, prompt, 40)
-        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), 40)
-        if same < 32:
-            gap = (logits[same, ref[same]] - logits[same, ours[same]]).item()
-            assert gap < 0.125, f"diverged at step {same} where HF's logit gap is {gap:.3f} (not a tie)"
-        else:
-            full_matches += 1
-        lp = logits.log_softmax(-1)
-        n = min(same + 1, 32)  # up to and including the first differing step the contexts are equal
-        mine = torch.tensor([out.outputs[0].logprobs[i][ours[i]] for i in range(n)])
-        theirs = lp[torch.arange(n), torch.tensor(ours[:n], device="cuda")].cpu()
-        assert (mine - theirs).abs().max() < 0.1
+    full_matches = check_bf16_against_hf(hf, prompts, llm.generate(prompts, params, use_tqdm=False))
     print(f"bf16: {full_matches}/{len(prompts)} prompts match HF greedy for 32+ steps")
     assert full_matches >= 1
 
@@ -183,20 +190,154 @@ def test_green_partitions_are_disjoint_and_captured_graphs_keep_them():
     assert len(set(everywhere.tolist())) == total
 
 
-def test_requested_pipeline_reports_partitions_and_keeps_graphs(qwen3_06b, caplog):
+def test_requested_pipeline_without_graphs_falls_back_with_one_warning(qwen3_06b, caplog):
     with caplog.at_level("WARNING", logger="splitserve"):
         llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
-                  decode_attention_sm=64)
-    stats = llm.stats()
-    total = torch.cuda.get_device_properties(0).multi_processor_count
-    assert stats["decode_pipeline"]["attention_sm"] == 64 and stats["decode_pipeline"]["ffn_sm"] == total - 64
-    assert stats["decode_path"] == "cuda_graph"  # the fallback keeps graphs
-    assert sum("decode pipeline" in r.getMessage() for r in caplog.records) == 1
+                  enforce_eager=True)
+    warnings = [r.getMessage() for r in caplog.records if "decode pipeline" in r.getMessage()]
+    assert len(warnings) == 1 and "enforce_eager" in warnings[0] and "eager" in warnings[0]
+    assert llm.stats()["decode_pipeline"]["active"] is False
     del llm
     torch.cuda.empty_cache()
     with pytest.raises(ValueError, match="above the"):
         LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
             decode_attention_sm=96, decode_ffn_sm=96)
+
+
+def test_fork_join_graph_keeps_both_partitions():
+    """A graph that forks from the capturing stream onto both partitions' streams and joins back (how the
+    pipelined step is captured) runs each branch on its own partition when replayed on the default stream."""
+    from splitserve.kernels.smid import record_smid
+    from splitserve.pipeline import green
+
+    device = torch.device("cuda", 0)
+    ok, reason = green.capability(device)
+    if not ok:
+        pytest.skip(reason)
+    part = green.split(device, 56)
+    attention_sms, ffn_sms = green.sm_ids(part.attention_stream), green.sm_ids(part.ffn_stream)
+    outs = [torch.full((2048,), -1, dtype=torch.int32, device=device) for _ in range(2)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        main = torch.cuda.current_stream()
+        fork = torch.cuda.Event()
+        fork.record(main)
+        joins = []
+        for stream, out in zip((part.attention_stream, part.ffn_stream), outs):
+            stream.wait_event(fork)
+            with torch.cuda.stream(stream):
+                record_smid(out)
+            join = torch.cuda.Event()
+            join.record(stream)
+            joins.append(join)
+        for join in joins:
+            main.wait_event(join)
+    for out in outs:
+        out.fill_(-1)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    used = [set(out.tolist()) for out in outs]
+    assert -1 not in used[0] and used[0] <= attention_sms
+    assert -1 not in used[1] and used[1] <= ffn_sms
+
+
+def _pinned_pipeline(llm, attention_sm: int, buckets: list[int]):
+    """Capture pipelined graphs at `buckets` on one split and pin the planner to them (a plan that makes
+    the pipeline the choice wherever it has a graph), whatever a calibration would pick."""
+    from splitserve.pipeline import green
+    from splitserve.pipeline.planner import PLAIN, DecodePlanner, Plan, pipeline_path
+
+    runner = llm.engine.runner
+    part = green.split(runner.device, attention_sm)
+    path = pipeline_path(part.attention_sm)
+    runner.sm_partitions[path] = part
+    for bucket in buckets:
+        runner.capture_pipeline_graph(path, part, bucket)
+    times = {PLAIN: [[2.0]] * len(buckets), path: [[1.0]] * len(buckets)}
+    plan = Plan(anchors=buckets, ctx_points=[256], times_ms=times)
+    runner.decode_planner = DecodePlanner(plan)
+    return path, part
+
+
+def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
+    """The pipelined decode graphs (micro-batches on two green partitions, padded to the 64 bucket)
+    generate what HF generates, under the same bf16 criteria as the plain path; profiling records the
+    path, the split and per-stage times from events inside the graph."""
+    from transformers import AutoModelForCausalLM
+
+    from splitserve.pipeline import green
+
+    if not green.capability(torch.device("cuda", 0))[0]:
+        pytest.skip(green.capability(torch.device("cuda", 0))[1])
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, max_num_seqs=64,
+              decode_pipeline_profiling=True)
+    path, part = _pinned_pipeline(llm, 64, [32, 64])
+    prompts = random_prompts(40, 20, 200, seed=4, vocab=151936)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.stats()
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.bfloat16).cuda().eval()
+    full_matches = check_bf16_against_hf(hf, prompts, outs)
+    print(f"pipelined bf16: {full_matches}/{len(prompts)} prompts match HF greedy for 32+ steps")
+    assert full_matches >= 1  # every divergence above was at a tie in HF's own logits
+    assert stats["decode_path"] == "pipeline" and stats["decode_attention_sm"] == part.attention_sm
+    assert stats["decode_ffn_sm"] == part.ffn_sm
+    steps = stats["decode_pipeline"]["planner"]["steps_by_path"]
+    assert steps.get(path, 0) >= 38  # every decode step of the full batch ran pipelined
+    records = [r for r in stats["decode_pipeline"]["profile_records"] if r["path"] == path]
+    assert records and all(r["bucket"] in (32, 64) and r["attention_sm"] == part.attention_sm for r in records)
+    for r in records:
+        assert r["attention_ms"] > 0 and r["ffn_ms"] > 0 and 0 <= r["overlap_efficiency"] <= 1
+        assert r["stages_span_ms"] <= r["step_ms"] * 1.01
+    assert stats["decode_pipeline"]["profile"][path]["steps"] == len(records) or len(records) == 256
+
+
+def test_pipelined_graph_logits_close_to_plain(qwen3_06b):
+    """Same inputs through the plain graph and the pipelined graph: bf16 logits close, argmax equal where
+    the plain top-2 gap is not a tie."""
+    from splitserve.bench.workloads import decode_batch
+
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, max_num_seqs=64)
+    from splitserve.pipeline import green
+
+    if not green.capability(llm.engine.runner.device)[0]:
+        pytest.skip("no green contexts")
+    path, _ = _pinned_pipeline(llm, 48, [64])
+    runner = llm.engine.runner
+    runner.kv_cache.normal_()
+    batch = decode_batch(64, 300, runner.block_size)
+    host = runner.prepare(batch)
+    with torch.no_grad():
+        plain = runner.model.compute_logits(runner._replay_decode_graph(host, 64, 64, "plain").clone())
+        piped = runner.model.compute_logits(runner._replay_decode_graph(host, 64, 64, path).clone())
+    assert (piped - plain).abs().max() < 0.05 * plain.abs().max()
+    top2 = plain.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.125
+    assert torch.equal(piped.argmax(-1)[clear], plain.argmax(-1)[clear])
+
+
+def test_planner_calibrates_caches_and_prints_its_plan(qwen3_06b, caplog, monkeypatch, tmp_path):
+    """No split given: the planner calibrates its candidate splits, keeps only graphs it can choose,
+    writes the plan as JSON, and the next engine reads it back instead of calibrating."""
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    kw = dict(max_model_len=4200, gpu_memory_utilization=0.5, max_num_seqs=128, enable_decode_pipeline=True)
+    with caplog.at_level("INFO", logger="splitserve"):
+        llm = LLM(qwen3_06b, **kw)
+    status = llm.stats()["decode_pipeline"]
+    assert "plan" in status and status["plan_cached"] is False and status["calibration_s"] > 0
+    assert os.path.exists(status["plan_file"])
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert status["plan"] in messages  # printed, whether or not the pipeline won anywhere
+    kept = set(llm.engine.runner.pipeline_graphs)
+    assert sorted(f"{p}@{a}" for p, a in kept) == status["pipeline_graphs"]
+    assert status["active"] is bool(kept)
+    del llm
+    torch.cuda.empty_cache()
+    again = LLM(qwen3_06b, **kw)
+    status2 = again.stats()["decode_pipeline"]
+    assert status2["plan_cached"] is True and status2["plan"] == status["plan"]
+    assert status2["pipeline_graphs"] == status["pipeline_graphs"]
 
 
 def test_pingpong_on_green_streams_matches_plain(qwen3_06b):

@@ -119,3 +119,140 @@ def test_requested_pipeline_falls_back_with_one_warning(make_tiny_model, caplog)
     stats = llm.stats()
     assert stats["decode_path"] == "eager" and "CPU" in stats["decode_pipeline"]["reason"]
     assert stats["decode_pipeline"]["requested"] is True and stats["decode_pipeline"]["active"] is False
+
+
+# ---- planner (M2 fix 3, M3) on synthetic timings ----
+
+def _synthetic_ms(path: str, batch: int, ctx: int) -> float:
+    """A toy cost model with the real shape: plain runs FFN and attention in series; a split overlaps them
+    at a fixed extra cost (each micro-batch re-reads the weights), the FFN slows with fewer SMs, and the
+    memory-bound attention saturates at 70% of the SMs."""
+    ffn, attention = 0.008 * batch, 0.00001 * batch * ctx
+    if path == "plain":
+        return 0.2 + ffn + attention
+    share = int(path.split(":")[1]) / 132
+    return 0.5 + max(ffn / (1 - share), attention / min(1.0, share / 0.7))
+
+
+PATHS = ["plain", "pipeline:32", "pipeline:64", "pipeline:96"]
+
+
+def _plan(anchors=(32, 64, 128, 256), ctx_points=(256, 1024, 4096)):
+    from splitserve.pipeline.planner import Plan
+
+    times = {p: [[_synthetic_ms(p, a, c) for c in ctx_points] for a in anchors] for p in PATHS}
+    return Plan(list(anchors), list(ctx_points), times)
+
+
+def test_candidate_splits_and_anchor_buckets():
+    from splitserve.pipeline.planner import anchor_buckets, candidate_splits
+
+    assert candidate_splits(132) == [32, 48, 64, 80]
+    assert candidate_splits(16) == [8]
+    buckets = [1, 2, 4, 8] + list(range(16, 1024, 16)) + [1024]
+    assert anchor_buckets(buckets) == [32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert anchor_buckets([1, 2, 4, 8, 16, 32, 48, 64, 80]) == [32, 64, 80]
+
+
+def test_planner_picks_the_fastest_path_at_every_calibrated_point():
+    from splitserve.pipeline.planner import DecodePlanner
+
+    plan = _plan()
+    for anchor in plan.anchors:
+        for ctx in plan.ctx_points:
+            truth = min(PATHS, key=lambda p: _synthetic_ms(p, anchor, ctx))
+            assert DecodePlanner(plan).choose(anchor, anchor, ctx) == (truth, anchor)
+    # the toy model makes each kind of answer appear: plain at small batch, different splits at large
+    answers = {DecodePlanner(plan).choose(a, a, c)[0] for a in plan.anchors for c in plan.ctx_points}
+    assert "plain" in answers and len(answers - {"plain"}) >= 2
+
+
+def test_planner_interpolates_between_points_and_pads_to_an_anchor():
+    from splitserve.pipeline.planner import DecodePlanner
+
+    plan = _plan()
+    # context between calibrated points: linear in context, which this toy model is for plain
+    assert plan.estimate("plain", 128, 512) == pytest.approx(_synthetic_ms("plain", 128, 512))
+    # a plain bucket between anchors is interpolated in batch (the toy model is linear in batch too)
+    assert plan.estimate("plain", 208, 1024) == pytest.approx(_synthetic_ms("plain", 208, 1024))
+    # 200 sequences: plain replays its 208 bucket; a pipelined path replays the 256 anchor (padded)
+    options = DecodePlanner(plan).candidates(200, 208, 1024)
+    assert options["plain"][1] == 208 and all(b == 256 for p, (_, b) in options.items() if p != "plain")
+    assert options["pipeline:64"][0] == pytest.approx(plan.estimate("pipeline:64", 256, 1024))
+    # below the smallest anchor there is no pipelined graph: plain, with no estimate needed
+    assert DecodePlanner(plan).candidates(12, 16, 1024) == {"plain": (0.0, 16)}
+
+
+def test_planner_rebalances_as_context_grows_with_hysteresis():
+    """M3: a batch whose context grows moves from one split to another as attention's share grows; with
+    hysteresis it switches once per boundary even when the context wobbles around the crossover."""
+    from splitserve.pipeline.planner import DecodePlanner
+
+    plan = _plan()
+    planner = DecodePlanner(plan, hysteresis=0.03)
+    chosen = [planner.choose(256, 256, ctx)[0] for ctx in range(256, 4097, 64)]
+    best_at = {ctx: min(PATHS, key=lambda p: plan.estimate(p, 256, ctx)) for ctx in range(256, 4097, 64)}
+    best = list(best_at.values())
+    assert len({p for p in chosen if p != "plain"}) >= 2  # two different splits over the run
+    assert planner.num_switches == sum(a != b for a, b in zip(chosen, chosen[1:]))
+    assert planner.num_switches <= sum(a != b for a, b in zip(best, best[1:]))  # never more than the optimum
+    assert chosen[0] == best_at[256] and chosen[-1] == best_at[4096]
+    # within the hysteresis margin the current path stays; beyond it the planner moves
+    for i, ctx in enumerate(range(256, 4097, 64)):
+        est = {p: plan.estimate(p, 256, ctx) for p in PATHS}
+        assert est[chosen[i]] <= 1.03 * min(est.values()) + 1e-9
+    wobble = DecodePlanner(plan, hysteresis=0.03)
+    crossover = next(ctx for ctx in range(256, 4097, 8) if best_at.get(ctx // 64 * 64) != chosen[0])
+    path = [wobble.choose(256, 256, ctx)[0] for ctx in [256] + [crossover - 8, crossover + 8] * 10]
+    assert wobble.num_switches <= 2, path
+    without = DecodePlanner(plan, hysteresis=0.0)
+    for ctx in [256] + [crossover - 64, crossover + 64] * 10:
+        without.choose(256, 256, ctx)
+    assert without.num_switches > wobble.num_switches  # the margin is what stops the flapping
+
+
+def test_planner_keeps_only_graphs_it_can_choose_and_round_trips_as_json():
+    import json
+
+    from splitserve.pipeline.planner import DecodePlanner, Plan
+
+    plan = _plan()
+    planner = DecodePlanner(plan)
+    keep = planner.used_graphs()
+    chosen = {DecodePlanner(plan).choose(a, a, c) for a in plan.anchors for c in plan.ctx_points}
+    assert {(p, b) for p, b in chosen if p != "plain"} <= keep
+    assert all(p != "plain" for p, _ in keep) and len(keep) < 3 * len(plan.anchors)
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again == plan
+    with pytest.raises(ValueError, match="version"):
+        Plan.from_json({**plan.to_json(), "version": 0})
+    assert "pipeline:" in plan.table() and "plain" in plan.table()
+
+
+def test_calibration_stops_capturing_where_the_pipeline_keeps_losing():
+    """Largest anchor first; after two anchors where every split is >10% slower than plain everywhere, no
+    more pipelined graphs are captured (their memory is not spent) and the plan marks them missing."""
+    from splitserve.pipeline.planner import DecodePlanner, calibrate
+
+    class FakeRunner:
+        def __init__(self):
+            self.pipeline_graphs, self.captured = {}, []
+
+        def capture_pipeline_graph(self, path, partition, bucket):
+            self.captured.append((path, bucket))
+            self.pipeline_graphs[(path, bucket)] = object()
+
+        def time_decode(self, path, bucket, ctx, iters):
+            return _synthetic_ms(path, bucket, ctx) * (3.0 if path != "plain" and bucket <= 64 else 1.0)
+
+    class Part:
+        def __init__(self, sm):
+            self.attention_sm, self.ffn_sm = sm, 132 - sm
+
+    runner = FakeRunner()
+    plan = calibrate(runner, {p: Part(int(p.split(":")[1])) for p in PATHS[1:]}, [16, 32, 64, 128, 256],
+                     [256, 1024, 4096])
+    assert {b for _, b in runner.captured} == {256, 128, 64, 32}  # 64 and 32 lose: 16 is skipped
+    assert not plan.has("pipeline:64", 16) and plan.has("plain", 16) and plan.has("pipeline:64", 32)
+    assert DecodePlanner(plan).choose(16, 16, 1024)[0] == "plain"
+    assert plan.anchors == [16, 32, 64, 128, 256]

@@ -11,15 +11,18 @@ import torch
 def add_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="benchmarks: latency | throughput | smallbatch | serve (load on a running server) | "
-                                "pd (M1 serving simulation: colocated vs data-parallel vs prefill/decode split)")
-    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd"])
+                                "pd (M1 serving simulation: colocated vs data-parallel vs prefill/decode split) | "
+                                "pipeline (M2/M3: plain decode graph vs pipelined splits vs the planner)")
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd", "pipeline"])
     bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
                                                      "llama3-8b (instead of --model)")
     bench.add_argument("--compare", choices=["hf"], default=None, help="run HF transformers in the same run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for JSON, PNG and markdown")
     bench.add_argument("--name", default=None, help="file name stem (default: workload-model-device)")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
-    bench.add_argument("--context-lens", type=int, nargs="+", default=[256, 1024, 2048, 8192])
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                       help="latency: 1 16 64 256 1024; pipeline: 16 64 256 512 1024")
+    bench.add_argument("--context-lens", type=int, nargs="+", default=None,
+                       help="latency: 256 1024 2048 8192; pipeline: 256 512 1024 2048 4096")
     bench.add_argument("--num-requests", type=int, default=256)
     bench.add_argument("--input-range", type=int, nargs=2, default=[100, 1024])
     bench.add_argument("--output-range", type=int, nargs=2, default=[100, 1024])
@@ -36,8 +39,19 @@ def add_parser(sub, add_engine_args) -> None:
     serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     serve.add_argument("--setups", nargs="+", default=["colocated", "data_parallel", "pd"],
                        choices=["colocated", "data_parallel", "pd"], help="pd workload: which setups to run")
+    pipe = bench.add_argument_group("pipeline (decode pipeline on green-context SM splits)")
+    pipe.add_argument("--shapes", nargs="+", default=None, help="default: qwen3-8b qwen3-0.6b")
+    pipe.add_argument("--splits", type=int, nargs="+", default=None,
+                      help="attention-partition SM counts (default: the planner's candidates)")
+    pipe.add_argument("--iters", type=int, default=10, help="graph replays timed per path and point")
+    pipe.add_argument("--m3-batch", type=int, default=1024, help="batch of the growing-context (M3) run; 0: skip")
+    pipe.add_argument("--m3-step", type=int, default=128, help="context growth per step of the M3 run")
     add_engine_args(bench)
     bench.set_defaults(func=run)
+
+
+_DEFAULT_GRID = {"latency": ([1, 16, 64, 256, 1024], [256, 1024, 2048, 8192]),
+                 "pipeline": ([16, 64, 256, 512, 1024], [256, 512, 1024, 2048, 4096])}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -46,8 +60,13 @@ def run(args: argparse.Namespace) -> None:
     from splitserve.bench.shapes import shape_folder
     from splitserve.cli import engine_kwargs
 
+    batches, ctxs = _DEFAULT_GRID.get(args.workload, _DEFAULT_GRID["latency"])
+    args.batch_sizes = args.batch_sizes or batches
+    args.context_lens = args.context_lens or ctxs
     if args.workload == "serve":
         return _run_serve(args)
+    if args.workload == "pipeline":
+        return _run_pipeline(args)
     if args.workload == "pd":
         return _run_pd(args)
     kwargs = engine_kwargs(args)
@@ -104,6 +123,20 @@ def _run_pd(args: argparse.Namespace) -> None:
                    "device": " + ".join(torch.cuda.get_device_name(d) if d.startswith("cuda") else d
                                         for d in devices)})
     name = args.name or f"pd-{result['model']}"
+    for path in report.write(result, args.out, name):
+        print(path)
+    print(report.markdown(result))
+
+
+def _run_pipeline(args: argparse.Namespace) -> None:
+    from splitserve.bench import report
+    from splitserve.bench.pipeline import pipeline_bench
+    from splitserve.cli import engine_kwargs
+
+    result = pipeline_bench(args, engine_kwargs(args))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device})
+    name = args.name or f"pipeline-{device}".replace(" ", "_")
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))

@@ -21,6 +21,10 @@ def write(result: dict, out_dir: str, name: str) -> list[str]:
 
 
 def markdown(r: dict) -> str:
+    if r["workload"] == "pipeline":
+        from splitserve.bench.pipeline import markdown as pipeline_markdown
+
+        return pipeline_markdown(r)
     head = f"# {r['workload']} — {r.get('model')} on {r.get('device')} (torch {r.get('torch')}, {r.get('date')})\n\n"
     if "runs" in r or "setups" in r:
         return head + serving_table(r) + pd_notes(r)
@@ -119,6 +123,10 @@ def plot(r: dict, path: str) -> None:
 
     if "runs" in r or "setups" in r:
         return _plot_serving(r, path, plt)
+    if r["workload"] == "pipeline":
+        from splitserve.bench.pipeline import plot as plot_pipeline
+
+        return plot_pipeline(r, path, plt)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if r["workload"] == "latency":
         pts = [p for p in r["points"] if "ms_per_step" in p]

@@ -293,6 +293,8 @@ class PDEngine(LLMEngine):
             "waiting": waiting, "kv_usage": d.get("kv_usage", 0.0),
             "kv_used_blocks": p.get("kv_used_blocks", 0) + d.get("kv_used_blocks", 0),
             "num_preemptions": d.get("num_preemptions", 0), "decode_path": d.get("decode_path"),
+            "decode_attention_sm": d.get("decode_attention_sm"), "decode_ffn_sm": d.get("decode_ffn_sm"),
+            "decode_pipeline": d.get("decode_pipeline"),
             "prefix_cache_hit_tokens": p.get("prefix_cache_hit_tokens", 0), "num_relayed_offers": self.num_relayed,
             "startup_time_s": getattr(self, "startup_time_s", None), "prefill": p, "decode": d,
         }

@@ -40,7 +40,8 @@ class LLMEngine:
         self.startup_time_s = time.perf_counter() - t0
 
     def _check_decode_pipeline_split(self) -> int | None:
-        """The attention partition's SM count to use (None: not on a GPU or not requested)."""
+        """The user's attention-partition size, checked against this GPU before any memory is taken
+        (None: not given, so the planner calibrates candidate splits; or no pipeline)."""
         from splitserve.pipeline import green
         from splitserve.worker.model_runner import resolve_device
 
@@ -48,33 +49,44 @@ class LLMEngine:
         if not (self.config.enable_decode_pipeline and device.type == "cuda"):
             return None
         total = torch.cuda.get_device_properties(device).multi_processor_count
-        attention_sm, _ = green.check_split(self.config.decode_attention_sm, self.config.decode_ffn_sm, total)
-        if attention_sm is None:  # until the planner calibrates: an even split
-            attention_sm = total // 2 // green.SM_GRANULARITY * green.SM_GRANULARITY
-        return attention_sm
+        return green.check_split(self.config.decode_attention_sm, self.config.decode_ffn_sm, total)[0]
 
     def _plan_decode_pipeline(self) -> dict:
-        """M2 status: what was asked, what runs, and why. A requested pipeline that cannot run says so
-        once, with the path actually used."""
-        from splitserve.pipeline import green
+        """M2/M3 set-up and status: partitions, pipelined graphs, the calibrated plan, and why. A requested
+        pipeline that cannot run, or that the planner never picks, says so once, with the path used."""
+        from splitserve.pipeline import green, planner
+        from splitserve.pipeline.profiling import StepProfiler
 
         cfg, runner = self.config, self.runner
-        status = {"requested": cfg.enable_decode_pipeline, "active": False, "reason": "not requested",
-                  "attention_sm": None, "ffn_sm": None}
+        if cfg.decode_pipeline_profiling and runner.graphs:
+            runner.profiler = StepProfiler()  # plain steps are profiled too: the baseline to compare with
+        status = {"requested": cfg.enable_decode_pipeline, "active": False, "reason": "not requested"}
         if not cfg.enable_decode_pipeline:
             return status
-        if runner.graphs:
-            path = "plain CUDA graphs"
-        else:
-            path = "eager (enforce_eager=True)" if cfg.enforce_eager else f"eager ({runner.device.type})"
         ok, reason = green.capability(runner.device)
+        if ok and not runner.graphs:
+            ok, reason = False, "enforce_eager=True, and the pipeline runs only as CUDA graphs"
         if ok:
-            self.sm_partition = green.split(runner.device, self.pipeline_attention_sm)
-            status.update(attention_sm=self.sm_partition.attention_sm, ffn_sm=self.sm_partition.ffn_sm)
-            reason = (f"SM partitions made ({self.sm_partition.describe()}), but pipelined decode graphs are "
-                      "not built yet")
-        status["reason"] = reason
-        logger.warning("decode pipeline requested but not used: %s; decode runs %s", reason, path)
+            total = torch.cuda.get_device_properties(runner.device).multi_processor_count
+            sms = [self.pipeline_attention_sm] if self.pipeline_attention_sm else planner.candidate_splits(total)
+            try:
+                runner.decode_planner, report = planner.build_planner(runner, cfg, sms)
+                status.update(report)
+            except RuntimeError as e:  # the driver refused a partition or a capture: plain graphs still run
+                ok, reason = False, f"setting up the pipeline failed: {e}"
+        if ok and not runner.pipeline_graphs:
+            runner.decode_planner = None
+            ok, reason = False, ("the planner measured plain CUDA graphs faster at every calibrated batch and "
+                                 f"context\n{status['plan']}")
+        status["reason"] = "planner: pipelined where measured faster" if ok else reason
+        status["active"] = ok
+        if ok:
+            logger.info("decode plan (%s; cached in %s):\n%s", "from cache" if status["plan_cached"] else
+                        f"calibrated in {status['calibration_s']} s", status["plan_file"], status["plan"])
+        else:
+            path = "plain CUDA graphs" if runner.graphs else (
+                "eager (enforce_eager=True)" if cfg.enforce_eager else f"eager ({runner.device.type})")
+            logger.warning("decode pipeline requested but not used: %s; decode runs %s", reason, path)
         return status
 
     def _init_frontend(self, config: EngineConfig) -> None:
@@ -278,8 +290,24 @@ class LLMEngine:
         """Forget a finished request (after its output was taken)."""
         self.requests.pop(seq.request_id, None)
 
+    def _decode_path(self) -> str:
+        """The last decode step's path: "cuda_graph", "pipeline" or "eager" (before any step: the default)."""
+        last = self.runner.last_decode_path or ("plain" if self.runner.graphs else "eager")
+        return {"plain": "cuda_graph", "eager": "eager"}.get(last, "pipeline")
+
+    def _decode_pipeline_stats(self) -> dict:
+        out = dict(self.decode_pipeline)
+        runner = self.runner
+        if runner.decode_planner is not None:
+            out["planner"] = runner.decode_planner.summary()
+        if runner.profiler is not None:
+            out["profile"] = runner.profiler.summary()
+            out["profile_records"] = list(runner.profiler.records)[-256:]  # all kept: runner.profiler.records
+        return out
+
     def stats(self) -> dict:
         bm = self.block_manager
+        split = self.runner.split_of(self.runner.last_decode_path)
         return {
             "num_kv_blocks": bm.num_blocks, "kv_block_size": bm.block_size,
             "kv_used_blocks": bm.num_blocks - len(bm.free),
@@ -289,8 +317,8 @@ class LLMEngine:
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
-            "decode_path": "cuda_graph" if self.runner.graphs else "eager", "decode_pipeline": self.decode_pipeline,
-            "decode_attention_sm": None, "decode_ffn_sm": None,  # the split in use (none while plain)
+            "decode_path": self._decode_path(), "decode_pipeline": self._decode_pipeline_stats(),
+            "decode_attention_sm": split[0], "decode_ffn_sm": split[1],  # the split in use (None while plain)
             "cuda_graphs": sorted(self.runner.graphs), "graph_capture_time_s": self.runner.graph_capture_time_s,
             "graph_memory_bytes": self.runner.graph_memory_bytes, "startup_time_s": self.startup_time_s,
         }

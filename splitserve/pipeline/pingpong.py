@@ -53,8 +53,10 @@ def pipelined_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, m
                       num_microbatches: int = 2, streams: StageStreams | None = None,
                       stage_events: list | None = None) -> torch.Tensor:
     """Decode forward of `model` (a CausalLM) in micro-batches, attention and FFN on their own streams.
-    Query_start_loc must be arange (decode). `stage_events`, when given, receives (kind, micro-batch,
-    layer, start event, end event) for profiling."""
+    Query_start_loc must be arange (decode). Works eagerly and under CUDA-graph capture (the streams fork
+    from and join back into the capturing stream). `stage_events`, when given (GPU), receives
+    (kind, micro-batch, layer, start, end) timing events; they are external events, so inside a graph
+    they become event-record nodes that time each replay."""
     bounds = microbatch_bounds(input_ids.shape[0], num_microbatches)
     streams = streams or StageStreams()
     on_gpu = streams.attention is not None and streams.ffn is not None
@@ -63,10 +65,13 @@ def pipelined_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, m
     metas = [split_decode_meta(meta, a, b) for a, b in bounds]
     hidden = [hidden_all[a:b] for a, b in bounds]
     residual: list = [None] * len(bounds)
+    # Every tensor handed from one stream to the other stays referenced until the step ends. The caching
+    # allocator gives a freed block back to the stream that allocated it, so an attention output dropped
+    # while the FFN stream still reads it could become the next attention stage's scratch. (Under graph
+    # capture record_stream would hold such blocks until the capture ends anyway: same memory.)
+    handoffs: list = [hidden_all]
     if on_gpu:
-        ready = torch.cuda.Event()
-        ready.record(main)
-        streams.attention.wait_event(ready)
+        streams.attention.wait_event(_record(main))
     ffn_done: list = [None] * len(bounds)
     for layer_index, layer in enumerate(model.layers):
         attn_done = []
@@ -74,20 +79,24 @@ def pipelined_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, m
             with _on(streams.attention):
                 if on_gpu and ffn_done[m] is not None:
                     streams.attention.wait_event(ffn_done[m])
-                start = _mark(on_gpu, streams.attention, stage_events)
+                start = _timing_event(streams.attention, stage_events)
                 hidden[m], residual[m] = layer.attention_stage(positions[a:b], hidden[m], residual[m], metas[m])
-                attn_done.append(_done(on_gpu, streams.attention, stage_events, "attention", m, layer_index, start))
+                attn_done.append(_stage_done(streams.attention, stage_events, ("attention", m, layer_index, start)))
+            handoffs += [hidden[m], residual[m]]
         for m in range(len(bounds)):
             with _on(streams.ffn):
                 if on_gpu:
                     streams.ffn.wait_event(attn_done[m])
-                start = _mark(on_gpu, streams.ffn, stage_events)
+                start = _timing_event(streams.ffn, stage_events)
                 hidden[m], residual[m] = layer.ffn_stage(hidden[m], residual[m])
-                ffn_done[m] = _done(on_gpu, streams.ffn, stage_events, "ffn", m, layer_index, start)
-    if on_gpu:
+                ffn_done[m] = _stage_done(streams.ffn, stage_events, ("ffn", m, layer_index, start))
+            handoffs += [hidden[m], residual[m]]
+    if on_gpu:  # join both streams back (a capture fails if a forked stream is left unjoined)
+        main.wait_event(_record(streams.attention))
         for event in ffn_done:
             main.wait_event(event)
     out, _ = model.norm(torch.cat(hidden), torch.cat(residual))
+    handoffs.clear()
     return out
 
 
@@ -106,19 +115,25 @@ class _on:
             self.ctx.__exit__(*exc)
 
 
-def _mark(on_gpu: bool, stream, stage_events):
-    if not on_gpu or stage_events is None:
-        return None
-    event = torch.cuda.Event(enable_timing=True)
+def _record(stream) -> torch.cuda.Event:
+    """A plain (dependency) event on `stream`: fork/join edges inside a graph capture."""
+    event = torch.cuda.Event()
     event.record(stream)
     return event
 
 
-def _done(on_gpu: bool, stream, stage_events, kind: str, m: int, layer: int, start):
-    if not on_gpu:
+def _timing_event(stream, stage_events):
+    if stream is None or stage_events is None:
         return None
-    end = torch.cuda.Event(enable_timing=stage_events is not None)
-    end.record(stream)
+    event = torch.cuda.Event(enable_timing=True, external=True)
+    event.record(stream)
+    return event
+
+
+def _stage_done(stream, stage_events, stage: tuple):
+    """The event the other stream waits on; with profiling also the stage's end timing event."""
+    if stream is None:
+        return None
     if stage_events is not None:
-        stage_events.append((kind, m, layer, start, end))
-    return end
+        stage_events.append((*stage, _timing_event(stream, stage_events)))
+    return _record(stream)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,8 +101,15 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        # M2: pipelined decode graphs by (path, bucket), the planner choosing between them and the plain
+        # graphs, and per-step profiling; set up by the engine (pipeline.planner.build_planner).
+        self.pipeline_graphs: dict[tuple[str, int], _PipelineGraph] = {}
+        self.decode_planner = None
+        self.profiler = None
+        self.sm_partitions: dict = {}  # path -> pipeline.green.SMPartition of the pipelined graphs kept
+        self.last_decode_path: str | None = None  # "plain", "pipeline:<SMs>" or "eager"
         self.num_kv_blocks = self._allocate_kv_cache()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # plain decode graphs by bucket
         self.graph_capture_time_s = 0.0
         self.graph_memory_bytes = 0
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -175,20 +183,85 @@ class ModelRunner:
         self.stage_tables = torch.zeros(max_bs, width, dtype=torch.int32).pin_memory()
         self.graph_i64[2].fill_(-1)
         self.graph_outputs: dict[int, torch.Tensor] = {}
-        pool = torch.cuda.graph_pool_handle()
+        self.graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         for bs in reversed(self.graph_buckets()):  # largest first so smaller graphs reuse its pool memory
             args = (self.graph_i64[0, :bs], self.graph_i64[1, :bs], self._graph_meta(bs))
-            with torch.no_grad():
-                self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.graph_outputs[bs] = self.model(*args)
-            self.graphs[bs] = graph
+            self.graphs[bs], self.graph_outputs[bs] = self._capture(self.model, args)
         torch.cuda.synchronize(self.device)
         self.graph_capture_time_s = time.perf_counter() - t0
         self.graph_memory_bytes = mem0 - torch.cuda.mem_get_info(self.device)[0]
 
-    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int) -> torch.Tensor:
+    def _capture(self, forward, args) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        with torch.no_grad():
+            forward(*args)  # warm up (Triton compiles, cuBLAS picks kernels and sets up its workspaces)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                output = forward(*args)
+        return graph, output
+
+    def capture_pipeline_graph(self, path: str, partition, bucket: int) -> None:
+        """The pipelined decode step for `bucket` rows on `partition` (pipeline.green.SMPartition) as one
+        graph: it forks onto the two partitions' streams and joins back, and keeps the partition it was
+        captured on. With profiling, external events time every stage on each replay."""
+        from splitserve.pipeline.pingpong import StageStreams, pipelined_forward
+
+        t0 = time.perf_counter()
+        streams = StageStreams(partition.attention_stream, partition.ffn_stream)
+        stage_events = [] if self.config.decode_pipeline_profiling else None
+
+        def forward(input_ids, positions, meta):
+            if stage_events is not None:
+                stage_events.clear()  # keep only the captured step's events
+            return pipelined_forward(self.model, input_ids, positions, meta, 2, streams, stage_events)
+
+        args = (self.graph_i64[0, :bucket], self.graph_i64[1, :bucket], self._graph_meta(bucket))
+        graph, output = self._capture(forward, args)
+        torch.cuda.synchronize(self.device)
+        self.pipeline_graphs[(path, bucket)] = _PipelineGraph(graph, output, stage_events)
+        self.graph_capture_time_s += time.perf_counter() - t0
+
+    def drop_pipeline_graphs(self, keep: set[tuple[str, int]]) -> None:
+        for key in [k for k in self.pipeline_graphs if k not in keep]:
+            del self.pipeline_graphs[key]
+
+    def free_device_memory(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def _graph_for(self, path: str, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, list | None]:
+        if path == "plain":
+            return self.graphs[bucket], self.graph_outputs[bucket], None
+        g = self.pipeline_graphs[(path, bucket)]
+        return g.graph, g.output, g.stage_events
+
+    def time_decode(self, path: str, bucket: int, ctx: int, iters: int = 5) -> float:
+        """Median GPU time (ms) of one decode graph replay: `bucket` sequences of `ctx` cached tokens each.
+        Block tables wrap around the whole KV cache, so the KV read is as large as a real batch's and
+        does not sit in L2 (the KV content is whatever the cache holds: timing does not depend on it)."""
+        bs, width = self.block_size, self.max_blocks_per_seq
+        blocks = -(-(ctx + 1) // bs)
+        if blocks > width:
+            raise ValueError(f"context {ctx} does not fit max_model_len {self.config.max_model_len}")
+        tables = (np.arange(bucket)[:, None] * blocks + np.arange(blocks)[None, :]) % self.num_kv_blocks
+        self.graph_tables[:bucket, :blocks].copy_(torch.from_numpy(tables.astype(np.int32)))
+        self.graph_seq_lens[:bucket].fill_(ctx + 1)
+        self.graph_i64[0, :bucket].fill_(0)
+        self.graph_i64[1, :bucket].fill_(ctx)
+        self.graph_i64[2, :bucket].copy_(torch.from_numpy(tables[:, ctx // bs] * bs + ctx % bs))
+        graph = self._graph_for(path, bucket)[0]
+        times = []
+        for i in range(iters + 2):  # two warm-up replays
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end))
+        return float(np.median(times))
+
+    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int,
+                             path: str = "plain") -> torch.Tensor:
         i64 = self.stage_i64.numpy()
         i64[:, num_seqs:bucket] = ((0,), (0,), (-1,))  # padding rows: token 0, no KV write, empty context
         i64[0, :num_seqs], i64[1, :num_seqs], i64[2, :num_seqs] = (
@@ -202,8 +275,21 @@ class ModelRunner:
         self.graph_i64[:, :bucket].copy_(self.stage_i64[:, :bucket], non_blocking=True)
         self.graph_seq_lens[:bucket].copy_(self.stage_seq_lens[:bucket], non_blocking=True)
         self.graph_tables[:num_seqs, :width].copy_(self.stage_tables[:num_seqs, :width], non_blocking=True)
-        self.graphs[bucket].replay()
-        return self.graph_outputs[bucket][:num_seqs]
+        graph, output, stage_events = self._graph_for(path, bucket)
+        if self.profiler is not None:
+            self.profiler.start()
+        graph.replay()
+        self.last_decode_path = path
+        if self.profiler is not None:
+            attention_sm, ffn_sm = self.split_of(path)
+            self.profiler.stop(path=path, num_seqs=num_seqs, bucket=bucket, mean_ctx=float(host["seq_lens"].mean()),
+                               attention_sm=attention_sm, ffn_sm=ffn_sm, stage_events=stage_events)
+        return output[:num_seqs]
+
+    def split_of(self, path: str | None) -> tuple[int | None, int | None]:
+        """(attention SMs, FFN SMs) of a decode path; (None, None) for the plain and eager paths."""
+        partition = self.sm_partitions.get(path)
+        return (partition.attention_sm, partition.ffn_sm) if partition is not None else (None, None)
 
     def _graph_meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.graph_i64[2, :bs], query_start_loc=self.graph_query_start[: bs + 1],
@@ -246,7 +332,10 @@ class ModelRunner:
         num_seqs = len(batch)
         bucket = self._bucket(num_seqs) if batch.is_decode else None
         if bucket is not None:
-            hidden = self._replay_decode_graph(host, num_seqs, bucket)
+            path = "plain"
+            if self.decode_planner is not None:  # M2/M3: plain or pipelined, and on which split
+                path, bucket = self.decode_planner.choose(num_seqs, bucket, float(host["seq_lens"].mean()))
+            hidden = self._replay_decode_graph(host, num_seqs, bucket, path)
         else:
             meta = AttentionMetadata(
                 slot_mapping=self._to_device(host["slot_mapping"]),
@@ -255,6 +344,8 @@ class ModelRunner:
                 block_tables=self._to_device(host["block_tables"]),
                 max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
                 query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
+            if batch.is_decode:
+                self.last_decode_path = "eager"
             hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
         if not samplers:
@@ -263,7 +354,10 @@ class ModelRunner:
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
         tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
-        return tokens.tolist(), _logprobs_to_host(logprob_info), host["samples"]
+        tokens = tokens.tolist()  # syncs: the step's events can be read now
+        if self.profiler is not None:
+            self.profiler.collect()
+        return tokens, _logprobs_to_host(logprob_info), host["samples"]
 
     def _bucket(self, num_seqs: int) -> int | None:
         if not self.graphs:
@@ -294,6 +388,13 @@ class ModelRunner:
             generators=generators, all_greedy=all(p.temperature == 0 for p in params),
             any_top_k=any(p.top_k > 0 for p in params), any_top_p=any(p.top_p < 1 for p in params),
             any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None)
+
+
+@dataclass
+class _PipelineGraph:
+    graph: torch.cuda.CUDAGraph
+    output: torch.Tensor
+    stage_events: list | None  # with profiling: the stage timing events recorded inside the graph
 
 
 def _logprobs_to_host(info):
