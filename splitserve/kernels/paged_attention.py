@@ -108,11 +108,13 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, stride_
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int,
-                    max_seq_len: int, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                    max_seq_len: int, scale: float, num_splits: int | None = None,
+                    launch: dict | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
 
     `num_splits` (decode only) overrides the split-K choice; under CUDA graphs `max_seq_len` is the
-    longest context the graph will see, so the choice is fixed at capture."""
+    longest context the graph will see, so the choice is fixed at capture. `launch` overrides BLOCK_N and
+    Triton's num_warps / num_stages (scripts/probe_attention_partition.py tunes with it)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -137,8 +139,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         KV_BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_SPLITS=num_splits,
+        **{"BLOCK_N": 64, **(launch or {})},
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
