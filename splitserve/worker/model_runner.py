@@ -237,7 +237,9 @@ class ModelRunner:
     def time_decode(self, path: str, bucket: int, ctx: int, iters: int = 5) -> float:
         """Median GPU time (ms) of one decode graph replay: `bucket` sequences of `ctx` cached tokens each.
         Block tables wrap around the whole KV cache, so the KV read is as large as a real batch's and
-        does not sit in L2 (the KV content is whatever the cache holds: timing does not depend on it)."""
+        does not sit in L2 (the KV content is whatever the cache holds: timing does not depend on it).
+        Each replay writes one token per row into the cache: call it only while no request holds blocks
+        (start-up calibration, benchmarks)."""
         bs, width = self.block_size, self.max_blocks_per_seq
         blocks = -(-(ctx + 1) // bs)
         if blocks > width:
