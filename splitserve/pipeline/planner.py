@@ -122,13 +122,8 @@ class DecodePlanner:
         self.plan = plan
         self.hysteresis = hysteresis
         self.current: str | None = None  # the path of the last step (hysteresis keeps it while close)
-        self.forced: str | None = None
         self.num_switches = 0
         self.steps = Counter()
-
-    def force(self, path: str | None) -> None:
-        """Pin every eligible step to `path` (tests, debugging); None returns to planning."""
-        self.forced = path
 
     def candidates(self, num_seqs: int, plain_bucket: int, ctx: float) -> dict[str, tuple[float, int]]:
         """path -> (estimated ms, bucket it replays). Pipelined paths replay the smallest anchor that fits."""
@@ -146,13 +141,10 @@ class DecodePlanner:
     def choose(self, num_seqs: int, plain_bucket: int, ctx: float) -> tuple[str, int]:
         """(path, bucket) for a decode step of `num_seqs` sequences with mean context `ctx`."""
         options = self.candidates(num_seqs, plain_bucket, ctx)
-        if self.forced is not None and self.forced in options:
-            path = self.forced
-        else:
-            path = min(options, key=lambda p: options[p][0])
-            current = options.get(self.current)
-            if current is not None and current[0] <= (1 + self.hysteresis) * options[path][0]:
-                path = self.current
+        path = min(options, key=lambda p: options[p][0])
+        current = options.get(self.current)
+        if current is not None and current[0] <= (1 + self.hysteresis) * options[path][0]:
+            path = self.current
         if path != self.current:
             self.num_switches += self.current is not None
             self.current = path
