@@ -1,0 +1,295 @@
+"""Why decode attention loses bandwidth on a green-context partition, and which kernel shape keeps it.
+
+Times, on the whole GPU and on partitions, graph replays of:
+- the shipped paged-attention kernel (one program per (sequence, KV head), K/V gathered token by token);
+- decode-only variants: grid order (KV heads of one sequence side by side, so concurrent programs read
+  whole 2 KB token rows), one block-table load per KV block instead of per token, and K/V of the next
+  tile loaded before the current tile is used (software prefetch in registers);
+- a read-only kernel with the same access pattern and no math: the ceiling of that pattern.
+Also prints registers, spills and shared memory of each compiled variant (occupancy explains per-SM
+bandwidth: bytes in flight per SM / latency). Usage: python scripts/probe_decode_attention.py [BATCH] [CTX] [SMS...]
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from splitserve.kernels.paged_attention import paged_attention
+
+
+@triton.jit
+def _decode_probe_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, scale,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+                         KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+                         TABLE_PER_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, READ_ONLY: tl.constexpr):
+    if HEADS_FASTEST:
+        kv_head, seq = tl.program_id(0), tl.program_id(1)
+    else:
+        seq, kv_head = tl.program_id(0), tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    m = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + m
+    m_valid = m < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=m_valid[:, None], other=0.0)
+    j = tl.arange(0, BLOCK_N)
+    table = block_tables_ptr + seq * stride_bt
+    head_off = kv_head * stride_kh
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    total = tl.zeros([HEAD_DIM], dtype=tl.float32)
+
+    # tile 0 (prefetch) — offsets of a tile start at `start`
+    n = j
+    valid = n < seq_len
+    if TABLE_PER_BLOCK:
+        blocks = tl.load(table + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE),
+                         mask=tl.arange(0, BLOCK_N // KV_BLOCK_SIZE) * KV_BLOCK_SIZE < seq_len, other=0)
+        offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
+                          + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
+    else:
+        blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
+        offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
+    if PREFETCH:
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    for start in range(0, seq_len, BLOCK_N):
+        if not PREFETCH:
+            n = start + j
+            valid = n < seq_len
+            if TABLE_PER_BLOCK:
+                nb = start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
+                blocks = tl.load(table + nb, mask=nb * KV_BLOCK_SIZE < seq_len, other=0)
+                offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
+                                  + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
+            else:
+                blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
+                offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
+            k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            cur_valid = valid
+        else:
+            cur_valid = valid
+            n = start + BLOCK_N + j
+            valid = n < seq_len
+            if TABLE_PER_BLOCK:
+                nb = (start + BLOCK_N) // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
+                blocks = tl.load(table + nb, mask=nb * KV_BLOCK_SIZE < seq_len, other=0)
+                offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
+                                  + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
+            else:
+                blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
+                offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
+            k_next = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v_next = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if READ_ONLY:
+            total += tl.sum(k.to(tl.float32) + v.to(tl.float32), 0)
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(cur_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if PREFETCH:
+            k, v = k_next, v_next
+    if READ_ONLY:
+        out = acc + total[None, :]
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_valid[:, None])
+
+
+@triton.jit
+def _decode_block_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_desc, v_desc, out_ptr, block_tables_ptr, seq_lens_ptr,
+                         scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+                         KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr, SUB: tl.constexpr):
+    """One KV block (16 tokens) per step: the block id is one scalar load, the K/V tile one contiguous-row
+    load (TMA or pointer), so Triton can pipeline num_stages blocks ahead without register staging."""
+    kv_head, seq = tl.program_id(0), tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    m = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + m
+    m_valid = m < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=m_valid[:, None], other=0.0)
+    t = tl.arange(0, KV_BLOCK_SIZE)
+    table = block_tables_ptr + seq * stride_bt
+    num_blocks = tl.cdiv(seq_len, KV_BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for b in range(0, num_blocks, SUB):
+        for i in tl.static_range(SUB):
+            blk = tl.load(table + b + i, mask=b + i < num_blocks, other=0)
+            n = (b + i) * KV_BLOCK_SIZE + t
+            valid = n < seq_len
+            if USE_TMA:
+                k = k_desc.load([blk * KV_BLOCK_SIZE, kv_head * HEAD_DIM])
+                v = v_desc.load([blk * KV_BLOCK_SIZE, kv_head * HEAD_DIM])
+                v = tl.where(valid[:, None], v, 0.0)  # slots past the context may hold anything
+            else:
+                offs = blk.to(tl.int64) * stride_kb + t * stride_ks + kv_head * stride_kh
+                k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_valid[:, None])
+
+
+def block_attention(q, k_cache, v_cache, tables, lens, scale, variant: dict):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    batch, heads, dim = q.shape
+    num_blocks, bs, kv_heads, _ = k_cache.shape
+    out = torch.empty_like(q)
+    k_desc = TensorDescriptor.from_tensor(k_cache.view(num_blocks * bs, kv_heads * dim), [bs, dim])
+    v_desc = TensorDescriptor.from_tensor(v_cache.view(num_blocks * bs, kv_heads * dim), [bs, dim])
+    compiled = _decode_block_kernel[(kv_heads, batch)](
+        q, k_cache, v_cache, k_desc, v_desc, out, tables, lens, scale, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        KV_BLOCK_SIZE=bs, GROUP=heads // kv_heads, HEAD_DIM=dim,
+        BLOCK_M=max(16, triton.next_power_of_2(heads // kv_heads)), **variant)
+    return out, compiled
+
+
+def probe_attention(q, k_cache, v_cache, tables, lens, scale, variant: dict):
+    """Returns (out, compiled kernel)."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    out = torch.empty_like(q)
+    opts = dict(variant)
+    grid = (kv_heads, batch) if opts["HEADS_FASTEST"] else (batch, kv_heads)
+    compiled = _decode_probe_kernel[grid](
+        q, k_cache, v_cache, out, tables, lens, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        KV_BLOCK_SIZE=k_cache.shape[1], GROUP=heads // kv_heads, HEAD_DIM=dim,
+        BLOCK_M=max(16, triton.next_power_of_2(heads // kv_heads)), **opts)
+    return out, compiled
+
+
+def main() -> None:
+    from splitserve.pipeline import green
+
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 512
+    ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 512
+    sms_list = [int(x) for x in sys.argv[3:]] or [48, 64, 80]
+    dev = torch.device("cuda", 0)
+    heads, kv_heads, dim, bs = 32, 8, 128, 16  # Qwen3-8B attention, splitserve's KV block size
+    blocks_per_seq = -(-ctx // bs)
+    num_blocks = 200_000
+    k_cache = torch.randn(num_blocks, bs, kv_heads, dim, device=dev, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = ((torch.arange(batch, device=dev)[:, None] * blocks_per_seq
+               + torch.arange(blocks_per_seq, device=dev)[None, :]) % num_blocks).int()
+    q = torch.randn(batch, heads, dim, device=dev, dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+    nbytes = 2 * batch * ctx * kv_heads * dim * 2
+    scale = dim**-0.5
+
+    def shipped(launch):
+        return lambda: paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, scale, num_splits=1,
+                                       launch=launch)
+
+    variants = {"shipped BN64": (shipped({}), None), "shipped BN128": (shipped({"BLOCK_N": 128}), None)}
+    for bn, warps, hf in [(64, 4, 1), (128, 4, 1)]:
+        v = dict(BLOCK_N=bn, HEADS_FASTEST=hf, TABLE_PER_BLOCK=0, PREFETCH=0, READ_ONLY=0, num_warps=warps)
+        variants[f"probe BN{bn} w{warps} heads-fastest"] = (
+            (lambda v=v: probe_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
+    for tma, sub, stages, warps in [(0, 1, 3, 4), (0, 1, 5, 4), (0, 2, 4, 4), (0, 4, 3, 4),
+                                    (1, 1, 3, 4), (1, 1, 5, 4), (1, 1, 8, 4), (1, 2, 4, 4), (1, 4, 3, 4),
+                                    (1, 2, 4, 2), (1, 2, 4, 8), (1, 1, 6, 2)]:
+        v = dict(USE_TMA=tma, SUB=sub, num_stages=stages, num_warps=warps)
+        variants[f"block {'tma' if tma else 'ptr'} sub{sub} st{stages} w{warps}"] = (
+            (lambda v=v: block_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
+
+    # partitions: (attention stream, the other partition's stream for the contention run)
+    streams = {"all": (torch.cuda.Stream(), None)}
+    keep = []
+    for sms in sms_list:
+        part = green.split(dev, sms)
+        streams[str(part.attention_sm)] = (part.attention_stream, part.ffn_stream)
+        keep.append(part)
+    # FFN-like load for the other partition: gate/up GEMMs of a 512-row micro-batch (Qwen3-8B)
+    x = torch.randn(512, 4096, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(4096, 24576, device=dev, dtype=torch.bfloat16)
+    gemm_graphs = {}
+    for name, (_, other) in streams.items():
+        if other is not None:
+            with torch.cuda.stream(other):
+                y = x @ w
+            other.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=other):
+                for _ in range(150):
+                    torch.matmul(x, w, out=y)
+            gemm_graphs[name] = g
+    reference = shipped({})().float()
+
+    def timed(graph, stream, load=None) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5 if load is None else 3):
+            torch.cuda.synchronize()
+            if load is not None:
+                load.replay()  # on the other partition's stream (the graph keeps it)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                graph.replay()
+                end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 10)
+        torch.cuda.synchronize()
+        return sorted(times)[len(times) // 2]
+
+    results = []
+    for name, (fn, _variant) in variants.items():
+        row = {"variant": name}
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            row["max_err_vs_shipped"] = float((out.float() - reference).abs().max())
+            assert row["max_err_vs_shipped"] < 2e-2, row
+            for sname, (stream, _) in streams.items():
+                with torch.cuda.stream(stream):
+                    fn()
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    for _ in range(10):
+                        fn()
+                row[sname] = round(nbytes / (timed(graph, stream) / 1e3) / 1e9)
+                if sname in gemm_graphs:
+                    row[sname + "+gemm"] = round(nbytes / (timed(graph, stream, gemm_graphs[sname]) / 1e3) / 1e9)
+        except Exception as e:  # a variant that does not compile is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, f"decode-attention-b{batch}-ctx{ctx}.json"), "w") as f:
+            json.dump({"batch": batch, "ctx": ctx, "unit": "GB/s of K+V read", "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
