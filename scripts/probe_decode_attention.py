@@ -1,13 +1,12 @@
 """Why decode attention loses bandwidth on a green-context partition, and which kernel shape keeps it.
 
 Times, on the whole GPU and on partitions, graph replays of:
-- the shipped paged-attention kernel (one program per (sequence, KV head), K/V gathered token by token);
-- decode-only variants: grid order (KV heads of one sequence side by side, so concurrent programs read
-  whole 2 KB token rows), one block-table load per KV block instead of per token, and K/V of the next
-  tile loaded before the current tile is used (software prefetch in registers);
-- a read-only kernel with the same access pattern and no math: the ceiling of that pattern.
-Also prints registers, spills and shared memory of each compiled variant (occupancy explains per-SM
-bandwidth: bytes in flight per SM / latency). Usage: python scripts/probe_decode_attention.py [BATCH] [CTX] [SMS...]
+- the shipped paged-attention kernel (one program per (sequence, KV head), K/V gathered token by token),
+  over tile width, warps and pipeline stages;
+- a decode-only variant that walks the context one KV block (16 tokens) at a time, loading each K/V tile
+  with one TMA descriptor load (or one pointer load) after one scalar block-table load.
+Each on its own and beside a GEMM load on the other partition (what the pipeline's attention stage sees).
+Usage: python scripts/probe_decode_attention.py [BATCH] [CTX] [SMS...]
 """
 
 import json
@@ -19,95 +18,6 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.paged_attention import paged_attention
-
-
-@triton.jit
-def _decode_probe_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, scale,
-                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-                         KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-                         TABLE_PER_BLOCK: tl.constexpr, PREFETCH: tl.constexpr, READ_ONLY: tl.constexpr):
-    if HEADS_FASTEST:
-        kv_head, seq = tl.program_id(0), tl.program_id(1)
-    else:
-        seq, kv_head = tl.program_id(0), tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    m = tl.arange(0, BLOCK_M)
-    head = kv_head * GROUP + m
-    m_valid = m < GROUP
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :], mask=m_valid[:, None], other=0.0)
-    j = tl.arange(0, BLOCK_N)
-    table = block_tables_ptr + seq * stride_bt
-    head_off = kv_head * stride_kh
-
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    total = tl.zeros([HEAD_DIM], dtype=tl.float32)
-
-    # tile 0 (prefetch) — offsets of a tile start at `start`
-    n = j
-    valid = n < seq_len
-    if TABLE_PER_BLOCK:
-        blocks = tl.load(table + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE),
-                         mask=tl.arange(0, BLOCK_N // KV_BLOCK_SIZE) * KV_BLOCK_SIZE < seq_len, other=0)
-        offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
-                          + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
-    else:
-        blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
-        offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
-    if PREFETCH:
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    for start in range(0, seq_len, BLOCK_N):
-        if not PREFETCH:
-            n = start + j
-            valid = n < seq_len
-            if TABLE_PER_BLOCK:
-                nb = start // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
-                blocks = tl.load(table + nb, mask=nb * KV_BLOCK_SIZE < seq_len, other=0)
-                offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
-                                  + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
-            else:
-                blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
-                offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
-            k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            cur_valid = valid
-        else:
-            cur_valid = valid
-            n = start + BLOCK_N + j
-            valid = n < seq_len
-            if TABLE_PER_BLOCK:
-                nb = (start + BLOCK_N) // KV_BLOCK_SIZE + tl.arange(0, BLOCK_N // KV_BLOCK_SIZE)
-                blocks = tl.load(table + nb, mask=nb * KV_BLOCK_SIZE < seq_len, other=0)
-                offs = tl.reshape(blocks.to(tl.int64)[:, None] * stride_kb
-                                  + tl.arange(0, KV_BLOCK_SIZE)[None, :] * stride_ks, [BLOCK_N]) + head_off
-            else:
-                blocks = tl.load(table + n // KV_BLOCK_SIZE, mask=valid, other=0)
-                offs = blocks.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + head_off
-            k_next = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            v_next = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if READ_ONLY:
-            total += tl.sum(k.to(tl.float32) + v.to(tl.float32), 0)
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(cur_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        if PREFETCH:
-            k, v = k_next, v_next
-    if READ_ONLY:
-        out = acc + total[None, :]
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_valid[:, None])
 
 
 @triton.jit
@@ -172,21 +82,6 @@ def block_attention(q, k_cache, v_cache, tables, lens, scale, variant: dict):
     return out, compiled
 
 
-def probe_attention(q, k_cache, v_cache, tables, lens, scale, variant: dict):
-    """Returns (out, compiled kernel)."""
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
-    out = torch.empty_like(q)
-    opts = dict(variant)
-    grid = (kv_heads, batch) if opts["HEADS_FASTEST"] else (batch, kv_heads)
-    compiled = _decode_probe_kernel[grid](
-        q, k_cache, v_cache, out, tables, lens, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        KV_BLOCK_SIZE=k_cache.shape[1], GROUP=heads // kv_heads, HEAD_DIM=dim,
-        BLOCK_M=max(16, triton.next_power_of_2(heads // kv_heads)), **opts)
-    return out, compiled
-
-
 def main() -> None:
     from splitserve.pipeline import green
 
@@ -211,14 +106,13 @@ def main() -> None:
         return lambda: paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, scale, num_splits=1,
                                        launch=launch)
 
-    variants = {"shipped BN64": (shipped({}), None), "shipped BN128": (shipped({"BLOCK_N": 128}), None)}
-    for bn, warps, hf in [(64, 4, 1), (128, 4, 1)]:
-        v = dict(BLOCK_N=bn, HEADS_FASTEST=hf, TABLE_PER_BLOCK=0, PREFETCH=0, READ_ONLY=0, num_warps=warps)
-        variants[f"probe BN{bn} w{warps} heads-fastest"] = (
-            (lambda v=v: probe_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
-    for tma, sub, stages, warps in [(0, 1, 3, 4), (0, 1, 5, 4), (0, 2, 4, 4), (0, 4, 3, 4),
-                                    (1, 1, 3, 4), (1, 1, 5, 4), (1, 1, 8, 4), (1, 2, 4, 4), (1, 4, 3, 4),
-                                    (1, 2, 4, 2), (1, 2, 4, 8), (1, 1, 6, 2)]:
+    variants = {}
+    variants = {"shipped (decode default)": (shipped({}), None)}
+    for bn, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (16, 1, 4), (16, 1, 8), (16, 2, 6), (32, 1, 6),
+                              (32, 2, 4), (32, 4, 4), (16, 4, 6)]:
+        variants[f"shipped BN{bn} w{warps} st{stages}"] = (
+            shipped({"BLOCK_N": bn, "num_warps": warps, "num_stages": stages}), None)
+    for tma, sub, stages, warps in [(0, 1, 6, 1)]:
         v = dict(USE_TMA=tma, SUB=sub, num_stages=stages, num_warps=warps)
         variants[f"block {'tma' if tma else 'ptr'} sub{sub} st{stages} w{warps}"] = (
             (lambda v=v: block_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
@@ -233,17 +127,16 @@ def main() -> None:
     # FFN-like load for the other partition: gate/up GEMMs of a 512-row micro-batch (Qwen3-8B)
     x = torch.randn(512, 4096, device=dev, dtype=torch.bfloat16)
     w = torch.randn(4096, 24576, device=dev, dtype=torch.bfloat16)
-    gemm_graphs = {}
-    for name, (_, other) in streams.items():
-        if other is not None:
-            with torch.cuda.stream(other):
-                y = x @ w
-            other.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=other):
+    y = x @ w
+
+    def gemm_load(stream):  # launched eagerly: ~45 ms of GEMMs on that partition
+        def launch():
+            with torch.cuda.stream(stream):
                 for _ in range(150):
                     torch.matmul(x, w, out=y)
-            gemm_graphs[name] = g
+        return launch
+
+    gemm_loads = {name: gemm_load(other) for name, (_, other) in streams.items() if other is not None}
     reference = shipped({})().float()
 
     def timed(graph, stream, load=None) -> float:
@@ -252,7 +145,7 @@ def main() -> None:
         for _ in range(5 if load is None else 3):
             torch.cuda.synchronize()
             if load is not None:
-                load.replay()  # on the other partition's stream (the graph keeps it)
+                load()
             with torch.cuda.stream(stream):
                 start.record(stream)
                 graph.replay()
@@ -279,8 +172,8 @@ def main() -> None:
                     for _ in range(10):
                         fn()
                 row[sname] = round(nbytes / (timed(graph, stream) / 1e3) / 1e9)
-                if sname in gemm_graphs:
-                    row[sname + "+gemm"] = round(nbytes / (timed(graph, stream, gemm_graphs[sname]) / 1e3) / 1e9)
+                if sname in gemm_loads:
+                    row[sname + "+gemm"] = round(nbytes / (timed(graph, stream, gemm_loads[sname]) / 1e3) / 1e9)
         except Exception as e:  # a variant that does not compile is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         results.append(row)

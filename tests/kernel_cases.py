@@ -52,11 +52,17 @@ CPU_CASES = [
     (6, 2, 16, 8, [7, 1, 12], [0, 13, 3]),  # mixed prefill (with a cached prefix) + decode, GQA 3
     (4, 4, 32, 16, [20, 3], [17, 0]),  # MHA, chunked prefill over a prefix
     (8, 1, 16, 4, [1, 2], [30, 6]),  # MQA
+    # tiles inside one KV block (block-table read once per tile): decode 16-key tiles on 16- and 32-token
+    # blocks, prefill 64-key tiles on 64-token blocks
+    (8, 2, 16, 16, [1, 1, 1, 1], [0, 15, 16, 50]),
+    (4, 2, 16, 32, [1, 1, 1], [31, 32, 77]),
+    (4, 2, 16, 64, [20, 1, 3], [70, 130, 0]),
 ]
 # decode with the context split over several programs (flash-decoding), incl. splits left empty
 SPLIT_CASES = [
     ((4, 2, 16, 4, [1, 1, 1, 1], [0, 5, 70, 200]), 3),
     ((6, 2, 16, 8, [1, 1], [129, 1]), 5),
+    ((8, 2, 16, 16, [1, 1, 1], [0, 47, 300]), 4),
 ]
 
 
