@@ -12,8 +12,8 @@ pipelines the loads through shared memory). KV heads vary fastest in the grid. M
 - all SMs: 4.45 TB/s, against 4.33 for 64-key tiles and four warps;
 - a 64-SM green partition, where the decode pipeline runs attention: 4.06 TB/s against 2.78.
 
-Online softmax in fp32, causal with an offset: query i of a sequence with L cached tokens and q new ones sits at
-position L - q + i and sees keys 0..L - q + i.
+Online softmax in fp32, causal with an offset: query i of a sequence with L cached tokens and q new
+ones sits at position L - q + i and sees keys 0..L - q + i.
 
 Decode with few (sequence, KV head) pairs would leave most SMs idle while each program walks a long
 context: there the context is split over NUM_SPLITS programs (flash-decoding) that write partial results
