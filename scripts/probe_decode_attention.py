@@ -106,13 +106,12 @@ def main() -> None:
         return lambda: paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, scale, num_splits=1,
                                        launch=launch)
 
-    variants = {}
     variants = {"shipped (decode default)": (shipped({}), None)}
     for bn, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (16, 1, 4), (16, 1, 8), (16, 2, 6), (32, 1, 6),
                               (32, 2, 4), (32, 4, 4), (16, 4, 6)]:
         variants[f"shipped BN{bn} w{warps} st{stages}"] = (
             shipped({"BLOCK_N": bn, "num_warps": warps, "num_stages": stages}), None)
-    for tma, sub, stages, warps in [(0, 1, 6, 1)]:
+    for tma, sub, stages, warps in [(0, 1, 6, 1), (1, 1, 6, 1)]:
         v = dict(USE_TMA=tma, SUB=sub, num_stages=stages, num_warps=warps)
         variants[f"block {'tma' if tma else 'ptr'} sub{sub} st{stages} w{warps}"] = (
             (lambda v=v: block_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
