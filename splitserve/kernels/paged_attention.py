@@ -139,12 +139,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_q, block_m = 1, max(16, triton.next_power_of_2(group))
         if num_splits is None:
             num_splits = _decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
-        tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else {"BLOCK_N": 64}
+        tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
     else:
         block_m = max(64, triton.next_power_of_2(group))
         block_q = block_m // group
         num_splits = 1
-        tiles = {"BLOCK_N": 64}
+        tiles = WIDE_LAUNCH
     tiles = {**tiles, **(launch or {})}
     part_out = part_lse = out  # unused when num_splits == 1
     if num_splits > 1:
@@ -169,8 +169,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 # Decode tiles: one warp, 16 keys a tile, six tiles in flight (see the module docstring). Used when a tile
-# fits in a KV block; smaller blocks fall back to 64-key gathered tiles.
+# fits in a KV block; prefill, and decode on smaller blocks, use 64-key tiles with Triton's default launch.
 DECODE_LAUNCH = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 6}
+WIDE_LAUNCH = {"BLOCK_N": 64}
 
 _SM_COUNT: dict = {}
 
