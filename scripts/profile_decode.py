@@ -11,7 +11,7 @@ import torch
 
 from splitserve import LLM
 from splitserve.bench.shapes import shape_folder
-from splitserve.bench.workloads import decode_batch
+from splitserve.worker.inputs import fake_batch
 
 KINDS = (("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas")), ("attention", ("paged_attention", "merge")),
          ("norm/rope/act", ("rms_norm", "rotary", "silu")), ("kv store", ("store_kv", "kv_store")),
@@ -30,8 +30,8 @@ def main() -> None:
     shape, batch, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     llm = LLM(shape_folder(shape), load_format="dummy", enforce_eager=True, max_model_len=ctx + 16,
               max_num_seqs=max(batch, 1), gpu_memory_utilization=0.8)
-    runner = llm.engine.runner
-    step = decode_batch(batch, ctx, runner.block_size)
+    runner = llm.engine.core.runner
+    step = fake_batch(batch, ctx, runner.block_size, runner.num_kv_blocks)
     for _ in range(5):
         runner.execute(step)
     torch.cuda.synchronize()

@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 from splitserve import LLM
 from splitserve.bench.shapes import shape_folder
 from splitserve.pipeline import green
-from splitserve.pipeline.planner import pipeline_path
+from splitserve.pipeline.planner import pingpong_on
 from splitserve.pipeline.profiling import stage_times
+from splitserve.worker.decode_graphs import PLAIN, pipeline_path
 
 CATEGORIES = [("attention", r"paged_attention"), ("kv_write", r"kv|store"),
               ("gemm", r"gemm|nvjet|cutlass|xmma|sm90|cublas"), ("norm/rotary/act", r"rms|norm|rotary|silu|fused"),
@@ -32,8 +33,8 @@ def category(name: str) -> str:
     return "other"
 
 
-def kernel_times(runner, path: str, bucket: int, replays: int = 3) -> dict:
-    graph = runner._graph_for(path, bucket)[0]
+def kernel_times(graphs, path, bucket: int, replays: int = 3) -> dict:
+    graph = graphs._graph(path, bucket).graph
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -56,22 +57,23 @@ def main() -> None:
     splits = [int(x) for x in sys.argv[4:]] or [64]
     llm = LLM(shape_folder(shape), load_format="dummy", max_num_seqs=batch, max_model_len=ctx + 32,
               enable_prefix_caching=False, gpu_memory_utilization=0.8, decode_pipeline_profiling=True)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
+    graphs = runner.graphs
     runner.kv_cache.normal_()
     report = {"shape": shape, "batch": batch, "ctx": ctx, "device": torch.cuda.get_device_name(),
-              "plain": {"step_ms": runner.time_decode("plain", batch, ctx)}}
-    report["plain"].update(kernel_times(runner, "plain", batch))
+              "plain": {"step_ms": graphs.time(PLAIN, batch, ctx)}}
+    report["plain"].update(kernel_times(graphs, PLAIN, batch))
     print(json.dumps(report["plain"], indent=1), flush=True)
     for sm in splits:
         part = green.split(runner.device, sm)
-        path = pipeline_path(part.attention_sm)
-        runner.capture_pipeline_graph(path, part, batch)
-        row = {"step_ms": runner.time_decode(path, batch, ctx)}
-        row["stages"] = stage_times(runner.pipeline_graphs[(path, batch)].stage_events)
-        row.update(kernel_times(runner, path, batch))
-        report[path] = row
+        path = pipeline_path(part.attention_sm, part.ffn_sm)
+        graphs.capture_pipelined(path, batch, pingpong_on(part, profiling=True))
+        row = {"step_ms": graphs.time(path, batch, ctx)}
+        row["stages"] = stage_times(graphs.pipelined[(path, batch)].stage_events)
+        row.update(kernel_times(graphs, path, batch))
+        report[path.name] = row
         print(path, json.dumps(row, indent=1), flush=True)
-        runner.drop_pipeline_graphs(set())
+        graphs.keep_pipelined(set())
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, f"decode-step-profile-{shape}-b{batch}-ctx{ctx}.json"), "w") as f:

@@ -9,7 +9,7 @@ import sys
 
 from splitserve.config import EngineConfig
 
-_SKIP = {"model", "hf_config"}
+_SKIP = {"model"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -49,19 +49,19 @@ def sampling_params(args: argparse.Namespace):
 def stream(llm, prompt, params) -> str:
     """Print the answer as it is generated; returns the full text."""
     engine = llm.engine
-    seq = engine.add_request(prompt, params)
+    request = engine.add_request(prompt, params)
     printed = 0
     try:
-        while not seq.is_finished:
+        while not request.is_finished:
             engine.step()
-            sys.stdout.write(seq.output_text[printed:])
+            sys.stdout.write(request.output_text[printed:])
             sys.stdout.flush()
-            printed = len(seq.output_text)
+            printed = len(request.output_text)
     finally:
-        engine.abort(seq.request_id)
-        engine.release(seq)
+        engine.abort(request.request_id)
+        engine.release(request)
     sys.stdout.write("\n")
-    return seq.output_text
+    return request.output_text
 
 
 def cmd_generate(args) -> None:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub, add_engine_args)
     worker = sub.add_parser("pd-worker", add_help=False,
-                            help="two hosts: run the decode worker here (see README); --help for its flags")
+                            help="a PD worker (two hosts: the decode worker runs here, see README); --help: flags")
     worker.set_defaults(func=None)
     doctor = sub.add_parser("doctor", help="report Python, torch, CUDA, GPUs, Triton, P2P")
     doctor.add_argument("--prefill-device-id", type=int, default=None, help="GPU pair to check for two-GPU PD")
@@ -153,9 +153,9 @@ def _setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pd-worker"]:  # its own parser: it takes no engine flags (the coordinator sends them)
-        from splitserve.disagg.worker import remote_worker_cli
+        from splitserve.disagg.worker import worker_cli
 
-        return remote_worker_cli(argv[1:])
+        return worker_cli(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", "info"))
     try:

@@ -1,17 +1,20 @@
-"""EngineConfig: every engine argument in one dataclass, validated once.
+"""EngineConfig: every engine argument in one frozen dataclass, validated once.
 
+It holds only what the user gave (or the defaults). What the engine works out from it — the model's
+folder and config, the max_model_len that fits the KV cache — lives in `ModelSpec` and on the engine
+core, never written back here, so a config can be sent to a worker and mean the same thing there.
 Argument names follow vLLM / nano-vllm so that scripts port by changing the import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None
     max_num_seqs: int = 256
@@ -40,12 +43,10 @@ class EngineConfig:
     decode_attention_sm: int | None = None  # SMs of the attention partition (multiple of 8); None: planner
     decode_ffn_sm: int | None = None  # SMs of the FFN partition; None: the rest
     decode_pipeline_profiling: bool = False  # record per-step path, split and stage times
-    # Filled in by the engine once the model is known (not user arguments).
-    hf_config: object = field(default=None, repr=False)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args) -> EngineConfig:
-        known = {f.name for f in dataclasses.fields(cls) if f.name not in ("model", "hf_config")}
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "model"}
         unknown = sorted(set(engine_args) - known)
         if unknown:
             raise TypeError(
@@ -94,3 +95,13 @@ class EngineConfig:
             raise ValueError("decode_attention_sm / decode_ffn_sm need enable_decode_pipeline=True")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model as resolved once per process from `EngineConfig.model` (models.loader.resolve_model_spec)."""
+    path: str  # HF-style folder (a GGUF file is converted once into a cached one)
+    hf_config: object
+    max_model_len: int  # the user's max_model_len, else the model's max_position_embeddings
+    max_model_len_given: bool  # the user's: the KV cache must hold it (else it is lowered to fit)
+    eos_token_ids: frozenset[int]

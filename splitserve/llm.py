@@ -1,4 +1,4 @@
-"""LLM: the offline API (vLLM's shape) over LLMEngine."""
+"""LLM: the offline API (vLLM's shape) over the LLMEngine front end."""
 
 from __future__ import annotations
 
@@ -12,24 +12,14 @@ from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
 
-def create_engine(config: EngineConfig) -> LLMEngine:
-    """The colocated engine, or the two-worker PD engine (same interface) when enable_two_gpu_pd is set."""
-    if config.enable_two_gpu_pd:
-        from splitserve.disagg.coordinator import PDEngine
-
-        return PDEngine(config)
-    return LLMEngine(config)
-
-
 class LLM:
     def __init__(self, model: str | None = None, **engine_args):
         self.config = EngineConfig.from_kwargs(model, **engine_args)
-        self.engine = create_engine(self.config)
+        self.engine = LLMEngine(self.config)
 
     def shutdown(self) -> None:
         """Stop worker processes now (PD mode); otherwise they stop when the LLM is garbage-collected."""
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -44,27 +34,27 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
         # Validate every request before any work starts, so one bad prompt costs nothing.
-        seqs = []
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                seqs.append(self.engine.make_sequence(prompt, p))
+                requests.append(self.engine.make_request(prompt, p))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"prompt {i}: {e}") from None
-        for seq in seqs:
-            self.engine.add_sequence(seq)
         try:
-            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-                while any(not s.is_finished for s in seqs):
-                    finished = sum(s.is_finished for s in self.engine.step())
+            for request in requests:
+                self.engine.add(request)
+            with tqdm(total=len(requests), desc="generate", disable=not use_tqdm, unit="req") as bar:
+                while any(not r.is_finished for r in requests):
+                    finished = sum(r.is_finished for r in self.engine.step())
                     bar.update(finished)
         except BaseException:
-            for seq in seqs:
-                self.engine.abort(seq.request_id)
+            for request in requests:
+                self.engine.abort(request.request_id)
             raise
         finally:
-            outputs = [self.engine.output_of(s) for s in seqs]
-            for seq in seqs:
-                self.engine.release(seq)
+            outputs = [self.engine.output_of(r) for r in requests]
+            for request in requests:
+                self.engine.release(request)
         return outputs
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,

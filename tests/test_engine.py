@@ -63,7 +63,7 @@ def test_preemption_loses_nothing(make_tiny_model):
     assert tight.stats()["num_preemptions"] > 0
     assert tokens(outs) == ample
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    assert tight.engine.block_manager.num_free_blocks == 24  # every block came back
+    assert tight.engine.core.block_manager.num_free_blocks == 24  # every block came back
 
 
 def test_abort_frees_blocks_and_others_finish(make_tiny_model):
@@ -79,4 +79,4 @@ def test_abort_frees_blocks_and_others_finish(make_tiny_model):
         engine.step()
     assert seqs[1].finish_reason == "abort"
     assert [s.num_output_tokens for s in seqs if s is not seqs[1]] == [30, 30, 30]
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks

@@ -246,17 +246,19 @@ def _pinned_pipeline(llm, attention_sm: int, buckets: list[int]):
     """Capture pipelined graphs at `buckets` on one split and pin the planner to them (a plan that makes
     the pipeline the choice wherever it has a graph), whatever a calibration would pick."""
     from splitserve.pipeline import green
-    from splitserve.pipeline.planner import PLAIN, DecodePlanner, Plan, pipeline_path
+    from splitserve.pipeline.planner import DecodePlanner, Plan, pingpong_on
+    from splitserve.worker.decode_graphs import PLAIN, pipeline_path
 
-    runner = llm.engine.runner
-    part = green.split(runner.device, attention_sm)
-    path = pipeline_path(part.attention_sm)
-    runner.sm_partitions[path] = part
+    core = llm.engine.core
+    graphs = core.runner.graphs
+    part = green.split(graphs.device, attention_sm)
+    path = pipeline_path(part.attention_sm, part.ffn_sm)
+    core.decode_pipeline.partitions[path] = part  # kept alive with the engine
     for bucket in buckets:
-        runner.capture_pipeline_graph(path, part, bucket)
-    times = {PLAIN: [[2.0]] * len(buckets), path: [[1.0]] * len(buckets)}
-    plan = Plan(anchors=buckets, ctx_points=[256], times_ms=times)
-    runner.decode_planner = DecodePlanner(plan)
+        graphs.capture_pipelined(path, bucket, pingpong_on(part, graphs.profiler is not None))
+    times = {PLAIN.name: [[2.0]] * len(buckets), path.name: [[1.0]] * len(buckets)}
+    plan = Plan(anchors=buckets, ctx_points=[256], times_ms=times, splits={path.name: [part.attention_sm, part.ffn_sm]})
+    graphs.planner = DecodePlanner(plan)
     return path, part
 
 
@@ -284,13 +286,13 @@ def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
     assert stats["decode_path"] == "pipeline" and stats["decode_attention_sm"] == part.attention_sm
     assert stats["decode_ffn_sm"] == part.ffn_sm
     steps = stats["decode_pipeline"]["planner"]["steps_by_path"]
-    assert steps.get(path, 0) >= 38  # every decode step of the full batch ran pipelined
-    records = [r for r in stats["decode_pipeline"]["profile_records"] if r["path"] == path]
+    assert steps.get(path.name, 0) >= 38  # every decode step of the full batch ran pipelined
+    records = [r for r in stats["decode_pipeline"]["profile_records"] if r["path"] == path.name]
     assert records and all(r["bucket"] in (32, 64) and r["attention_sm"] == part.attention_sm for r in records)
     for r in records:
         assert r["attention_ms"] > 0 and r["ffn_ms"] > 0 and 0 <= r["overlap_efficiency"] <= 1
         assert r["stages_span_ms"] <= r["step_ms"] * 1.01
-    assert stats["decode_pipeline"]["profile"][path]["steps"] == len(records) or len(records) == 256
+    assert stats["decode_pipeline"]["profile"][path.name]["steps"] == len(records) or len(records) == 256
 
 
 def test_pipelined_graph_logits_close_to_plain(qwen3_06b):
@@ -298,21 +300,20 @@ def test_pipelined_graph_logits_close_to_plain(qwen3_06b):
     the plain top-2 gap is not a tie. The micro-batch GEMMs (32 rows, not 64) round differently in bf16,
     and 28 layers carry that to the logits: a tail of ~5% of the largest logit (measured 0.17 of 3.4),
     while the mean difference stays small. A race or a wrong stage order moves whole rows instead."""
-    from splitserve.bench.workloads import decode_batch
+    from splitserve.pipeline import green
+    from splitserve.worker.decode_graphs import PLAIN
+    from splitserve.worker.inputs import fake_batch, prepare_inputs
 
     llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, max_num_seqs=64)
-    from splitserve.pipeline import green
-
-    if not green.capability(llm.engine.runner.device)[0]:
+    runner = llm.engine.core.runner
+    if not green.capability(runner.device)[0]:
         pytest.skip("no green contexts")
     path, _ = _pinned_pipeline(llm, 48, [64])
-    runner = llm.engine.runner
     runner.kv_cache.normal_()
-    batch = decode_batch(64, 300, runner.block_size)
-    host = runner.prepare(batch)
+    host = prepare_inputs(fake_batch(64, 300, runner.block_size, runner.num_kv_blocks), runner.block_size)
     with torch.no_grad():
-        plain = runner.model.compute_logits(runner._replay_decode_graph(host, 64, 64, "plain").clone())
-        piped = runner.model.compute_logits(runner._replay_decode_graph(host, 64, 64, path).clone())
+        plain = runner.model.compute_logits(runner.graphs.replay(host, 64, PLAIN, 64).clone())
+        piped = runner.model.compute_logits(runner.graphs.replay(host, 64, path, 64).clone())
     diff, scale = (piped - plain).abs(), plain.abs().max()
     print(f"pipelined vs plain logits: max diff {diff.max():.4f}, mean {diff.mean():.5f}, max |logit| {scale:.3f}")
     assert diff.max() < 0.1 * scale and diff.mean() < 0.01 * scale
@@ -334,8 +335,8 @@ def test_planner_calibrates_caches_and_prints_its_plan(qwen3_06b, caplog, monkey
     assert os.path.exists(status["plan_file"])
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert status["plan"] in messages  # printed, whether or not the pipeline won anywhere
-    kept = set(llm.engine.runner.pipeline_graphs)
-    assert sorted(f"{p}@{a}" for p, a in kept) == status["pipeline_graphs"]
+    kept = set(llm.engine.core.runner.graphs.pipelined)
+    assert sorted(f"{p.name}@{a}" for p, a in kept) == status["pipeline_graphs"]
     assert status["active"] is bool(kept)
     del llm
     torch.cuda.empty_cache()
@@ -352,14 +353,15 @@ def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
     from splitserve.engine.sequence import Sequence
     from splitserve.layers.attention import AttentionMetadata
     from splitserve.pipeline import green
-    from splitserve.pipeline.pingpong import StageStreams, pipelined_forward
+    from splitserve.pipeline.pingpong import PingPong, StageStreams
+    from splitserve.worker.inputs import prepare_inputs
 
     device = torch.device("cuda", 0)
     ok, reason = green.capability(device)
     if not ok:
         pytest.skip(reason)
     llm = LLM(qwen3_06b, max_model_len=2048, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     runner.kv_cache.normal_()
     seqs, nb = [], 0
     for i, ctx in enumerate(range(100, 100 + 64 * 29, 29)):
@@ -368,7 +370,7 @@ def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
         s.block_table, s.num_computed_tokens = list(range(nb, nb + blocks)), ctx
         nb += blocks
         seqs.append(s)
-    host = runner.prepare(ScheduledBatch(seqs, [1] * len(seqs)))
+    host = prepare_inputs(ScheduledBatch(seqs, [1] * len(seqs)), runner.block_size)
     t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
     meta = AttentionMetadata(t["slot_mapping"], t["query_start_loc"], t["seq_lens"], t["block_tables"], 1,
                              int(host["seq_lens"].max()))
@@ -376,8 +378,8 @@ def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
     with torch.no_grad():
         plain = runner.model(t["input_ids"], t["positions"], meta)
         events: list = []
-        piped = pipelined_forward(runner.model, t["input_ids"], t["positions"], meta, 2,
-                                  StageStreams(part.attention_stream, part.ffn_stream), events)
+        piped = runner.model(t["input_ids"], t["positions"], meta,
+                             PingPong(2, StageStreams(part.attention_stream, part.ffn_stream), events))
         torch.cuda.synchronize()
     assert (piped - plain).abs().max().item() < 1e-3 * plain.abs().max().item()
     assert torch.equal(runner.model.compute_logits(piped).argmax(-1), runner.model.compute_logits(plain).argmax(-1))

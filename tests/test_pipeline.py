@@ -9,14 +9,16 @@ from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
 from splitserve.layers.attention import AttentionMetadata
 from splitserve.pipeline import green
-from splitserve.pipeline.pingpong import microbatch_bounds, pipelined_forward
+from splitserve.pipeline.pingpong import PingPong, microbatch_bounds
 from splitserve.sampling_params import SamplingParams
+from splitserve.worker.decode_graphs import PLAIN, DecodePath
+from splitserve.worker.inputs import prepare_inputs
 
 
 @pytest.fixture(scope="module")
 def runner(make_tiny_model):
     llm = LLM(make_tiny_model("qwen3", seed=5), device="cpu", num_kv_blocks=512)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     torch.manual_seed(0)
     runner.kv_cache.normal_()  # a cache full of earlier tokens' K/V
     return runner
@@ -34,7 +36,7 @@ def _decode_inputs(runner, batch_size: int, seed: int):
         next_block += blocks
         s.num_computed_tokens = ctx
         seqs.append(s)
-    host = runner.prepare(ScheduledBatch(seqs, [1] * batch_size))
+    host = prepare_inputs(ScheduledBatch(seqs, [1] * batch_size), bs)
     t = {k: torch.from_numpy(v) for k, v in host.items()}
     meta = AttentionMetadata(slot_mapping=t["slot_mapping"], query_start_loc=t["query_start_loc"],
                              seq_lens=t["seq_lens"], block_tables=t["block_tables"], max_query_len=1,
@@ -52,7 +54,7 @@ def test_pipelined_forward_equals_plain_exactly(runner, batch_size, num_microbat
     input_ids, positions, meta = _decode_inputs(runner, batch_size, seed=batch_size)
     with torch.no_grad():
         plain = runner.model(input_ids, positions, meta)
-        piped = pipelined_forward(runner.model, input_ids, positions, meta, num_microbatches)
+        piped = runner.model(input_ids, positions, meta, PingPong(num_microbatches))
     assert piped.dtype == torch.float32
     assert torch.equal(piped, plain)
     assert torch.equal(runner.model.compute_logits(piped), runner.model.compute_logits(plain))
@@ -69,7 +71,7 @@ def test_pipelined_forward_detects_a_wrong_stage_order(runner):
         for layer in model.layers:
             hidden, residual = layer.attention_stage(positions, hidden, residual, meta)
         for layer in model.layers:
-            hidden, residual = layer.ffn_stage(hidden, residual)
+            hidden, residual = layer.ffn_stage(positions, hidden, residual, meta)
         wrong, _ = model.norm(hidden, residual)
     assert not torch.allclose(wrong, plain, atol=1e-3)
 
@@ -161,9 +163,9 @@ def test_planner_picks_the_fastest_path_at_every_calibrated_point():
     for anchor in plan.anchors:
         for ctx in plan.ctx_points:
             truth = min(PATHS, key=lambda p: _synthetic_ms(p, anchor, ctx))
-            assert DecodePlanner(plan).choose(anchor, anchor, ctx) == (truth, anchor)
+            assert DecodePlanner(plan).choose(anchor, anchor, ctx) == (DecodePath.parse(truth), anchor)
     # the toy model makes each kind of answer appear: plain at small batch, different splits at large
-    answers = {DecodePlanner(plan).choose(a, a, c)[0] for a in plan.anchors for c in plan.ctx_points}
+    answers = {DecodePlanner(plan).choose(a, a, c)[0].name for a in plan.anchors for c in plan.ctx_points}
     assert "plain" in answers and len(answers - {"plain"}) >= 2
 
 
@@ -177,10 +179,10 @@ def test_planner_interpolates_between_points_and_pads_to_an_anchor():
     assert plan.estimate("plain", 208, 1024) == pytest.approx(_synthetic_ms("plain", 208, 1024))
     # 200 sequences: plain replays its 208 bucket; a pipelined path replays the 256 anchor (padded)
     options = DecodePlanner(plan).candidates(200, 208, 1024)
-    assert options["plain"][1] == 208 and all(b == 256 for p, (_, b) in options.items() if p != "plain")
-    assert options["pipeline:64"][0] == pytest.approx(plan.estimate("pipeline:64", 256, 1024))
+    assert options[PLAIN][1] == 208 and all(b == 256 for p, (_, b) in options.items() if p != PLAIN)
+    assert options[DecodePath.parse("pipeline:64")][0] == pytest.approx(plan.estimate("pipeline:64", 256, 1024))
     # below the smallest anchor there is no pipelined graph: plain, with no estimate needed
-    assert DecodePlanner(plan).candidates(12, 16, 1024) == {"plain": (0.0, 16)}
+    assert DecodePlanner(plan).candidates(12, 16, 1024) == {PLAIN: (0.0, 16)}
 
 
 def test_planner_rebalances_as_context_grows_with_hysteresis():
@@ -190,7 +192,7 @@ def test_planner_rebalances_as_context_grows_with_hysteresis():
 
     plan = _plan()
     planner = DecodePlanner(plan, hysteresis=0.03)
-    chosen = [planner.choose(256, 256, ctx)[0] for ctx in range(256, 4097, 64)]
+    chosen = [planner.choose(256, 256, ctx)[0].name for ctx in range(256, 4097, 64)]
     best_at = {ctx: min(PATHS, key=lambda p: plan.estimate(p, 256, ctx)) for ctx in range(256, 4097, 64)}
     best = list(best_at.values())
     assert len({p for p in chosen if p != "plain"}) >= 2  # two different splits over the run
@@ -203,7 +205,7 @@ def test_planner_rebalances_as_context_grows_with_hysteresis():
         assert est[chosen[i]] <= 1.03 * min(est.values()) + 1e-9
     wobble = DecodePlanner(plan, hysteresis=0.03)
     crossover = next(ctx for ctx in range(256, 4097, 8) if best_at.get(ctx // 64 * 64) != chosen[0])
-    path = [wobble.choose(256, 256, ctx)[0] for ctx in [256] + [crossover - 8, crossover + 8] * 10]
+    path = [wobble.choose(256, 256, ctx)[0].name for ctx in [256] + [crossover - 8, crossover + 8] * 10]
     assert wobble.num_switches <= 2, path
     without = DecodePlanner(plan, hysteresis=0.0)
     for ctx in [256] + [crossover - 64, crossover + 64] * 10:
@@ -220,8 +222,8 @@ def test_planner_keeps_only_graphs_it_can_choose_and_round_trips_as_json():
     planner = DecodePlanner(plan)
     keep = planner.used_graphs()
     chosen = {DecodePlanner(plan).choose(a, a, c) for a in plan.anchors for c in plan.ctx_points}
-    assert {(p, b) for p, b in chosen if p != "plain"} <= keep
-    assert all(p != "plain" for p, _ in keep) and len(keep) < 3 * len(plan.anchors)
+    assert {(p, b) for p, b in chosen if p != PLAIN} <= keep
+    assert all(p != PLAIN for p, _ in keep) and len(keep) < 3 * len(plan.anchors)
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
     assert again == plan
     with pytest.raises(ValueError, match="version"):
@@ -234,25 +236,29 @@ def test_calibration_stops_capturing_where_the_pipeline_keeps_losing():
     more pipelined graphs are captured (their memory is not spent) and the plan marks them missing."""
     from splitserve.pipeline.planner import DecodePlanner, calibrate
 
-    class FakeRunner:
+    class FakeGraphs:  # what calibrate uses of worker.decode_graphs.DecodeGraphs
+        profiler = None
+
         def __init__(self):
-            self.pipeline_graphs, self.captured = {}, []
+            self.pipelined, self.captured = {}, []
 
-        def capture_pipeline_graph(self, path, partition, bucket):
+        def capture_pipelined(self, path, bucket, schedule):
             self.captured.append((path, bucket))
-            self.pipeline_graphs[(path, bucket)] = object()
+            self.pipelined[(path, bucket)] = object()
 
-        def time_decode(self, path, bucket, ctx, iters):
-            return _synthetic_ms(path, bucket, ctx) * (3.0 if path != "plain" and bucket <= 64 else 1.0)
+        def time(self, path, bucket, ctx, iters):
+            return _synthetic_ms(path.name, bucket, ctx) * (3.0 if path != PLAIN and bucket <= 64 else 1.0)
 
     class Part:
+        attention_stream = ffn_stream = None
+
         def __init__(self, sm):
             self.attention_sm, self.ffn_sm = sm, 132 - sm
 
-    runner = FakeRunner()
-    plan = calibrate(runner, {p: Part(int(p.split(":")[1])) for p in PATHS[1:]}, [16, 32, 64, 128, 256],
-                     [256, 1024, 4096])
-    assert {b for _, b in runner.captured} == {256, 128, 64, 32}  # 64 and 32 lose: 16 is skipped
+    graphs = FakeGraphs()
+    plan = calibrate(graphs, {DecodePath.parse(p): Part(int(p.split(":")[1])) for p in PATHS[1:]},
+                     [16, 32, 64, 128, 256], [256, 1024, 4096])
+    assert {b for _, b in graphs.captured} == {256, 128, 64, 32}  # 64 and 32 lose: 16 is skipped
     assert not plan.has("pipeline:64", 16) and plan.has("plain", 16) and plan.has("pipeline:64", 32)
-    assert DecodePlanner(plan).choose(16, 16, 1024)[0] == "plain"
+    assert DecodePlanner(plan).choose(16, 16, 1024)[0] == PLAIN
     assert plan.anchors == [16, 32, 64, 128, 256]

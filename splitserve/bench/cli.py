@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
         kwargs.setdefault("max_num_seqs", max(args.batch_sizes))
         kwargs.setdefault("max_model_len", max(args.context_lens) + 1)
     llm = LLM(model, **kwargs)
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     meta = {"model": args.shape or model or "SmolLM2-135M-Instruct",
             "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dtype": str(runner.dtype),
@@ -147,8 +147,8 @@ def _hf_compare(args, llm, result) -> dict:
 
     from splitserve.bench import hf, workloads
 
-    runner = llm.engine.runner
-    folder, random_weights = llm.engine.model_path, llm.config.load_format == "dummy"
+    runner = llm.engine.core.runner
+    folder, random_weights = llm.engine.model.path, llm.config.load_format == "dummy"
     del llm  # free the GPU for the HF model (the engine's memory goes with it)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     try:

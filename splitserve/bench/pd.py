@@ -59,7 +59,7 @@ def drive(engine, requests, offsets: list[float], start_wall: float | None = Non
 
 def warm_up(engine, vocab: int) -> None:
     """Compile kernels and touch every prefill size class before anything is timed."""
-    longest = min(4096, engine.config.max_model_len - 16)
+    longest = min(4096, engine.max_model_len - 16)
     reqs = make_requests(6, (16, longest), (4, 8), vocab, seed=123)
     drive(engine, reqs, [0.0] * len(reqs))
 
@@ -176,7 +176,7 @@ def transfer_bandwidth(devices: list[str], shape: tuple, num_tokens: int, block_
 
 def single_prompt_ttft(engine, vocab: int, prompt_len: int = 4096, repeats: int = 5) -> dict:
     """Idle-system TTFT and time to the second token of one long prompt (median of `repeats`)."""
-    prompt_len = min(prompt_len, engine.config.max_model_len - 8)
+    prompt_len = min(prompt_len, engine.max_model_len - 8)
     ttft, second = [], []
     for r in range(repeats):
         reqs = make_requests(1, (prompt_len, prompt_len), (2, 2), vocab, seed=1000 + r)
@@ -194,7 +194,7 @@ def pd_bench(args) -> dict:
     from splitserve.bench.shapes import shape_folder
     from splitserve.cli import engine_kwargs
     from splitserve.config import EngineConfig
-    from splitserve.disagg.coordinator import PDEngine, pd_devices
+    from splitserve.disagg.coordinator import pd_devices
     from splitserve.engine.engine import LLMEngine
 
     kwargs = engine_kwargs(args)
@@ -227,7 +227,7 @@ def pd_bench(args) -> dict:
     if "data_parallel" in setups:
         result["setups"]["data_parallel"] = runs_of(run_colocated([p_dev, d_dev], kwargs, requests, arrivals))
     if "pd" in setups:
-        engine = PDEngine(EngineConfig.from_kwargs(**{**kwargs, "enable_two_gpu_pd": True}))
+        engine = LLMEngine(EngineConfig.from_kwargs(**{**kwargs, "enable_two_gpu_pd": True}))
         try:
             warm_up(engine, vocab)
             per_rate = []
@@ -244,7 +244,7 @@ def pd_bench(args) -> dict:
         engine = LLMEngine(EngineConfig.from_kwargs(**{**kwargs, "device": p_dev}))
         warm_up(engine, vocab)
         result["colocated_single_prompt"] = single_prompt_ttft(engine, vocab)
-        runner = engine.runner
+        runner = engine.core.runner
         shape = (2, runner.num_layers, 512, runner.block_size, runner.num_kv_heads, runner.head_dim)
         del engine, runner
         torch.cuda.empty_cache()

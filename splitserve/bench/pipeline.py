@@ -1,7 +1,7 @@
 """`splitserve bench pipeline`: plain decode graph vs the pipelined graph on each SM split vs the planner.
 
 Per model shape (random weights), over a (batch, context) grid:
-- every path's decode step, timed as graph replays (`ModelRunner.time_decode`);
+- every path's decode step, timed as graph replays (`DecodeGraphs.time`);
 - the planner's choice, from its own calibration (anchors = the grid's batches, contexts 256/1024/4096,
   fewer replays), judged against the separately measured grid — contexts 512 and 2048 are interpolated
   by the planner, so P6 tests the interpolation too;
@@ -19,8 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from splitserve.pipeline.planner import PLAIN, DecodePlanner, calibrate, candidate_splits, pipeline_path
+from splitserve.pipeline.planner import DecodePlanner, calibrate, candidate_splits, pingpong_on
 from splitserve.pipeline.profiling import stage_times
+from splitserve.worker.decode_graphs import PLAIN as PLAIN_PATH
+from splitserve.worker.decode_graphs import DecodePath, pipeline_path
+
+PLAIN = PLAIN_PATH.name  # results are keyed by path name
 
 
 def gemm_tflops(device: torch.device, n: int = 8192) -> float:
@@ -57,14 +61,14 @@ def roofline_ms(cfg, batch: int, ctx: int, flops_per_s: float, bytes_per_s: floa
     return {"roofline_serial_ms": serial * layers * 1e3, "roofline_overlap_ms": overlap * layers * 1e3}
 
 
-def _measure(runner, paths: list[str], batch: int, ctx: int, iters: int) -> dict[str, float]:
-    return {p: runner.time_decode(p, batch, ctx, iters) for p in paths}
+def _measure(graphs, paths: list[DecodePath], batch: int, ctx: int, iters: int) -> dict[str, float]:
+    return {p.name: graphs.time(p, batch, ctx, iters) for p in paths}
 
 
-def _stages(runner, path: str, batch: int) -> dict | None:
+def _stages(graphs, path: DecodePath, batch: int) -> dict | None:
     """Busy time of each partition's stream and overlap efficiency in the last replay of a pipelined graph
     (its stage events are event-record nodes inside the graph)."""
-    graph = runner.pipeline_graphs.get((path, batch))
+    graph = graphs.pipelined.get((path, batch))
     return stage_times(graph.stage_events) if graph is not None and graph.stage_events else None
 
 
@@ -89,72 +93,73 @@ def bench_shape(shape: str, batches: list[int], ctxs: list[int], splits: list[in
                    "enable_prefix_caching": False, "gpu_memory_utilization": 0.8,
                    "decode_pipeline_profiling": True, **kwargs}
     llm = LLM(shape_folder(shape), **engine_args)
-    runner = llm.engine.runner
-    if not runner.graphs:
+    runner = llm.engine.core.runner
+    graphs = runner.graphs
+    if graphs is None:
         raise RuntimeError("bench pipeline needs CUDA graphs (enforce_eager is set)")
     runner.kv_cache.normal_()  # finite values in every block the wrapped tables read
-    missing = [b for b in batches if b not in runner.graph_buckets()]
+    missing = [b for b in batches if b not in graphs.buckets]
     if missing:
-        raise ValueError(f"batch sizes {missing} are not decode graph buckets {runner.graph_buckets()}")
+        raise ValueError(f"batch sizes {missing} are not decode graph buckets {graphs.buckets}")
     total_sms = torch.cuda.get_device_properties(device).multi_processor_count
     partitions = {}
     for sm in splits or candidate_splits(total_sms):
         part = green.split(device, sm)
-        partitions[pipeline_path(part.attention_sm)] = part
-    paths = [PLAIN, *partitions]
+        partitions[pipeline_path(part.attention_sm, part.ffn_sm)] = part
+    paths = [PLAIN_PATH, *partitions]
 
     # The grid of pipelined graphs (every split at every batch), with its capture time and memory.
-    mem0 = runner.free_device_memory()
+    mem0 = graphs.free_memory()
     t0 = time.perf_counter()
     for b in batches:
         for path, part in partitions.items():
-            runner.capture_pipeline_graph(path, part, b)
-    grid_graphs = {"count": len(runner.pipeline_graphs), "capture_s": time.perf_counter() - t0,
-                   "memory_bytes": mem0 - runner.free_device_memory()}
+            graphs.capture_pipelined(path, b, pingpong_on(part, profiling=True))
+    grid_graphs = {"count": len(graphs.pipelined), "capture_s": time.perf_counter() - t0,
+                   "memory_bytes": mem0 - graphs.free_memory()}
 
     # The planner's own calibration, as the engine runs it (it reuses the graphs captured above).
     plan_ctx = sorted({min(c, max(ctxs)) for c in (256, 1024, 4096)})
-    plan = calibrate(runner, partitions, batches, plan_ctx, iters=3)
+    plan = calibrate(graphs, partitions, batches, plan_ctx, iters=3)
 
     points = []
     for b, c in tqdm([(b, c) for b in batches for c in ctxs], desc=f"pipeline {shape}", unit="point"):
-        times = _measure(runner, paths, b, c, iters)
-        stages = {p: _stages(runner, p, b) for p in paths[1:]}  # each path's last replay was at (b, c)
+        times = _measure(graphs, paths, b, c, iters)
+        stages = {p.name: _stages(graphs, p, b) for p in paths[1:]}  # each path's last replay was at (b, c)
         best = min(times, key=times.get)
-        best_pipe = min(paths[1:], key=times.get)
-        chosen, _ = DecodePlanner(plan).choose(b, b, c)  # a fresh planner: no hysteresis history
+        best_pipe = min((p.name for p in paths[1:]), key=times.get)
+        chosen = DecodePlanner(plan).choose(b, b, c)[0].name  # a fresh planner: no hysteresis history
         points.append({"batch": b, "ctx": c, "ms": times, "best": best, "planner": chosen, "stages": stages,
                        "best_pipeline": best_pipe,
                        "speedup_best_vs_plain": times[PLAIN] / times[best],
                        "planner_over_best": times[chosen] / times[best],
                        **roofline_ms(runner.hf_config, b, c, flops, bandwidth)})
 
-    result = {"shape": shape, "batches": batches, "ctxs": ctxs, "splits": {p: [s.attention_sm, s.ffn_sm]
+    result = {"shape": shape, "batches": batches, "ctxs": ctxs, "splits": {p.name: [s.attention_sm, s.ffn_sm]
                                                                           for p, s in partitions.items()},
               "graph_grid": grid_graphs, "plan": plan.to_json(), "plan_table": plan.table(),
               "copy_bandwidth_GBps": bandwidth / 1e9, "gemm_TFLOPs": flops / 1e12, "points": points,
               "num_kv_blocks": runner.num_kv_blocks}
     if m3_batch:
-        result["m3"] = growing_context_run(runner, plan, paths, m3_batch, max(256, min(ctxs)), max(ctxs), m3_step)
-    del llm, runner, partitions
+        result["m3"] = growing_context_run(graphs, plan, paths, m3_batch, max(256, min(ctxs)), max(ctxs), m3_step)
+    del llm, runner, graphs, partitions
     gc.collect()  # the graphs and the KV cache go before the next shape's engine is built
     torch.cuda.empty_cache()
     return result
 
 
-def growing_context_run(runner, plan, paths: list[str], batch: int, ctx_from: int, ctx_to: int, step: int,
-                        iters: int = 3) -> dict:
+def growing_context_run(graphs, plan, paths: list[DecodePath], batch: int, ctx_from: int, ctx_to: int,
+                        step: int, iters: int = 3) -> dict:
     """M3: a batch whose context grows from ctx_from to ctx_to. Every path is timed at every step; the
     adaptive run pays the time of the path the planner picked at that step (hysteresis on), a fixed run
     the time of its one path."""
     planner = DecodePlanner(plan)
-    totals = dict.fromkeys(paths, 0.0)
+    totals = dict.fromkeys((p.name for p in paths), 0.0)
     adaptive, trace = 0.0, []
     for ctx in tqdm(range(ctx_from, ctx_to + 1, step), desc="M3 growing context", unit="step"):
-        times = _measure(runner, paths, batch, ctx, iters)
-        chosen, _ = planner.choose(batch, batch, ctx)
+        times = _measure(graphs, paths, batch, ctx, iters)
+        chosen = planner.choose(batch, batch, ctx)[0].name
         adaptive += times[chosen]
-        for p in paths:
+        for p in totals:
             totals[p] += times[p]
         trace.append({"ctx": ctx, "chosen": chosen, "ms": times})
     best_fixed = min(totals, key=totals.get)

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from splitserve.engine.scheduler import ScheduledBatch
-from splitserve.engine.sequence import Sequence
 from splitserve.sampling_params import SamplingParams
+from splitserve.worker.decode_graphs import PLAIN
+from splitserve.worker.inputs import fake_batch
 
 
 def device_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float | None:
@@ -36,22 +36,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_batch(batch: int, ctx: int, block_size: int) -> ScheduledBatch:
-    """`batch` sequences with `ctx` tokens in the cache (consecutive blocks) and one token to decode."""
-    blocks_per_seq = -(-(ctx + 1) // block_size)
-    seqs = []
-    for i in range(batch):
-        s = Sequence([1] * (ctx + 1), SamplingParams(temperature=0, max_tokens=1))
-        s.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-        s.num_computed_tokens = ctx
-        seqs.append(s)
-    return ScheduledBatch(seqs, [1] * batch)
-
-
 def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 20) -> dict:
     """Decode step time at (batch, context): one engine step (inputs, graph replay, sampling) timed directly
     on the model runner, with random data in the KV cache."""
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     bs = runner.block_size
     if runner.device.type == "cuda":
         runner.kv_cache.normal_()  # never time on zeros
@@ -62,10 +50,10 @@ def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 2
     grid = [(b, c) for b in batch_sizes for c in context_lens]
     for batch, ctx in tqdm(grid, desc="latency", unit="point"):
         blocks_per_seq = -(-(ctx + 1) // bs)
-        if batch * blocks_per_seq > runner.num_kv_blocks or ctx + 1 > llm.config.max_model_len:
+        if batch * blocks_per_seq > runner.num_kv_blocks or ctx + 1 > llm.engine.max_model_len:
             points.append({"batch": batch, "ctx": ctx, "skipped": "does not fit the KV cache"})
             continue
-        step = decode_batch(batch, ctx, bs)
+        step = fake_batch(batch, ctx, bs, runner.num_kv_blocks)
         for _ in range(3):
             runner.execute(step)
         times = []
@@ -74,17 +62,11 @@ def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 2
             runner.execute(step)  # ends in a device sync (sampled tokens to host)
             times.append(time.perf_counter() - t0)
         step_s = float(np.median(times))
-        bucket = runner._bucket(batch)
+        bucket = runner.graphs.bucket_for(batch) if runner.graphs is not None else None
         point = {"batch": batch, "ctx": ctx, "ms_per_step": step_s * 1e3, "tok_s": batch / step_s,
                  "graph": bucket is not None}
         if bucket is not None:  # the graph alone, replayed back to back: GPU time without host gaps
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                runner.graphs[bucket].replay()
-            end.record()
-            end.synchronize()
-            point["graph_gpu_ms"] = start.elapsed_time(end) / iters
+            point["graph_gpu_ms"] = runner.graphs.time(PLAIN, bucket, ctx, iters)
         if bandwidth:
             bytes_read = wbytes + batch * ctx * kv_per_token
             point["roofline_ms"] = bytes_read / bandwidth * 1e3
@@ -106,7 +88,7 @@ def throughput(llm, num_requests: int = 256, in_range=(100, 1024), out_range=(10
     prompts, out_lens = random_requests(num_requests, in_range, out_range, llm.engine.vocab_size, seed)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm up
-    engine = llm.engine
+    engine = llm.engine.core
     engine.prefill_time_s = engine.decode_time_s = 0.0
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)

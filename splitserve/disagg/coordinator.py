@@ -1,31 +1,52 @@
-"""PDEngine: the LLMEngine interface over a prefill worker and a decode worker (M1).
+"""PDClient: a core client over a prefill worker and a decode worker (M1).
 
-The coordinator holds no model. It validates and tokenizes requests (inherited from LLMEngine), sends
-them to the prefill worker, relays the small offer/accept/reject messages between the workers, and
-mirrors each request's tokens and text from their reports. LLM.generate and the HTTP server drive it
-exactly like the colocated engine. If a worker dies, the next `step()` raises within its poll interval
-(milliseconds) after stopping the other worker; no process is left behind.
+The coordinator holds no model. The front end (engine.LLMEngine) tokenizes and validates as always and
+talks to this client as it would to an in-process EngineCore: requests go to the prefill worker, the
+small offer/accept/reject messages are relayed between the workers, and their token outputs come back.
+Worker death is seen at once: each worker's process sentinel (a pidfd) is waited on together with the
+connections, so the next `step()` raises WorkerDiedError, after stopping the other worker (a short grace,
+then killed); no process is left behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import multiprocessing as mp
 import os
+import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
-from multiprocessing.connection import Listener, wait
+import weakref
+from multiprocessing.connection import wait
 
 import torch
 
-from splitserve.config import EngineConfig
-from splitserve.engine.engine import LLMEngine
-from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.config import EngineConfig, ModelSpec
+from splitserve.disagg.channel import Channel, handshake
+from splitserve.disagg.messages import (
+    Abort,
+    Accept,
+    Add,
+    Error,
+    Hello,
+    Offer,
+    Outputs,
+    Ready,
+    Reject,
+    Setup,
+    Stats,
+    Stop,
+)
+from splitserve.disagg.worker import AUTHKEY_ENV
+from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 
 logger = logging.getLogger("splitserve")
 POLL_S = 0.005
 STARTUP_TIMEOUT_S = 600.0
+STOP_GRACE_S = 0.5  # a worker told to stop gets this long before it is killed
 
 
 def pd_devices(config: EngineConfig) -> tuple[str, str]:
@@ -72,229 +93,257 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
-class PDEngine(LLMEngine):
-    def __init__(self, config: EngineConfig):
+def worker_config(config: EngineConfig, role: str, device: str) -> EngineConfig:
+    """A worker's own engine config: one device, no PD; prefill never runs a decode batch (no graphs, no
+    pipeline), decode sizes its cache by pd_decode_num_kv_blocks."""
+    config = dataclasses.replace(config, device=device, enable_two_gpu_pd=False, prefill_device_id=None,
+                                 decode_device_id=None, pd_remote_decode=None)
+    if role == "prefill":
+        return dataclasses.replace(config, enforce_eager=True, enable_decode_pipeline=False,
+                                   decode_attention_sm=None, decode_ffn_sm=None, decode_pipeline_profiling=False)
+    return dataclasses.replace(config, num_kv_blocks=config.pd_decode_num_kv_blocks or config.num_kv_blocks)
+
+
+class _Worker:
+    """One worker as the coordinator sees it: process (None when remote), its exit sentinel, its channel."""
+
+    def __init__(self, role: str, proc: subprocess.Popen | None):
+        self.role, self.proc, self.channel = role, proc, None
+        self.sentinel = os.pidfd_open(proc.pid) if proc is not None else None
+        self.stats: dict = {}
+        self.gauges: CoreGauges | None = None
+        self.max_model_len: int | None = None
+
+    def describe_exit(self) -> str:
+        if self.proc is None:
+            return f"the {self.role} worker closed its connection"
+        code = self.proc.wait(2.0)  # its sentinel fired or its connection closed: it is exiting
+        return f"the {self.role} worker (pid {self.proc.pid}) exited with code {code}"
+
+
+class PDClient:
+    def __init__(self, config: EngineConfig, model: ModelSpec):
         t0 = time.perf_counter()
-        self._init_frontend(config)
+        self.config = config
         self.devices = dict(zip(("prefill", "decode"), pd_devices(config)))
-        self.procs: dict[str, mp.process.BaseProcess] = {}
-        self.conns: dict = {}
-        self.worker_stats: dict[str, dict] = {}
+        self.workers: dict[str, _Worker] = {}
+        self.requests: dict[str, CoreRequest] = {}  # unfinished, as this client knows them
         self.num_relayed = 0
+        self.dead: str | None = None
+        self.listener: socket.socket | None = None
+        # Workers are stopped at interpreter exit too (they live in their own sessions: no Ctrl-C reaches them).
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, STOP_GRACE_S)
         try:
             self._start_workers()
         except BaseException:
             self.shutdown()
             raise
-        self._fit_max_model_len(min(s["max_model_len"] for s in self.worker_stats.values()))
+        self.max_model_len = min(w.max_model_len for w in self.workers.values())
         self.startup_time_s = time.perf_counter() - t0
 
     # ---- workers ----
     def _start_workers(self) -> None:
-        from splitserve.disagg.worker import worker_main
-
         remote = self.config.pd_remote_decode
         if remote:  # a decode worker on another host connects to us with the shared secret
-            key = os.environ.get("SPLITSERVE_PD_AUTHKEY")
+            key = os.environ.get(AUTHKEY_ENV)
             if not key:
-                raise ValueError("pd_remote_decode needs SPLITSERVE_PD_AUTHKEY set (the same secret on both hosts)")
-            authkey = key.encode()
+                raise ValueError(f"pd_remote_decode needs {AUTHKEY_ENV} set (the same secret on both hosts)")
+            if "MASTER_ADDR" not in os.environ:
+                raise ValueError("pd_remote_decode needs MASTER_ADDR and MASTER_PORT (this host's address and a "
+                                 "free port, reachable from the decode host: the torch.distributed rendezvous)")
             host, _, port = remote.rpartition(":")
-            self.listener = Listener((host or "0.0.0.0", int(port)), authkey=authkey)
+            address = (host or "127.0.0.1", int(port))  # all interfaces only when asked for (0.0.0.0)
         else:
-            authkey = os.urandom(16)
-            self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+            key, address = secrets.token_hex(16), ("127.0.0.1", 0)
         master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         master_port = int(os.environ.get("MASTER_PORT", 0)) or _free_port()
-        if remote and "MASTER_ADDR" not in os.environ:
-            raise ValueError("pd_remote_decode needs MASTER_ADDR and MASTER_PORT (this host's address and a free "
-                             "port, reachable from the decode host: the torch.distributed rendezvous)")
-        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        self.listener = socket.create_server(address)
+        self.listener.settimeout(0.2)
+        host, port = self.listener.getsockname()[:2]
+        local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        env = {**os.environ, AUTHKEY_ENV: key}
         for role in ("prefill",) if remote else ("prefill", "decode"):
-            proc = ctx.Process(target=worker_main, name=f"splitserve-{role}", daemon=True,
-                               args=(role, self.devices[role], self.listener.address, authkey))
-            proc.start()
-            self.procs[role] = proc
+            cmd = [sys.executable, "-m", "splitserve", "pd-worker", "--coordinator", f"{local_host}:{port}",
+                   "--role", role, "--device", self.devices[role], "--connect-timeout", "60"]
+            self.workers[role] = _Worker(role, subprocess.Popen(cmd, env=env, start_new_session=True))
         if remote:
-            logger.warning("waiting for the decode worker: on the decode host run `SPLITSERVE_PD_AUTHKEY=... "
-                           "splitserve pd-worker --coordinator %s --device cuda:N`", remote)
-        accepted: list = []
-
-        def accept() -> None:
-            for _ in range(2):
-                conn = self.listener.accept()
-                _, role, _pid = conn.recv()
-                conn.send(("config", self.config, master_addr, master_port))
-                accepted.append((role, conn))
-
-        threading.Thread(target=accept, daemon=True).start()
+            self.workers["decode"] = _Worker("decode", None)
+            logger.warning("waiting for the decode worker: on the decode host run `%s=... splitserve pd-worker "
+                           "--coordinator %s --device cuda:N`", AUTHKEY_ENV, remote)
+        accepted: list[tuple[Hello, Channel]] = []
+        threading.Thread(target=self._accept, args=(key.encode(), accepted), daemon=True).start()
+        # A remote worker runs on the device it was started with (worker_main puts it into its config).
+        setups = {role: Setup(worker_config(self.config, role, self.config.device if dev == "remote" else dev),
+                              master_addr, master_port) for role, dev in self.devices.items()}
         deadline = time.time() + STARTUP_TIMEOUT_S
-        while len(self.worker_stats) < 2:
-            self._check_workers()
-            for role, conn in accepted:
-                self.conns.setdefault(role, conn)
-            for conn in wait(list(self.conns.values()), timeout=0.1):
-                self._dispatch(conn.recv(), [])
+        while any(w.max_model_len is None for w in self.workers.values()):
+            while accepted:
+                hello, channel = accepted.pop()
+                worker = self.workers.get(hello.role)
+                if worker is None or worker.channel is not None:
+                    channel.close()  # a second worker for a role: not ours
+                    continue
+                worker.channel = channel
+                channel.send(setups[hello.role])
+            self._poll(0.1)
             if time.time() > deadline:
                 raise WorkerDiedError(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
         logger.info("two-device PD: prefill on %s, decode on %s", self.devices["prefill"], self.devices["decode"])
 
+    def _accept(self, key: bytes, accepted: list) -> None:
+        """Accept worker connections until both roles have one. A peer with a wrong key, or one that says
+        nothing, is dropped after its handshake fails or times out; accepting goes on."""
+        while self.listener is not None and any(w.channel is None for w in self.workers.values()):
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._handshake, args=(sock, peer, key, accepted), daemon=True).start()
+
+    @staticmethod
+    def _handshake(sock, peer, key: bytes, accepted: list) -> None:
+        try:
+            channel = handshake(sock, key, is_coordinator=True)
+            hello = channel.recv()
+            if not isinstance(hello, Hello):
+                raise ConnectionError(f"expected a worker's hello, got {type(hello).__name__}")
+        except (ConnectionError, EOFError, OSError) as e:
+            logger.warning("refused a control connection from %s: %s", peer[0], e)
+            return
+        accepted.append((hello, channel))
+
     def worker_pids(self) -> dict[str, int]:
-        return {role: p.pid for role, p in self.procs.items()}
-
-    def _check_workers(self) -> None:
-        for role, proc in self.procs.items():
-            if proc.exitcode is not None:
-                self._died(f"the {role} worker (pid {proc.pid}) exited with code {proc.exitcode}")
-
-    def _lost(self, role: str) -> None:
-        """A worker's connection closed: name the worker, with its exit code when it is a local process."""
-        proc = self.procs.get(role)
-        if proc is not None:
-            proc.join(1.0)  # a killed process needs a moment before its exit code can be read
-            if proc.exitcode is not None:
-                self._died(f"the {role} worker (pid {proc.pid}) exited with code {proc.exitcode}")
-        self._died(f"the {role} worker closed its connection")
+        return {role: w.proc.pid for role, w in self.workers.items() if w.proc is not None}
 
     def _died(self, reason: str) -> None:
-        self.shutdown()
-        for seq in self.requests.values():
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                seq.status = SequenceStatus.FINISHED
-        raise WorkerDiedError(f"{reason}; the other worker was stopped")
+        self.dead = f"{reason}; the other worker was stopped"
+        self.shutdown(STOP_GRACE_S)
+        raise WorkerDiedError(self.dead)
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop both workers (politely, then by force); safe to call twice."""
-        for conn in self.conns.values():
-            try:
-                conn.send(("stop",))
-            except OSError:
-                pass
-        deadline = time.time() + timeout
-        for proc in self.procs.values():
-            proc.join(max(0.0, deadline - time.time()))
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for conn in self.conns.values():
-            conn.close()
-        self.conns = {}
-        if getattr(self, "listener", None) is not None:
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop both workers (told to stop, then killed after `grace_s`); safe to call twice."""
+        if self.listener is not None:
             self.listener.close()
             self.listener = None
+        self._finalizer.detach()
+        _stop_workers(self.workers, grace_s)
 
-    def __del__(self):
-        try:
-            self.shutdown(timeout=1.0)
-        except Exception:
-            pass
+    # ---- the core client ----
+    def add(self, request: CoreRequest) -> None:
+        self._check_alive()
+        self.requests[request.request_id] = request
+        self._send("prefill", Add(request))
 
-    # ---- requests ----
-    def add_sequence(self, seq: Sequence) -> None:
-        if seq.request_id in self.requests:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
-        self.requests[seq.request_id] = seq
-        self._send("prefill", ("add", seq.request_id, seq.prompt_token_ids, seq.sampling_params, seq.prompt))
+    def abort(self, request_ids: list[str]) -> None:
+        ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
+        if ids and self.dead is None:
+            for role in ("prefill", "decode"):
+                self._send(role, Abort(ids))
 
-    def abort(self, request_id: str) -> bool:
-        seq = self.requests.get(request_id)
-        if seq is None or seq.is_finished:
-            return False
-        seq.finish_reason = "abort"
-        seq.status = SequenceStatus.FINISHED
-        seq.metrics.finished_time = time.time()
-        for role in ("prefill", "decode"):
-            self._send(role, ("abort", request_id))
-        return True
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
 
-    def has_unfinished_requests(self) -> bool:
-        return any(not s.is_finished for s in self.requests.values())
+    def step(self) -> list[CoreOutput]:
+        self._check_alive()
+        return self._poll(POLL_S)
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise WorkerDiedError(self.dead)
 
     def _send(self, role: str, msg) -> None:
         try:
-            self.conns[role].send(msg)
-        except (OSError, KeyError):
-            self._check_workers()
-            self._lost(role)
+            self.workers[role].channel.send(msg)
+        except (OSError, AttributeError):
+            self._died(self.workers[role].describe_exit())
 
-    # ---- one step: relay messages and apply reports ----
-    def step(self) -> list[Sequence]:
-        self._check_workers()
-        updated: list[Sequence] = []
-        role_of = {id(c): r for r, c in self.conns.items()}
-        for conn in wait(list(self.conns.values()), timeout=POLL_S):
+    def _poll(self, timeout: float) -> list[CoreOutput]:
+        """Wait up to `timeout` for messages or a worker's exit; handle what came."""
+        sources = {}
+        for w in self.workers.values():
+            if w.sentinel is not None:
+                sources[w.sentinel] = w
+            if w.channel is not None:
+                sources[w.channel] = w
+        outputs: list[CoreOutput] = []
+        for ready in wait(list(sources), timeout=timeout):
+            worker = sources[ready]
+            if ready is worker.sentinel:
+                self._died(worker.describe_exit())
             try:
-                while conn.poll():
-                    self._dispatch(conn.recv(), updated)
+                while worker.channel.poll():
+                    self._dispatch(worker, worker.channel.recv(), outputs)
             except (EOFError, OSError):
-                self._lost(role_of.get(id(conn), "a"))
-        self.num_steps += 1
-        return list(dict.fromkeys(updated))
+                self._died(worker.describe_exit())
+        return outputs
 
-    def _dispatch(self, msg, updated: list[Sequence]) -> None:
-        kind = msg[0]
-        if kind == "out":
-            _, role, updates, stats = msg
-            self.worker_stats[role] = stats
-            for update in updates:
-                seq = self._apply(update)
-                if seq is not None:
-                    updated.append(seq)
-        elif kind == "offer":
-            seq = self.requests.get(msg[1])
-            if seq is None or seq.is_finished:
-                self._send("prefill", ("reject", msg[1]))  # aborted while it was prefilled
+    def _dispatch(self, worker: _Worker, msg, outputs: list[CoreOutput]) -> None:
+        if isinstance(msg, Outputs):
+            worker.gauges = msg.gauges
+            for out in msg.outputs:
+                if out.request_id in self.requests:  # else aborted here: the worker's last words do not matter
+                    outputs.append(out)
+                    if out.finish_reason is not None:
+                        del self.requests[out.request_id]
+        elif isinstance(msg, Offer):
+            request = self.requests.get(msg.request_id)
+            if request is None:
+                self._send("prefill", Reject(msg.request_id))  # aborted while it was prefilled
             else:
-                self._send("decode", msg)
+                self._send("decode", dataclasses.replace(msg, request=request))
                 self.num_relayed += 1
-        elif kind in ("accept", "reject"):
+        elif isinstance(msg, (Accept, Reject)):
             self._send("prefill", msg)
-        elif kind in ("ready", "stats"):
-            self.worker_stats[msg[1]] = msg[2]
-        elif kind == "error":
-            self._died(f"the {msg[1]} worker failed:\n{msg[2]}")
+        elif isinstance(msg, Ready):
+            worker.stats, worker.max_model_len = msg.stats, msg.max_model_len
+        elif isinstance(msg, Stats):
+            worker.stats = msg.stats
+        elif isinstance(msg, Error):
+            self._died(f"the {msg.role} worker failed:\n{msg.traceback}")
 
-    def _apply(self, update) -> Sequence | None:
-        (request_id, new_tokens, start, chunk, logprobs, cumulative, finish_reason, stop_reason, cached) = update
-        seq = self.requests.get(request_id)
-        if seq is None or seq.is_finished:
-            return None  # aborted here; the worker's last words about it do not matter
-        now = time.time()
-        seq.status = SequenceStatus.RUNNING
-        seq.token_ids += new_tokens
-        seq.output_text = seq.output_text[:start] + chunk
-        if logprobs is not None and seq.logprobs is not None:
-            seq.logprobs += logprobs
-        seq.cumulative_logprob, seq.num_cached_tokens = cumulative, cached
-        if new_tokens:
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            seq.metrics.last_token_time = now
-            seq.metrics.token_times += [now] * len(new_tokens)
-        if finish_reason is not None:
-            seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
-            seq.status = SequenceStatus.FINISHED
-            seq.metrics.finished_time = now
-        return seq
-
-    def release(self, seq: Sequence) -> None:
-        self.requests.pop(seq.request_id, None)
+    def gauges(self) -> CoreGauges:
+        d = self.workers["decode"].gauges
+        waiting = len(self.requests) - (d.running if d else 0)
+        if d is None:
+            return CoreGauges(0, waiting, 0.0, 0, "cuda_graph" if self.devices["decode"] != "cpu" else "eager")
+        return dataclasses.replace(d, waiting=max(0, waiting))
 
     def stats(self) -> dict:
-        p, d = self.worker_stats.get("prefill", {}), self.worker_stats.get("decode", {})
-        waiting = sum(1 for s in self.requests.values() if not s.is_finished and s.status != SequenceStatus.RUNNING)
+        p, d = self.workers["prefill"].stats, self.workers["decode"].stats
+        g = self.gauges()
         return {
-            "mode": "two_device_pd", "devices": self.devices, "running": d.get("running", 0),
-            "waiting": waiting, "kv_usage": d.get("kv_usage", 0.0),
-            "kv_used_blocks": p.get("kv_used_blocks", 0) + d.get("kv_used_blocks", 0),
-            "num_preemptions": d.get("num_preemptions", 0), "decode_path": d.get("decode_path"),
+            "mode": "two_device_pd", "devices": self.devices, "running": g.running, "waiting": g.waiting,
+            "kv_usage": g.kv_usage, "kv_used_blocks": p.get("kv_used_blocks", 0) + d.get("kv_used_blocks", 0),
+            "num_preemptions": g.num_preemptions, "decode_path": d.get("decode_path"),
             "decode_attention_sm": d.get("decode_attention_sm"), "decode_ffn_sm": d.get("decode_ffn_sm"),
             "decode_pipeline": d.get("decode_pipeline"),
             "prefix_cache_hit_tokens": p.get("prefix_cache_hit_tokens", 0), "num_relayed_offers": self.num_relayed,
-            "startup_time_s": getattr(self, "startup_time_s", None), "prefill": p, "decode": d,
+            "prefill": p, "decode": d,
         }
+
+
+def _stop_workers(workers: dict[str, _Worker], grace_s: float) -> None:
+    for w in workers.values():
+        try:
+            if w.channel is not None:
+                w.channel.send(Stop())
+        except OSError:
+            pass
+    deadline = time.time() + grace_s
+    for w in workers.values():
+        if w.proc is None:
+            continue
+        try:
+            w.proc.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+    for w in workers.values():
+        if w.channel is not None:
+            w.channel.close()
+            w.channel = None
+        if w.sentinel is not None:
+            os.close(w.sentinel)
+            w.sentinel = None

@@ -1,12 +1,13 @@
-"""One request's state as it moves waiting → running → finished."""
+"""One request's state inside an engine core as it moves waiting → running → finished.
+
+Token ids only: text, stop strings and metrics belong to the front end (engine.RequestState).
+"""
 
 from __future__ import annotations
 
 import enum
-import time
 from itertools import count
 
-from splitserve.outputs import RequestMetrics
 from splitserve.sampling_params import SamplingParams
 
 
@@ -20,13 +21,12 @@ _ids = count()
 
 
 class Sequence:
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, prompt: str | None = None,
-                 request_id: str | None = None, arrival_time: float | None = None):
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
+                 num_prompt_tokens: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
-        self.prompt = prompt
         self.token_ids = list(token_ids)  # prompt followed by generated tokens
-        self.num_prompt_tokens = len(token_ids)
+        self.num_prompt_tokens = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
         self.sampling_params = sampling_params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -35,12 +35,10 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first admission)
         self.num_preemptions = 0
         self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.output_text = ""
-        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
+        self.stop_reason: int | None = None
         self.generator = None  # per-request torch.Generator when sampling_params.seed is set
-        self.metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time())
+        self.scheduled_time: float | None = None  # first scheduled (wall clock)
+        self.num_reported_tokens = 0  # output tokens already handed out in a CoreOutput
 
     def __len__(self) -> int:
         return len(self.token_ids)

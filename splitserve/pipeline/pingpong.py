@@ -9,6 +9,7 @@ A decode batch is cut into micro-batches. Every layer keeps the model's own orde
     FFN stream:               F0(l)  F1(l)    F0(l+1) ...      F(m, l) waits A(m, l); A(m, l+1) waits F(m, l)
 
 so A1(l) runs beside F0(l) and A0(l+1) beside F1(l). Without streams (CPU) the same order runs serially.
+The stages are the model's own (CausalLM.stages); this module only decides where and when each runs.
 """
 
 from __future__ import annotations
@@ -49,55 +50,51 @@ class StageStreams:
     ffn: torch.cuda.Stream | None = None
 
 
-def pipelined_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                      num_microbatches: int = 2, streams: StageStreams | None = None,
-                      stage_events: list | None = None) -> torch.Tensor:
-    """Decode forward of `model` (a CausalLM) in micro-batches, attention and FFN on their own streams.
-    Query_start_loc must be arange (decode). Works eagerly and under CUDA-graph capture (the streams fork
-    from and join back into the capturing stream). `stage_events`, when given (GPU), receives
-    (kind, micro-batch, layer, start, end) timing events; they are external events, so inside a graph
-    they become event-record nodes that time each replay."""
-    bounds = microbatch_bounds(input_ids.shape[0], num_microbatches)
-    streams = streams or StageStreams()
-    on_gpu = streams.attention is not None and streams.ffn is not None
-    main = torch.cuda.current_stream() if on_gpu else None
-    hidden_all = model.embed_tokens(input_ids)
-    metas = [split_decode_meta(meta, a, b) for a, b in bounds]
-    hidden = [hidden_all[a:b] for a, b in bounds]
-    residual: list = [None] * len(bounds)
-    # Every tensor handed from one stream to the other stays referenced until the step ends. The caching
-    # allocator gives a freed block back to the stream that allocated it, so an attention output dropped
-    # while the FFN stream still reads it could become the next attention stage's scratch. (Under graph
-    # capture record_stream would hold such blocks until the capture ends anyway: same memory.)
-    handoffs: list = [hidden_all]
-    if on_gpu:
-        streams.attention.wait_event(_record(main))
-    ffn_done: list = [None] * len(bounds)
-    for layer_index, layer in enumerate(model.layers):
-        attn_done = []
-        for m, (a, b) in enumerate(bounds):
-            with _on(streams.attention):
-                if on_gpu and ffn_done[m] is not None:
-                    streams.attention.wait_event(ffn_done[m])
-                start = _timing_event(streams.attention, stage_events)
-                hidden[m], residual[m] = layer.attention_stage(positions[a:b], hidden[m], residual[m], metas[m])
-                attn_done.append(_stage_done(streams.attention, stage_events, ("attention", m, layer_index, start)))
-            handoffs += [hidden[m], residual[m]]
-        for m in range(len(bounds)):
-            with _on(streams.ffn):
-                if on_gpu:
-                    streams.ffn.wait_event(attn_done[m])
-                start = _timing_event(streams.ffn, stage_events)
-                hidden[m], residual[m] = layer.ffn_stage(hidden[m], residual[m])
-                ffn_done[m] = _stage_done(streams.ffn, stage_events, ("ffn", m, layer_index, start))
-            handoffs += [hidden[m], residual[m]]
-    if on_gpu:  # join both streams back (a capture fails if a forked stream is left unjoined)
-        main.wait_event(_record(streams.attention))
-        for event in ffn_done:
-            main.wait_event(event)
-    out, _ = model.norm(torch.cat(hidden), torch.cat(residual))
-    handoffs.clear()
-    return out
+class PingPong:
+    """A stage schedule for `CausalLM.forward`: a decode batch in micro-batches, each stage kind on its own
+    stream. Query_start_loc must be arange (decode). Works eagerly and under CUDA-graph capture (the
+    streams fork from and join back into the capturing stream). `stage_events`, when given (GPU), receives
+    (kind, micro-batch, layer, start, end) timing events; they are external events, so inside a graph they
+    become event-record nodes that time each replay."""
+
+    def __init__(self, num_microbatches: int = 2, streams: StageStreams | None = None,
+                 stage_events: list | None = None):
+        self.num_microbatches = num_microbatches
+        self.streams = streams or StageStreams()
+        self.stage_events = stage_events
+
+    def __call__(self, stages, positions: torch.Tensor, hidden_all: torch.Tensor, meta: AttentionMetadata):
+        streams, events = self.streams, self.stage_events
+        if events is not None:
+            events.clear()  # keep only the latest (captured) step's events
+        bounds = microbatch_bounds(hidden_all.shape[0], self.num_microbatches)
+        on_gpu = streams.attention is not None and streams.ffn is not None
+        main = torch.cuda.current_stream() if on_gpu else None
+        metas = [split_decode_meta(meta, a, b) for a, b in bounds]
+        hidden = [hidden_all[a:b] for a, b in bounds]
+        residual: list = [None] * len(bounds)
+        # Every tensor handed from one stream to the other stays referenced until the step ends. The caching
+        # allocator gives a freed block back to the stream that allocated it, so an attention output dropped
+        # while the FFN stream still reads it could become the next attention stage's scratch. (Under graph
+        # capture record_stream would hold such blocks until the capture ends anyway: same memory.)
+        handoffs: list = [hidden_all]
+        done: list = [_record(main) if on_gpu else None] * len(bounds)  # micro-batch m's last stage
+        for stage in stages:
+            stream = getattr(streams, stage.kind)
+            for m, (a, b) in enumerate(bounds):
+                with _on(stream):
+                    if on_gpu:
+                        stream.wait_event(done[m])
+                    start = _timing_event(stream, events)
+                    hidden[m], residual[m] = stage.run(positions[a:b], hidden[m], residual[m], metas[m])
+                    done[m] = _stage_done(stream, events, (stage.kind, m, stage.layer, start))
+                handoffs += [hidden[m], residual[m]]
+        if on_gpu:  # join both streams back (a capture fails if a forked stream is left unjoined)
+            main.wait_event(_record(streams.attention))
+            main.wait_event(_record(streams.ffn))
+        out = torch.cat(hidden), torch.cat(residual)
+        handoffs.clear()
+        return out
 
 
 class _on:

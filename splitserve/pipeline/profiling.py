@@ -1,7 +1,7 @@
 """Per-step decode records (`decode_pipeline_profiling=True`): path, split, step and stage times, overlap.
 
 Step time comes from CUDA events around the graph replay. Inside a pipelined graph, external timing events
-at every stage boundary (see pingpong.pipelined_forward) time each stage on each replay. Overlap
+at every stage boundary (see pingpong.PingPong) time each stage on each replay. Overlap
 efficiency is the share of the shorter stream's busy time that was hidden behind the other stream:
 (attention busy + FFN busy - span) / min(attention busy, FFN busy); 1 is perfect overlap, 0 is none.
 """

@@ -115,7 +115,7 @@ class OpenAIServer:
     def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics):
         self.llm, self.model_name, self.metrics = llm, model_name, metrics
         self.tokenizer = llm.engine.tokenizer
-        self.max_model_len = llm.engine.config.max_model_len
+        self.max_model_len = llm.engine.max_model_len
 
     # ---- helpers ----
     def check_model(self, model: str | None) -> None:
@@ -127,7 +127,7 @@ class OpenAIServer:
 
     def make_sequence(self, prompt, params, request_id: str):
         try:
-            return self.llm.make_sequence(prompt, params, request_id)
+            return self.llm.make_request(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
@@ -281,8 +281,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
         llm.start()
         yield
         llm.shutdown()
-        if hasattr(llm.engine, "shutdown"):  # PD worker processes
-            llm.engine.shutdown()
+        llm.engine.shutdown()  # PD worker processes
 
     app = FastAPI(title="splitserve", lifespan=lifespan)
     app.state.server = server
@@ -335,7 +334,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     @app.get("/stats")
     async def stats():
-        return llm.stats
+        return await llm.stats()
 
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
     return app
@@ -348,9 +347,9 @@ def serve(model: str | None, engine_args: dict, host: str = "127.0.0.1", port: i
     import uvicorn
 
     from splitserve.config import EngineConfig
-    from splitserve.llm import create_engine
+    from splitserve.engine.engine import LLMEngine
 
-    engine = create_engine(EngineConfig.from_kwargs(model, **engine_args))
+    engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
     name = served_model_name or (os.path.basename(os.path.normpath(model)) if model else "SmolLM2-135M-Instruct")
     app = build_app(AsyncLLM(engine), name, api_key)
     logger.info("serving %s on http://%s:%d", name, host, port)

@@ -1,8 +1,10 @@
 """AsyncLLM: one thread owns the engine and steps it; asyncio callers get a stream of deltas per request.
 
-The engine is not thread-safe, so only the engine thread touches it: requests and aborts reach it
-through a command queue, and results come back as immutable `Delta`s pushed onto each request's
-asyncio queue with `call_soon_threadsafe`. A request joins the running batch at the next step.
+The engine is not thread-safe, so only the engine thread touches it: requests, aborts and stats
+queries reach it through a command queue, and results come back as immutable `Delta`s pushed onto each
+request's asyncio queue with `call_soon_threadsafe`. A request joins the running batch at the next step.
+After each step the thread hands the engine's few gauges (CoreGauges) to `on_step`; the full stats()
+walk runs only when someone asks (/stats).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.messages import CoreGauges
+from splitserve.engine.request_state import RequestState
 
 logger = logging.getLogger("splitserve")
 
@@ -37,7 +40,7 @@ class EngineDeadError(RuntimeError):
 
 
 class _Stream:
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
+    def __init__(self, seq: RequestState, loop: asyncio.AbstractEventLoop):
         self.seq = seq
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -51,18 +54,17 @@ class _Stream:
 
 
 class AsyncLLM:
-    """`engine` is an LLMEngine (or anything with its add_sequence/step/abort/release/stats)."""
+    """`engine` is an LLMEngine (the front end, over an in-process core or the PD pair)."""
 
-    def __init__(self, engine, on_step: Callable[[dict], None] | None = None,
-                 on_finish: Callable[[Sequence], None] | None = None):
+    def __init__(self, engine, on_step: Callable[[CoreGauges], None] | None = None,
+                 on_finish: Callable[[RequestState], None] | None = None):
         self.engine = engine
-        self.on_step = on_step  # called on the engine thread with engine.stats() after each step
+        self.on_step = on_step  # called on the engine thread with the engine's gauges after each step
         self.on_finish = on_finish  # called on the engine thread when a request ends (any reason)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="splitserve-engine", daemon=True)
         self.dead: BaseException | None = None
-        self.stats: dict = engine.stats()  # refreshed by the engine thread; read by /stats
 
     def start(self) -> None:
         self._thread.start()
@@ -77,11 +79,19 @@ class AsyncLLM:
         return self._thread.is_alive() and self.dead is None
 
     # ---- asyncio side ----
-    def make_sequence(self, prompt, params, request_id: str | None = None) -> Sequence:
+    def make_request(self, prompt, params, request_id: str | None = None) -> RequestState:
         """Tokenize and validate (raises ValueError/TypeError naming the problem). Safe from any thread."""
-        return self.engine.make_sequence(prompt, params, request_id)
+        return self.engine.make_request(prompt, params, request_id)
 
-    async def generate(self, seq: Sequence) -> AsyncIterator[Delta]:
+    async def stats(self) -> dict:
+        """The engine's full stats, taken on the engine thread between steps."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("stats", future))
+        return await future
+
+    async def generate(self, seq: RequestState) -> AsyncIterator[Delta]:
         """Run one validated request; yields its deltas. Leaving early (client gone) aborts it."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead!r}")
@@ -109,13 +119,14 @@ class AsyncLLM:
         engine = self.engine
         try:
             if self.on_step is not None:
-                self.on_step(self.stats)
+                self.on_step(engine.gauges())
             while True:
                 busy = engine.has_unfinished_requests()
                 try:  # block only when there is nothing to step
                     cmd = self._commands.get(block=not busy)
                 except queue.Empty:
                     cmd = None
+                cmd_seen = cmd is not None
                 while cmd is not None:
                     if cmd[0] == "stop":
                         self._fail_all(EngineDeadError("the server is shutting down"))
@@ -125,11 +136,11 @@ class AsyncLLM:
                         cmd = self._commands.get_nowait()
                     except queue.Empty:
                         cmd = None
-                if engine.has_unfinished_requests():
+                stepped = engine.has_unfinished_requests()
+                if stepped:
                     self._step()
-                self.stats = engine.stats()
-                if self.on_step is not None:
-                    self.on_step(self.stats)
+                if self.on_step is not None and (stepped or busy or cmd_seen):
+                    self.on_step(engine.gauges())
         except BaseException as e:  # noqa: BLE001 - reported to every waiting client and to /health
             logger.exception("engine thread died")
             self.dead = e
@@ -140,11 +151,14 @@ class AsyncLLM:
         if kind == "add":
             stream: _Stream = arg
             try:
-                self.engine.add_sequence(stream.seq)
+                self.engine.add(stream.seq)
             except (ValueError, TypeError) as e:
                 stream.push(e)
                 return
             self._streams[stream.seq.request_id] = stream
+        elif kind == "stats":
+            future: asyncio.Future = arg
+            future.get_loop().call_soon_threadsafe(_resolve, future, self.engine.stats())
         elif kind == "abort":
             stream = self._streams.pop(arg, None)
             if stream is not None:
@@ -199,3 +213,15 @@ class AsyncLLM:
                 break
             if kind == "add":
                 arg.push(error)
+            elif kind == "stats":
+                arg.get_loop().call_soon_threadsafe(_reject, arg, error)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.messages import CoreGauges
+from splitserve.engine.request_state import RequestState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 
@@ -33,20 +34,19 @@ class ServerMetrics:
         Gauge("splitserve_model_info", "Served model", ["model"], registry=r).labels(model_name).set(1)
         self._path_labels: tuple | None = None
 
-    def on_step(self, stats: dict) -> None:
-        self.running.set(stats["running"])
-        self.waiting.set(stats["waiting"])
-        self.kv_usage.set(stats["kv_usage"])
-        self.preemptions.set(stats["num_preemptions"])
-        labels = (str(stats.get("decode_path")), str(stats.get("decode_attention_sm") or ""),
-                  str(stats.get("decode_ffn_sm") or ""))
+    def on_step(self, g: CoreGauges) -> None:
+        self.running.set(g.running)
+        self.waiting.set(g.waiting)
+        self.kv_usage.set(g.kv_usage)
+        self.preemptions.set(g.num_preemptions)
+        labels = (g.decode_path, str(g.decode_attention_sm or ""), str(g.decode_ffn_sm or ""))
         if labels != self._path_labels:
             if self._path_labels is not None:
                 self.decode_path.remove(*self._path_labels)
             self.decode_path.labels(*labels).set(1)
             self._path_labels = labels
 
-    def on_finish(self, seq: Sequence) -> None:
+    def on_finish(self, seq: RequestState) -> None:
         m = seq.metrics
         self.requests_finished.labels(seq.finish_reason or "abort").inc()
         self.prompt_tokens.inc(seq.num_prompt_tokens)

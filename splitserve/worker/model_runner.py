@@ -1,8 +1,6 @@
 """ModelRunner: scheduled batch -> input tensors -> model -> sampled tokens.
 
-Owns the model, the paged KV cache and, on CUDA, one decode CUDA graph per batch-size bucket.
-Host-side preparation is vectorised with numpy: its cost grows with the number of sequences only
-through one list concatenation, not through per-token Python loops.
+Owns the model, the paged KV cache and, on CUDA, the decode CUDA graphs (decode_graphs.py).
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +20,8 @@ from splitserve.layers.sampler import SamplingTensors, sample
 from splitserve.models.llama import CausalLM
 from splitserve.models.loader import load_weights
 from splitserve.models.registry import arch_flags
+from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
+from splitserve.worker.inputs import fake_batch, prepare_inputs
 
 logger = logging.getLogger("splitserve")
 
@@ -85,9 +84,12 @@ def build_model(hf_config, device: torch.device, dtype: torch.dtype, max_positio
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, folder: str | None):
+    def __init__(self, config: EngineConfig, hf_config, max_model_len: int, folder: str | None):
+        """`max_model_len`: the longest sequence to build for (rotary tables, block tables); `folder`: the
+        weights, or None for random weights."""
         self.config = config
         self.hf_config = hf_config
+        self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.block_size = config.kvcache_block_size
@@ -95,25 +97,17 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
-        self.model = build_model(hf_config, self.device, self.dtype, config.max_model_len, folder)
+        self.model = build_model(hf_config, self.device, self.dtype, max_model_len, folder)
         self.load_time_s = time.perf_counter() - t0
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
-        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        # M2: pipelined decode graphs by (path, bucket), the planner choosing between them and the plain
-        # graphs, and per-step profiling; set up by the engine (pipeline.planner.build_planner).
-        self.pipeline_graphs: dict[tuple[str, int], _PipelineGraph] = {}
-        self.decode_planner = None
-        self.profiler = None
-        self.sm_partitions: dict = {}  # path -> pipeline.green.SMPartition of the pipelined graphs kept
-        self.last_decode_path: str | None = None  # "plain", "pipeline:<SMs>" or "eager"
         self.num_kv_blocks = self._allocate_kv_cache()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # plain decode graphs by bucket
-        self.graph_capture_time_s = 0.0
-        self.graph_memory_bytes = 0
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_decode_graphs()
+            self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
+                                       self.block_size, self.num_kv_blocks, config.decode_pipeline_profiling)
+        self.last_decode_path: DecodePath | None = None
 
     # ---- KV cache ----
     def kv_block_bytes(self) -> int:
@@ -143,16 +137,14 @@ class ModelRunner:
     def _blocks_from_gpu_memory(self) -> int:
         """Run the largest prefill once to find peak activation memory, then give the rest to the KV cache."""
         cfg = self.config
-        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        num_tokens = min(cfg.max_num_batched_tokens, self.max_model_len)
         blocks = -(-num_tokens // self.block_size)
         scratch = torch.empty(2, self.num_layers, blocks, self.block_size, self.num_kv_heads, self.head_dim,
                               dtype=self.dtype, device=self.device)
         self._bind_kv_cache(scratch)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        seq = Sequence([0] * num_tokens, _WARMUP_PARAMS)
-        seq.block_table = list(range(blocks))
-        self.execute(ScheduledBatch([seq], [num_tokens]))
+        self.execute(fake_batch(1, 0, self.block_size, blocks, num_new_tokens=num_tokens, token_id=0))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
         del scratch
@@ -163,181 +155,24 @@ class ModelRunner:
         budget = total * cfg.gpu_memory_utilization - used_by_others - peak
         return int(budget) // self.kv_block_bytes()
 
-    # ---- CUDA graphs for decode ----
-    def graph_buckets(self) -> list[int]:
-        limit = self.config.max_num_seqs
-        buckets = [b for b in (1, 2, 4, 8) if b < limit] + list(range(16, limit, 16)) + [limit]
-        return sorted(set(buckets))
-
-    def _capture_decode_graphs(self) -> None:
-        t0 = time.perf_counter()
-        mem0 = torch.cuda.mem_get_info(self.device)[0]
-        max_bs, width = self.config.max_num_seqs, self.max_blocks_per_seq
-        # Static graph inputs, and pinned host mirrors so one step's inputs travel in three copies.
-        self.graph_i64 = torch.zeros(3, max_bs, dtype=torch.int64, device=self.device)  # ids, positions, slots
-        self.graph_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
-        self.graph_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=self.device)
-        self.graph_query_start = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
-        self.stage_i64 = torch.zeros(3, max_bs, dtype=torch.int64).pin_memory()
-        self.stage_seq_lens = torch.zeros(max_bs, dtype=torch.int32).pin_memory()
-        self.stage_tables = torch.zeros(max_bs, width, dtype=torch.int32).pin_memory()
-        self.graph_i64[2].fill_(-1)
-        self.graph_outputs: dict[int, torch.Tensor] = {}
-        self.graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
-        for bs in reversed(self.graph_buckets()):  # largest first so smaller graphs reuse its pool memory
-            args = (self.graph_i64[0, :bs], self.graph_i64[1, :bs], self._graph_meta(bs))
-            self.graphs[bs], self.graph_outputs[bs] = self._capture(self.model, args)
-        torch.cuda.synchronize(self.device)
-        self.graph_capture_time_s = time.perf_counter() - t0
-        self.graph_memory_bytes = mem0 - torch.cuda.mem_get_info(self.device)[0]
-
-    def _capture(self, forward, args) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        with torch.no_grad():
-            forward(*args)  # warm up (Triton compiles, cuBLAS picks kernels and sets up its workspaces)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                output = forward(*args)
-        return graph, output
-
-    def capture_pipeline_graph(self, path: str, partition, bucket: int) -> None:
-        """The pipelined decode step for `bucket` rows on `partition` (pipeline.green.SMPartition) as one
-        graph: it forks onto the two partitions' streams and joins back, and keeps the partition it was
-        captured on. With profiling, external events time every stage on each replay."""
-        from splitserve.pipeline.pingpong import StageStreams, pipelined_forward
-
-        t0 = time.perf_counter()
-        streams = StageStreams(partition.attention_stream, partition.ffn_stream)
-        stage_events = [] if self.config.decode_pipeline_profiling else None
-
-        def forward(input_ids, positions, meta):
-            if stage_events is not None:
-                stage_events.clear()  # keep only the captured step's events
-            return pipelined_forward(self.model, input_ids, positions, meta, 2, streams, stage_events)
-
-        args = (self.graph_i64[0, :bucket], self.graph_i64[1, :bucket], self._graph_meta(bucket))
-        graph, output = self._capture(forward, args)
-        torch.cuda.synchronize(self.device)
-        self.pipeline_graphs[(path, bucket)] = _PipelineGraph(graph, output, stage_events)
-        self.graph_capture_time_s += time.perf_counter() - t0
-
-    def drop_pipeline_graphs(self, keep: set[tuple[str, int]]) -> None:
-        for key in [k for k in self.pipeline_graphs if k not in keep]:
-            del self.pipeline_graphs[key]
-
-    def free_device_memory(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.mem_get_info(self.device)[0]
-
-    def _graph_for(self, path: str, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, list | None]:
-        if path == "plain":
-            return self.graphs[bucket], self.graph_outputs[bucket], None
-        g = self.pipeline_graphs[(path, bucket)]
-        return g.graph, g.output, g.stage_events
-
-    def time_decode(self, path: str, bucket: int, ctx: int, iters: int = 5) -> float:
-        """Median GPU time (ms) of one decode graph replay: `bucket` sequences of `ctx` cached tokens each.
-        Block tables wrap around the whole KV cache, so the KV read is as large as a real batch's and
-        does not sit in L2 (the KV content is whatever the cache holds: timing does not depend on it).
-        Each replay writes one token per row into the cache: call it only while no request holds blocks
-        (start-up calibration, benchmarks)."""
-        bs, width = self.block_size, self.max_blocks_per_seq
-        blocks = -(-(ctx + 1) // bs)
-        if blocks > width:
-            raise ValueError(f"context {ctx} does not fit max_model_len {self.config.max_model_len}")
-        tables = (np.arange(bucket)[:, None] * blocks + np.arange(blocks)[None, :]) % self.num_kv_blocks
-        self.graph_tables[:bucket, :blocks].copy_(torch.from_numpy(tables.astype(np.int32)))
-        self.graph_seq_lens[:bucket].fill_(ctx + 1)
-        self.graph_i64[0, :bucket].fill_(0)
-        self.graph_i64[1, :bucket].fill_(ctx)
-        self.graph_i64[2, :bucket].copy_(torch.from_numpy(tables[:, ctx // bs] * bs + ctx % bs))
-        graph = self._graph_for(path, bucket)[0]
-        times = []
-        for i in range(iters + 2):  # two warm-up replays
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end))
-        return float(np.median(times))
-
-    def _replay_decode_graph(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int,
-                             path: str = "plain") -> torch.Tensor:
-        i64 = self.stage_i64.numpy()
-        i64[:, num_seqs:bucket] = ((0,), (0,), (-1,))  # padding rows: token 0, no KV write, empty context
-        i64[0, :num_seqs], i64[1, :num_seqs], i64[2, :num_seqs] = (
-            host["input_ids"], host["positions"], host["slot_mapping"])
-        lens = self.stage_seq_lens.numpy()
-        lens[num_seqs:bucket] = 0
-        lens[:num_seqs] = host["seq_lens"]
-        tables = host["block_tables"]
-        width = tables.shape[1]
-        self.stage_tables.numpy()[:num_seqs, :width] = tables
-        self.graph_i64[:, :bucket].copy_(self.stage_i64[:, :bucket], non_blocking=True)
-        self.graph_seq_lens[:bucket].copy_(self.stage_seq_lens[:bucket], non_blocking=True)
-        self.graph_tables[:num_seqs, :width].copy_(self.stage_tables[:num_seqs, :width], non_blocking=True)
-        graph, output, stage_events = self._graph_for(path, bucket)
-        if self.profiler is not None:
-            self.profiler.start()
-        graph.replay()
-        self.last_decode_path = path
-        if self.profiler is not None:
-            attention_sm, ffn_sm = self.split_of(path)
-            self.profiler.stop(path=path, num_seqs=num_seqs, bucket=bucket, mean_ctx=float(host["seq_lens"].mean()),
-                               attention_sm=attention_sm, ffn_sm=ffn_sm, stage_events=stage_events)
-        return output[:num_seqs]
-
-    def split_of(self, path: str | None) -> tuple[int | None, int | None]:
-        """(attention SMs, FFN SMs) of a decode path; (None, None) for the plain and eager paths."""
-        partition = self.sm_partitions.get(path)
-        return (partition.attention_sm, partition.ffn_sm) if partition is not None else (None, None)
-
-    def _graph_meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.graph_i64[2, :bs], query_start_loc=self.graph_query_start[: bs + 1],
-                                 seq_lens=self.graph_seq_lens[:bs], block_tables=self.graph_tables[:bs],
-                                 max_query_len=1, max_seq_len=self.config.max_model_len)
-
-    # ---- one step ----
-    def prepare(self, batch: ScheduledBatch) -> dict[str, np.ndarray]:
-        seqs, qlens = batch.seqs, np.asarray(batch.num_new_tokens, dtype=np.int64)
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
-        cu_q = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(qlens, out=cu_q[1:])
-        num_tokens = int(cu_q[-1])
-        token_ids = np.fromiter(
-            (t for s, st, n in zip(seqs, starts, qlens) for t in s.token_ids[st:st + n]), dtype=np.int64,
-            count=num_tokens)
-        row = np.repeat(np.arange(len(seqs)), qlens)
-        positions = np.arange(num_tokens, dtype=np.int64) - cu_q[:-1][row] + starts[row]
-        width = max(len(s.block_table) for s in seqs)
-        tables = np.zeros((len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
-        bs = self.block_size
-        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        samples = np.asarray(batch.samples(), dtype=bool)
-        return {"input_ids": token_ids, "positions": positions, "slot_mapping": slots,
-                "query_start_loc": cu_q.astype(np.int32), "seq_lens": (starts + qlens).astype(np.int32),
-                "block_tables": tables, "logits_indices": (cu_q[1:] - 1)[samples], "samples": samples}
-
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    # ---- one step ----
     @torch.no_grad()
     def execute(self, batch: ScheduledBatch):
         """Run one step. Returns (tokens for the sequences that sample, logprob info, sampled mask)."""
-        host = self.prepare(batch)
+        host = prepare_inputs(batch, self.block_size)
         num_seqs = len(batch)
-        bucket = self._bucket(num_seqs) if batch.is_decode else None
-        if bucket is not None:
-            path = "plain"
-            if self.decode_planner is not None:  # M2/M3: plain or pipelined, and on which split
-                path, bucket = self.decode_planner.choose(num_seqs, bucket, float(host["seq_lens"].mean()))
-            hidden = self._replay_decode_graph(host, num_seqs, bucket, path)
+        choice = None
+        if batch.is_decode and self.graphs is not None:  # M2/M3: plain or pipelined, and on which split
+            choice = self.graphs.choose(num_seqs, float(host["seq_lens"].mean()))
+        if choice is not None:
+            hidden = self.graphs.replay(host, num_seqs, *choice)
+            self.last_decode_path = choice[0]
         else:
             meta = AttentionMetadata(
                 slot_mapping=self._to_device(host["slot_mapping"]),
@@ -347,27 +182,19 @@ class ModelRunner:
                 max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
                 query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
             if batch.is_decode:
-                self.last_decode_path = "eager"
+                self.last_decode_path = EAGER
             hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
         if not samplers:
             return [], None, host["samples"]
-        if len(samplers) < num_seqs or bucket is None:  # gather the rows that sample (always all in decode)
+        if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
         tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
         tokens = tokens.tolist()  # syncs: the step's events can be read now
-        if self.profiler is not None:
-            self.profiler.collect()
+        if self.graphs is not None and self.graphs.profiler is not None:
+            self.graphs.profiler.collect()
         return tokens, _logprobs_to_host(logprob_info), host["samples"]
-
-    def _bucket(self, num_seqs: int) -> int | None:
-        if not self.graphs:
-            return None
-        for b in self.graph_buckets():
-            if b >= num_seqs:
-                return b
-        return None
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
@@ -380,11 +207,7 @@ class ModelRunner:
         top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-        generators = []
-        for s in seqs:
-            if s.sampling_params.seed is not None and s.generator is None:
-                s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
-            generators.append(s.generator)
+        generators = [s.generator for s in seqs]  # made when the request entered the core
         return SamplingTensors(
             temperature=temperature.to(dev), top_k=top_k.to(dev), top_p=top_p.to(dev), min_p=min_p.to(dev),
             generators=generators, all_greedy=all(p.temperature == 0 for p in params),
@@ -392,11 +215,12 @@ class ModelRunner:
             any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None)
 
 
-@dataclass
-class _PipelineGraph:
-    graph: torch.cuda.CUDAGraph
-    output: torch.Tensor
-    stage_events: list | None  # with profiling: the stage timing events recorded inside the graph
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A request's own random stream. Raises ValueError for a seed torch cannot take."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except (RuntimeError, OverflowError, ValueError) as e:
+        raise ValueError(f"seed {seed} cannot seed a generator: {e}") from None
 
 
 def _logprobs_to_host(info):
@@ -405,10 +229,3 @@ def _logprobs_to_host(info):
     chosen, top = info
     top_host = (top.values.tolist(), top.indices.tolist()) if top is not None else None
     return chosen.tolist(), top_host
-
-
-class _WarmupParams:
-    temperature, top_k, top_p, min_p, seed, logprobs = 0.0, -1, 1.0, 0.0, None, None
-
-
-_WARMUP_PARAMS = _WarmupParams()

@@ -1,0 +1,93 @@
+"""The PD control channel's messages, each kind defined once as a typed record of plain values.
+
+Coordinator -> worker: Setup, Add (prefill), Offer (relayed to decode with its request), Accept/Reject
+(relayed to prefill), Abort, Stop. Worker -> coordinator: Hello, Ready, Outputs, Stats, Offer (prefill),
+Accept/Reject (decode), Error. KV bytes never travel here: they go worker to worker (kv_transfer.py).
+
+A request's prompt ids travel coordinator -> prefill (Add) and coordinator -> decode (with the Offer),
+never back: the coordinator attaches the request it already holds when it relays an offer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.config import EngineConfig
+from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
+
+
+@dataclass(frozen=True)
+class Hello:
+    role: str  # "prefill" | "decode"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a worker needs, explicitly: its own engine config and the rendezvous of the KV channel."""
+    config: EngineConfig
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    role: str
+    max_model_len: int  # what this worker's KV cache holds
+    stats: dict
+
+
+@dataclass(frozen=True)
+class Add:
+    request: CoreRequest
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A prefilled sequence (first token sampled) that the prefill worker offers to the decode worker."""
+    request_id: str
+    output_token_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is in the offered blocks
+    num_cached_tokens: int
+    generator_state: bytes | None  # the request's random stream, continued on the decode side
+    kv_digest: str | None  # with pd_verify_kv: hash of the blocks as sent
+    request: CoreRequest | None = None  # attached by the coordinator on the way to the decode worker
+
+
+@dataclass(frozen=True)
+class Accept:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Outputs:
+    role: str
+    outputs: list[CoreOutput]
+    gauges: CoreGauges
+
+
+@dataclass(frozen=True)
+class Stats:
+    role: str
+    stats: dict
+
+
+@dataclass(frozen=True)
+class Error:
+    role: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass

@@ -1,0 +1,175 @@
+"""EngineCore: the scheduler and the model runner. Token ids in, token ids out; no text, no tokenizer.
+
+`step()` schedules, runs the model once and returns a `CoreOutput` per request that got a token. The core
+finishes a request on EOS, a stop token id, max_tokens or max_model_len; everything textual is the front
+end's (engine.py). A PD worker (disagg/) runs one core each and moves sequences between them with
+`detach` / `attach`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from splitserve.config import EngineConfig, ModelSpec
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+from splitserve.worker.decode_graphs import EAGER, PLAIN
+from splitserve.worker.model_runner import ModelRunner, make_generator, resolve_device
+
+logger = logging.getLogger("splitserve")
+
+
+def fit_max_model_len(model: ModelSpec, capacity: int) -> int:
+    """The max_model_len the KV cache can hold: the user's (an error if it does not fit), else lowered."""
+    if capacity >= model.max_model_len:
+        return model.max_model_len
+    if model.max_model_len_given:
+        raise ValueError(f"max_model_len {model.max_model_len} does not fit the KV cache ({capacity} tokens); "
+                         "lower max_model_len or give the cache more memory")
+    logger.info("max_model_len lowered from %d to the KV-cache capacity %d", model.max_model_len, capacity)
+    return capacity
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model: ModelSpec):
+        from splitserve.pipeline.setup import check_split, setup_decode_pipeline
+
+        t0 = time.perf_counter()
+        self.config, self.model = config, model
+        attention_sm = check_split(config, resolve_device(config.device))  # before any memory is taken
+        weights = None if config.load_format == "dummy" else model.path
+        self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights)
+        self.max_model_len = fit_max_model_len(model, self.runner.num_kv_blocks * config.kvcache_block_size)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
+        self.requests: dict[str, Sequence] = {}
+        self.vocab_size = model.hf_config.vocab_size
+        self.num_steps = 0
+        self.prefill_time_s = 0.0
+        self.decode_time_s = 0.0
+        self.startup_time_s = time.perf_counter() - t0
+
+    # ---- requests ----
+    def add(self, request: CoreRequest) -> None:
+        """Queue a request. Raises ValueError (nothing added) for an id in use or a request this core cannot
+        run; the front end has checked the rest."""
+        seq = self._sequence(request)
+        self.requests[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _sequence(self, request: CoreRequest) -> Sequence:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens but max_model_len is "
+                             f"{self.max_model_len} (the prompt must leave room for one new token)")
+        seq = Sequence(request.prompt_token_ids, request.sampling_params, request.request_id)
+        if request.sampling_params.seed is not None:
+            seq.generator = make_generator(request.sampling_params.seed, self.runner.device)
+        return seq
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            seq = self.requests.pop(request_id, None)
+            if seq is not None and not seq.is_finished:
+                self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def shutdown(self) -> None:
+        """Nothing to stop in-process (the PD client stops its workers here)."""
+
+    # ---- M1: a sequence moves from the prefill core to the decode core with its KV ----
+    def detach(self, request_id: str) -> Sequence:
+        """Take a running sequence out of this core; its blocks stay allocated until `free_blocks`."""
+        seq = self.requests.pop(request_id)
+        self.scheduler.remove(seq)
+        return seq
+
+    def free_blocks(self, seq: Sequence) -> None:
+        self.block_manager.free_sequence(seq)  # full blocks stay in the prefix cache
+
+    def attach(self, seq: Sequence) -> None:
+        """Admit a sequence whose KV is already in its blocks (allocated here) into the running batch."""
+        self.requests[seq.request_id] = seq
+        self.scheduler.add_running(seq)
+
+    # ---- one step ----
+    def step(self) -> list[CoreOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
+            return []
+        now = time.time()
+        first = set()
+        for seq in batch.seqs:
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now
+                first.add(seq.seq_id)
+        t0 = time.perf_counter()
+        tokens, logprobs, samples = self.runner.execute(batch)
+        elapsed = time.perf_counter() - t0
+        if batch.is_decode:
+            self.decode_time_s += elapsed
+        else:
+            self.prefill_time_s += elapsed  # steps that carry any prefill tokens
+        self.scheduler.complete_step(batch)
+        self.num_steps += 1
+        sampled = [s for s, flag in zip(batch.seqs, samples) if flag]
+        return [self._append(seq, token, row, logprobs, seq.scheduled_time if seq.seq_id in first else None)
+                for row, (seq, token) in enumerate(zip(sampled, tokens))]
+
+    def _append(self, seq: Sequence, token: int, row: int, logprobs, scheduled_time: float | None) -> CoreOutput:
+        params = seq.sampling_params
+        seq.token_ids.append(token)
+        new_logprobs = None
+        if logprobs is not None and params.logprobs is not None:
+            chosen, top = logprobs
+            entry = {token: chosen[row]}
+            if top is not None:
+                values, indices = top
+                entry.update({i: v for i, v in zip(indices[row][: params.logprobs], values[row][: params.logprobs])})
+            new_logprobs = [entry]
+        if not params.ignore_eos and token in self.model.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self.requests[seq.request_id]
+        return CoreOutput(seq.request_id, [token], new_logprobs, seq.finish_reason, seq.stop_reason,
+                          seq.num_cached_tokens, scheduled_time)
+
+    # ---- reporting ----
+    def gauges(self) -> CoreGauges:
+        bm, path = self.block_manager, self.runner.last_decode_path or (PLAIN if self.runner.graphs else EAGER)
+        return CoreGauges(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage(),
+                          self.scheduler.num_preemptions, path.stats_name, path.attention_sm, path.ffn_sm)
+
+    def stats(self) -> dict:
+        bm, runner, graphs = self.block_manager, self.runner, self.runner.graphs
+        gauges = self.gauges()
+        return {
+            "num_kv_blocks": bm.num_blocks, "kv_block_size": bm.block_size,
+            "kv_used_blocks": bm.num_blocks - len(bm.free),
+            "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": gauges.kv_usage,
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
+            "num_preemptions": gauges.num_preemptions, "num_steps": self.num_steps,
+            "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
+            "running": gauges.running, "waiting": gauges.waiting, "max_model_len": self.max_model_len,
+            "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
+            "decode_path": gauges.decode_path, "decode_pipeline": self.decode_pipeline.stats(graphs),
+            "decode_attention_sm": gauges.decode_attention_sm, "decode_ffn_sm": gauges.decode_ffn_sm,
+            "cuda_graphs": graphs.buckets if graphs else [],
+            "graph_capture_time_s": graphs.capture_time_s if graphs else 0.0,
+            "graph_memory_bytes": graphs.memory_bytes if graphs else 0, "startup_time_s": self.startup_time_s,
+        }

@@ -1,0 +1,43 @@
+"""What passes between the front end and an engine core: typed records of plain values (no tensors).
+
+A core takes `CoreRequest`s (token ids, never text) and answers each step with `CoreOutput`s (new token
+ids and finish events). The same records cross a process boundary in two-device PD (disagg/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class CoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class CoreOutput:
+    """What one step added to one request. The core finishes a request on EOS, a stop token, max_tokens or
+    max_model_len; stop strings are text, so the front end finds them and aborts the request in the core."""
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None  # one {token id: logprob} per new token, when asked for
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    stop_reason: int | None = None  # the stop token id that ended it, if one did
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (first admission)
+    scheduled_time: float | None = None  # set on a request's first output: when it was first scheduled
+
+
+@dataclass(frozen=True)
+class CoreGauges:
+    """The few numbers a server exports after every step (cheap: no stats() walk)."""
+    running: int
+    waiting: int
+    kv_usage: float
+    num_preemptions: int
+    decode_path: str  # "cuda_graph" | "pipeline" | "eager"
+    decode_attention_sm: int | None = None
+    decode_ffn_sm: int | None = None

@@ -1,0 +1,91 @@
+"""A request as the front end sees it: prompt, text so far, stop strings, metrics."""
+
+from __future__ import annotations
+
+import time
+
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.messages import CoreOutput
+from splitserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from splitserve.sampling_params import SamplingParams
+
+
+class RequestState:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 sampling_params: SamplingParams, tokenizer):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.output_token_ids: list[int] = []
+        self.output_text = ""
+        self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None
+        self.num_cached_tokens = 0
+        self.metrics = RequestMetrics(arrival_time=time.time())
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, sampling_params.skip_special_tokens)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def apply(self, out: CoreOutput, now: float) -> bool:
+        """Add a core step's tokens; returns True when a stop string ended the request here (the core does
+        not know: the caller aborts it there)."""
+        m = self.metrics
+        if out.scheduled_time is not None and m.first_scheduled_time is None:
+            m.first_scheduled_time = out.scheduled_time
+        self.num_cached_tokens = out.num_cached_tokens
+        stopped, last = False, len(out.new_token_ids) - 1
+        for i, token in enumerate(out.new_token_ids):
+            self.output_token_ids.append(token)
+            m.first_token_time = m.first_token_time or now
+            m.last_token_time = now
+            m.token_times.append(now)
+            if self.logprobs is not None and out.new_logprobs is not None:
+                self.logprobs.append(out.new_logprobs[i])
+                self.cumulative_logprob += out.new_logprobs[i][token]
+            old_len = len(self.output_text)
+            self.output_text += self.detokenizer.step(token)
+            ended_by_token = i == last and out.finish_reason == "stop"  # EOS or a stop id: no stop string
+            if not ended_by_token and self._find_stop_string(old_len):
+                stopped = True
+                break
+        if not stopped and out.finish_reason is not None:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+        if self.is_finished:
+            m.finished_time = now
+        return stopped
+
+    def _find_stop_string(self, old_len: int) -> bool:
+        for stop in self.sampling_params.stop_list:
+            idx = self.output_text.find(stop, max(0, old_len - len(stop) + 1))
+            if idx != -1:
+                self.output_text = self.output_text[:idx]
+                self.finish_reason, self.stop_reason = "stop", stop
+                return True
+        return False
+
+    def abort(self) -> None:
+        if not self.is_finished:
+            self.finish_reason = "abort"
+            self.metrics.finished_time = time.time()
+
+    def output(self) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0, text=self.output_text, token_ids=list(self.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+                             outputs=[completion], finished=self.is_finished, metrics=self.metrics,
+                             num_cached_tokens=self.num_cached_tokens)
