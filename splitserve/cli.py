@@ -102,7 +102,8 @@ def cmd_serve(args) -> None:
     from splitserve.server.api import serve
 
     serve(args.model, engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
-          served_model_name=args.served_model_name, log_level=args.log_level)
+          served_model_name=args.served_model_name, log_level=args.log_level,
+          max_request_body_bytes=args.max_request_body_bytes, max_waiting_requests=args.max_waiting_requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     srv.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--max-request-body-bytes", type=int, default=4 << 20,
+                     help="larger bodies get 413 before they are read (default: 4 MiB)")
+    srv.add_argument("--max-waiting-requests", type=int, default=1024,
+                     help="prompts admitted at once (tokenizing, queued or generating); beyond: 429 (default: 1024)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
     from splitserve.bench.cli import add_parser as add_bench_parser

@@ -42,10 +42,42 @@ def test_bad_prompts_rejected_before_any_work(llm, prompt, message):
     (dict(min_p=2.0), "min_p"),
     (dict(stop=[""]), "stop"),
     (dict(logprobs=-1), "logprobs"),
+    # bounded, not just typed: these used to overflow inside an engine step, failing the whole batch
+    (dict(seed=2**64), "seed"),
+    (dict(seed=2**63), "seed"),
+    (dict(seed=-(2**63) - 1), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(top_k=2**63), "top_k"),
+    (dict(top_k=2**31), "top_k"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1e308), "temperature"),
+    (dict(temperature=100.5), "temperature"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(max_tokens=True), "max_tokens"),
 ])
 def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_values_at_their_bounds_run(llm):
+    """The extremes of each range reach the sampler and work (torch.Generator takes any signed 64-bit seed)."""
+    params = [SamplingParams(temperature=0.8, seed=seed, top_k=top_k, max_tokens=4, ignore_eos=True, logprobs=20)
+              for seed, top_k in ((-(2**63), 2**31 - 1), (2**63 - 1, 0), (0, 1))]
+    params.append(SamplingParams(temperature=100.0, top_p=1e-9, min_p=1.0, max_tokens=4, ignore_eos=True))
+    outs = llm.generate([[1, 2, 3, 4]] * len(params), params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_tiny_temperature_is_raised_to_a_floor(llm):
+    """Below ~1e-38, logits / temperature overflows float32 and the sampler picked token 0 every time."""
+    assert SamplingParams(temperature=1e-39).temperature == SamplingParams(temperature=0.01).temperature == 0.01
+    cold = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=1e-39, max_tokens=4, ignore_eos=True, seed=1),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    assert cold != [0, 0, 0, 0]
 
 
 def test_unknown_engine_arg_named(make_tiny_model):

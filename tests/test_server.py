@@ -5,6 +5,7 @@ fixture checks that it stops cleanly and leaves no process behind.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -52,13 +53,15 @@ def tiny_dir(make_tiny_model):
     return make_tiny_model("llama", seed=3, num_hidden_layers=2)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir):
+@contextlib.contextmanager
+def running_server(model_dir: str, *extra_args: str, api_key: str = API_KEY):
+    """`splitserve serve` on a free loopback port (API key on) → its URL; on exit it must stop cleanly on SIGINT
+    and leave no process or listening socket behind."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitserve", "serve", "--model", tiny_dir, "--device", "cpu", "--port", str(port),
-         "--api-key", API_KEY, "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
-         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "splitserve", "serve", "--model", model_dir, "--device", "cpu", "--port", str(port),
+         "--api-key", api_key, "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
+         "--log-level", "warning", *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -86,6 +89,12 @@ def server(tiny_dir):
         with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT leftovers are fine)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    with running_server(tiny_dir) as url:
+        yield url
 
 
 def _alive(pid: int) -> bool:

@@ -1,61 +1,148 @@
 """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
-/health, /metrics, /stats. FastAPI routes translate HTTP ⇄ engine requests; AsyncLLM does the rest."""
+/health, /metrics, /stats. FastAPI routes translate HTTP ⇄ engine requests; AsyncLLM does the rest.
+
+One client must not be able to hurt another (README "Security"): bodies are capped before they are read,
+sampling values are validated before they reach the engine, tokenizing and templating run off the event
+loop, the number of requests in the server is bounded (429 beyond it), and every error, whatever its
+origin, is answered in OpenAI's shape without internal detail (that goes to the log, under an error id).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from splitserve.engine.engine import PromptTooLongError
+from splitserve.sampling_params import SamplingParams
 from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
 from splitserve.server.metrics import ServerMetrics
 from splitserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 logger = logging.getLogger("splitserve")
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/stats"}
+_GENERATE = {"/v1/completions", "/v1/chat/completions"}
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token prompt as JSON token ids is ~1 MB; text is smaller
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+_ADMITTED = "splitserve.admitted"  # scope key: [places this HTTP request holds], given back by _Guard
+# Text above this many characters takes tens of ms or more to tokenize (4 MiB: ~7 s on one core); such
+# requests take turns in a lane of their own, so that a flood of them cannot occupy every worker thread
+# while short requests wait behind them.
+_HEAVY_CHARS = 32 << 10
+T = TypeVar("T")
+
+
+def _log_error(what: str, e: BaseException | None = None) -> str:
+    """Log the detail under a fresh id; the client gets `what` and the id, never the exception text."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("%s (error id %s)", what, error_id, exc_info=e)
+    return f"{what} (error id {error_id}; the detail is in the server log)"
+
+
+async def _off_loop(fn: Callable[..., T], *args) -> T:
+    """Run CPU-heavy request preparation (tokenizing, chat templates: seconds for a long prompt) in a worker
+    thread, so that the event loop keeps serving every other client meanwhile."""
+    return await asyncio.to_thread(fn, *args)
+
+
+class _Admission:
+    """Prompts admitted and not yet answered (being tokenized, queued or generated). Beyond `limit` a request
+    is answered 429 at once, so overload is pushed back to clients instead of queueing without bound.
+
+    A request is admitted once its body has been read and validated, not when it arrives: a peer that
+    sends its body slowly (or never) must not hold a place that real requests need."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.open + n > self.limit:
+            return False
+        self.open += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.open -= n
 
 
 class _Guard:
-    """ASGI middleware: checks the API key (every path but /health) and counts requests by status."""
+    """ASGI middleware: checks the API key (every path but /health), caps the body size (413), gives back the
+    places a generation request was admitted to (OpenAIServer.admit) once its response has been sent or has
+    failed, whatever happened, and counts requests by status."""
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int,
+                 admission: _Admission):
+        self.app, self.metrics, self.max_body_bytes, self.admission = app, metrics, max_body_bytes, admission
+        self.expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        admitted = [0]
 
         async def send_counting(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
+        async def answer(code: int, body: dict, headers: dict | None = None) -> None:
+            await JSONResponse(body, status_code=code, headers=headers)(scope, receive, send_counting)
+
         try:
-            if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
-                body = error_body("Incorrect API key provided.", code="invalid_api_key")
-                await JSONResponse(body, status_code=401)(scope, receive, send_counting)
-            else:
-                await self.app(scope, receive, send_counting)
+            headers = dict(scope["headers"])
+            if self.expected_auth and scope["path"] != "/health" and not self._authorized(headers):
+                return await answer(401, error_body("Incorrect API key provided.", code="invalid_api_key"))
+            length = headers.get(b"content-length")
+            too_big = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
+            if length is None and b"transfer-encoding" in headers:  # chunked: no length to check up front
+                receive, too_big = await self._read_capped(receive)
+            if too_big:
+                # Answer without reading the body, and close: the rest of it is not worth receiving.
+                return await answer(413, error_body(
+                    f"request body too large: the limit is {self.max_body_bytes} bytes (--max-request-body-bytes)",
+                    code="request_too_large"), {"Connection": "close"})
+            if scope["path"] in _GENERATE:
+                scope[_ADMITTED] = admitted
+            await self.app(scope, receive, send_counting)
         finally:
+            self.admission.give(admitted[0])
             path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
             self.metrics.http_requests.labels(path, str(status["code"])).inc()
 
-    def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        return secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        # Bytes against bytes: the header's raw bytes (a non-ASCII key arrives UTF-8 encoded) and the key's UTF-8.
+        return secrets.compare_digest(headers.get(b"authorization", b""), self.expected_auth)
+
+    async def _read_capped(self, receive):
+        """Read a chunked body, counting bytes as they arrive; returns (a receive that replays it, too_big)."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return receive, True
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return replay, False
 
 
 @dataclass
@@ -111,27 +198,122 @@ async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, D
             t.cancel()
 
 
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> character table (the ByteLevel pre-tokenizer's alphabet), indexed by byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+@dataclass(frozen=True)
+class _TokenBound:
+    """A lower bound on a text's token count that costs no tokenizing: ceil(N / max_chars), N counting the
+    characters the tokenizer does not drop.
+
+    It holds for byte-level BPE (GPT-2, SmolLM, Llama 3, ...) with no normalizer, no text-removing split and
+    no whitespace-stripping added token: a token's vocabulary string has one character per byte it covers
+    (an added token: its literal text), and a byte belongs to one character, so a token touches at most
+    max_chars characters. A byte missing from the vocabulary is dropped when there is no unknown token
+    (SmolLM2 lacks six ASCII control bytes): such ASCII characters yield no token and are not counted."""
+    max_chars: int
+    dropped: str  # characters that make no token
+
+    @classmethod
+    def of(cls, tokenizer) -> _TokenBound | None:
+        """None where the tokenizer promises no bound: a normalizer may shrink text (NFC composes characters),
+        unknown-token, removing or stripping rules may swallow any amount of it (the body cap still bounds
+        the work of those)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        try:
+            cfg = json.loads(backend.to_str())
+            vocab = tokenizer.get_vocab()
+            pre = json.dumps(cfg.get("pre_tokenizer")).lower()
+            if (cfg.get("normalizer") is not None or (cfg.get("model") or {}).get("type") != "BPE"
+                    or "bytelevel" not in pre or "removed" in pre
+                    or any(t.get("lstrip") or t.get("rstrip") for t in cfg.get("added_tokens") or [])):
+                return None
+            missing = [b for b, c in enumerate(_byte_chars()) if c not in vocab]
+            # Every non-ASCII character has continuation bytes: with those all present, it makes a token even
+            # if its lead byte is missing (SmolLM2 lacks F1, F2: unassigned planes). Else, no simple bound.
+            if any(0x80 <= b <= 0xBF for b in missing):
+                return None
+            return cls(max(map(len, vocab)), "".join(chr(b) for b in missing if b < 0x80))
+        except Exception:  # noqa: BLE001 - an unusual tokenizer only loses the shortcut
+            return None
+
+    def min_tokens(self, text: str) -> int:
+        counted = len(text) - sum(text.count(c) for c in self.dropped)
+        return -(-counted // self.max_chars)
+
+
 class OpenAIServer:
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics):
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics,
+                 admission: _Admission | None = None):
         self.llm, self.model_name, self.metrics = llm, model_name, metrics
+        self.admission = admission or _Admission(DEFAULT_MAX_WAITING_REQUESTS)
         self.tokenizer = llm.engine.tokenizer
         self.max_model_len = llm.engine.max_model_len
+        self.token_bound = _TokenBound.of(self.tokenizer) if self.tokenizer is not None else None
+        self.heavy_lane = asyncio.Semaphore(1)
+
+    def lane(self, texts: list) -> contextlib.AbstractAsyncContextManager:
+        """The heavy lane for requests with a lot of text to tokenize; none for the others."""
+        heavy = sum(len(t) for t in texts if isinstance(t, str)) > _HEAVY_CHARS
+        return self.heavy_lane if heavy else contextlib.nullcontext()
 
     # ---- helpers ----
     def check_model(self, model: str | None) -> None:
         if not self.llm.is_running:  # before any stream opens: a dead engine is a 503, not a 200 with an error
-            raise EngineDeadError(f"the engine is not running: {self.llm.dead!r}")
+            raise EngineDeadError("the engine is not running")
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
                            param="model", code="model_not_found")
 
-    def make_sequence(self, prompt, params, request_id: str):
+    def admit(self, request: Request, n: int) -> None:
+        """Take `n` places (one per prompt) for this request, or answer 429; _Guard gives them back."""
+        limit = self.admission.limit
+        if n > limit:  # could never be admitted: not worth a retry
+            raise APIError(400, f"this request has {n} prompts but the server admits at most {limit} at once "
+                                "(--max-waiting-requests)", param="prompt")
+        if not self.admission.take(n):
+            raise APIError(429, f"the server is at its limit of {limit} requests in flight "
+                                "(--max-waiting-requests); retry later", "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        request.scope[_ADMITTED][0] += n
+
+    def check_prompt_size(self, prompt) -> None:
+        """Reject, before tokenizing it, a prompt that cannot fit the context."""
+        m = self.max_model_len
+        if isinstance(prompt, list) and len(prompt) >= m:
+            raise APIError(400, f"prompt has {len(prompt)} tokens but max_model_len is {m} (the prompt must "
+                                "leave room for one new token)", param="prompt", code="context_length_exceeded")
+        if isinstance(prompt, str) and self.token_bound is not None:
+            at_least = self.token_bound.min_tokens(prompt)
+            if at_least >= m:
+                raise APIError(400, f"prompt has {len(prompt)} characters, so at least {at_least} tokens (a token "
+                                    f"of this model stands for at most {self.token_bound.max_chars} characters), "
+                                    f"but max_model_len is {m}", param="prompt", code="context_length_exceeded")
+
+    def check_max_tokens(self, max_tokens: int, num_prompt_tokens: int, param: str = "max_tokens") -> None:
+        room = self.max_model_len - num_prompt_tokens
+        if max_tokens > room:
+            raise APIError(400, f"{param} is too large: {max_tokens}. This model's maximum context length is "
+                                f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input "
+                                f"tokens ({max_tokens} > {self.max_model_len} - {num_prompt_tokens}).", param=param)
+
+    def make_request(self, prompt, params, request_id: str):
         try:
             return self.llm.make_request(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="prompt") from None
+
+    def make_requests(self, prompts: list, params: SamplingParams, request_ids: list[str]) -> list:
+        """Tokenize and validate (blocking: call it through _off_loop)."""
+        return [self.make_request(p, params, rid) for p, rid in zip(prompts, request_ids)]
 
     async def collect(self, request: Request, gens) -> list[_Choice]:
         """Run requests to the end; if the client goes away meanwhile, abort them."""
@@ -150,6 +332,13 @@ class OpenAIServer:
             if await request.is_disconnected():
                 task.cancel()
                 raise APIError(499, "client disconnected")
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        """Render and tokenize (blocking: call it through _off_loop)."""
+        try:
+            return self.llm.engine.chat_prompt(messages, add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
@@ -179,9 +368,20 @@ class OpenAIServer:
     # ---- endpoints ----
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
-        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        # Omitted (or null): OpenAI's 16, cut short by the context's end if need be; given: must fit it.
+        explicit = body.max_tokens is not None
+        params = body.sampling_params(body.max_tokens if explicit else 16, body.logprobs)
+        prompts = body.prompts()
+        self.admit(request, len(prompts))
+        for p in prompts:
+            self.check_prompt_size(p)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        seqs = [self.make_sequence(p, params, f"{request_id}-{i}") for i, p in enumerate(body.prompts())]
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        async with self.lane(prompts):
+            seqs = await _off_loop(self.make_requests, prompts, params, ids)
+        if explicit:
+            for s in seqs:
+                self.check_max_tokens(params.max_tokens, s.num_prompt_tokens)
         gens = [self.llm.generate(s) for s in seqs]
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         want_logprobs = body.logprobs is not None
@@ -212,15 +412,24 @@ class OpenAIServer:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model)
-        messages = [m.as_template_message() for m in body.messages]
-        try:
-            _, prompt_ids = self.llm.engine.chat_prompt(messages, body.add_generation_prompt)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.max_model_len - len(prompt_ids))
+        # Same rule as completions (0 is a 400), but omitted means "to the end of the context", as OpenAI's chat.
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if requested is not None and requested < 1:
+            raise APIError(400, f"{param} must be an integer >= 1, got {requested}", param=param)
         top = body.engine_logprobs()
-        seq = self.make_sequence(prompt_ids, body.sampling_params(max_tokens, top),
-                                 f"chatcmpl-{uuid.uuid4().hex}")
+        params = body.sampling_params(1 if requested is None else requested, top)  # validated before templating
+        self.admit(request, 1)
+        messages = [m.as_template_message() for m in body.messages]
+        async with self.lane([m["content"] for m in messages]):
+            _, prompt_ids = await _off_loop(self.chat_prompt, messages, body.add_generation_prompt)
+        room = self.max_model_len - len(prompt_ids)
+        if room > 0:  # else make_request below says the prompt is too long
+            if requested is None:
+                params = dataclasses.replace(params, max_tokens=room)
+            else:
+                self.check_max_tokens(requested, len(prompt_ids), param)
+        seq = (await _off_loop(self.make_requests, [prompt_ids], params, [f"chatcmpl-{uuid.uuid4().hex}"]))[0]
         gens = [self.llm.generate(seq)]
         base = {"id": seq.request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:
@@ -256,9 +465,10 @@ class OpenAIServer:
             try:
                 async for obj in chunks:
                     yield _sse(obj)
-            except (APIError, EngineDeadError, RuntimeError, ValueError) as e:
-                # Headers are gone already: report the error in-stream, as OpenAI does.
-                yield _sse(error_body(str(e), "server_error"))
+            except APIError as e:  # headers are gone already: report the error in-stream, as OpenAI does
+                yield _sse(e.body())
+            except Exception as e:  # noqa: BLE001 - whatever it is, the client gets a stable message and an id
+                yield _sse(error_body(_log_error("the request failed inside the engine", e), "server_error"))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -270,13 +480,17 @@ class OpenAIServer:
 
 
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
-              metrics: ServerMetrics | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> FastAPI:
+    if max_request_body_bytes < 1 or max_waiting_requests < 1:
+        raise ValueError("max_request_body_bytes and max_waiting_requests must be >= 1")
     metrics = metrics or ServerMetrics(model_name)
     llm.on_step = metrics.on_step
     llm.on_finish = metrics.on_finish
-    server = OpenAIServer(llm, model_name, metrics)
+    admission = _Admission(max_waiting_requests)
+    server = OpenAIServer(llm, model_name, metrics, admission)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         llm.start()
         yield
@@ -288,27 +502,45 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
         problems = []
-        for err in e.errors():
+        for err in errors[:5]:  # the first few say what is wrong; the protocol models keep the list short anyway
             if err.get("type") == "json_invalid":
                 problems.append(f"malformed JSON body ({err.get('ctx', {}).get('error', 'cannot parse')})")
                 continue
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if not loc and err.get("type") == "missing":
+                problems.append("the body is empty: send a JSON object")
+                continue
             problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        param = next((str(err["loc"][1]) for err in e.errors() if len(err.get("loc", ())) > 1), None)
+        if len(errors) > 5:
+            problems.append(f"and {len(errors) - 5} more")
+        param = next((err["loc"][1] for err in errors if len(err.get("loc", ())) > 1
+                      and isinstance(err["loc"][1], str)), None)
         return JSONResponse(error_body("invalid request: " + "; ".join(problems), param=param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        # Starlette's own errors (unknown path, wrong method, a body JSON cannot parse) in OpenAI's shape.
+        message = {404: f"Invalid URL ({request.method} {request.url.path})",
+                   405: f"Method {request.method} is not allowed for {request.url.path}",
+                   400: "could not parse the request body: it must be UTF-8 JSON, not nested deeper than "
+                        "Python's recursion limit"}.get(e.status_code, str(e.detail))
+        return JSONResponse(error_body(message), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, e: EngineDeadError):
-        return JSONResponse(error_body(str(e), "server_error"), status_code=503)
+        # the log gets the engine thread's own exception (the cause), not this report of it
+        message = _log_error("the engine is not running", llm.dead or e)
+        return JSONResponse(error_body(message, "server_error"), status_code=503)
 
-    @app.exception_handler(RuntimeError)
-    async def engine_error(request: Request, e: RuntimeError):
-        return JSONResponse(error_body(str(e), "server_error"), status_code=500)
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return JSONResponse(error_body(_log_error("internal server error", e), "server_error"), status_code=500)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -325,7 +557,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health():
         if not llm.is_running:
-            return JSONResponse({"status": "dead", "error": repr(llm.dead)}, status_code=503)
+            return JSONResponse({"status": "dead"}, status_code=503)  # unauthenticated: the cause is in the log
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -336,12 +568,15 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     async def stats():
         return await llm.stats()
 
-    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_body_bytes=max_request_body_bytes,
+                       admission=admission)
     return app
 
 
 def serve(model: str | None, engine_args: dict, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, served_model_name: str | None = None, log_level: str = "info") -> None:
+          api_key: str | None = None, served_model_name: str | None = None, log_level: str = "info",
+          max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> None:
     import os
 
     import uvicorn
@@ -351,6 +586,7 @@ def serve(model: str | None, engine_args: dict, host: str = "127.0.0.1", port: i
 
     engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
     name = served_model_name or (os.path.basename(os.path.normpath(model)) if model else "SmolLM2-135M-Instruct")
-    app = build_app(AsyncLLM(engine), name, api_key)
+    app = build_app(AsyncLLM(engine), name, api_key, max_request_body_bytes=max_request_body_bytes,
+                    max_waiting_requests=max_waiting_requests)
     logger.info("serving %s on http://%s:%d", name, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -2,22 +2,43 @@
 
 Unknown fields are rejected (as OpenAI does), and known fields this engine cannot honour (n > 1,
 penalties, echo, tools ...) are a 400 that names them rather than being silently ignored.
+
+Bodies are validated strictly (no "yes" for a bool, no "5" for an int, no NaN/Infinity), and no list is
+validated element by element past its first error: a 4 MiB body of a million wrong elements would
+otherwise make pydantic build millions of error objects on the event loop (12-18 s measured).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitserve.sampling_params import SamplingParams
+
+# Per-request limits (README "Security"); the body size and queue limits are server flags (api.py).
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 256  # characters in one stop string (the stream holds back that many characters)
+MAX_STOP_TOKEN_IDS = 256
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer takes: name the problem here."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it has a lone surrogate)") from None
+    return text
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -29,13 +50,13 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM-style extensions)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -46,14 +67,24 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict | None = None  # unsupported (a 400 unless empty): not worth validating its items
     user: str | None = None
     # extensions
     top_k: int = -1
     min_p: float = 0.0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)
     skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _bounded_stop(cls, v: Any) -> Any:
+        stops = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return v
 
     def unsupported(self) -> list[str]:
         bad = []
@@ -87,6 +118,26 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="plain", json_schema_input_type=str | list[int] | list[str] | list[list[int]])
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        """One pass, one error (the declared union would report every element of every branch)."""
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        if isinstance(v, str):
+            return _unicode(v)
+        if ids(v):
+            return v
+        if isinstance(v, list) and (all(type(x) is str for x in v) or all(ids(x) for x in v)):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
+            for x in v:
+                if isinstance(x, str):
+                    _unicode(x)
+            return v
+        raise ValueError("must be a string, a list of token ids, a list of strings or a list of token-id lists")
+
     def prompts(self) -> list:
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
@@ -107,16 +158,23 @@ class CompletionRequest(_Common):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        for text in [v] if isinstance(v, str) else [p.text for p in v or []]:
+            _unicode(text)
+        return v
 
     def as_template_message(self) -> dict:
         content = self.content
@@ -127,7 +185,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
