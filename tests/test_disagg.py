@@ -36,8 +36,8 @@ def _alive(pid: int) -> bool:
 SENT_BLOCKS, RECV_BLOCKS = [3, 7, 1], [0, 5, 2]
 
 
-def _transfer_rank(rank: int, port: int, out_dir: str) -> None:
-    kv_transfer.init_process_group(rank, torch.device("cpu"), "127.0.0.1", port)
+def _transfer_rank(rank: int, out_dir: str) -> None:
+    kv_transfer.init_process_group(rank, torch.device("cpu"), f"file://{out_dir}/store")
     if rank == kv_transfer.PREFILL_RANK:
         kv = torch.randn(2, 3, 8, 4, 2, 5, generator=torch.Generator().manual_seed(0))
         t = kv_transfer.send_blocks(kv, SENT_BLOCKS, "r")
@@ -55,11 +55,7 @@ def _transfer_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_kv_blocks_received_equal_blocks_sent(tmp_path):
-    sock = __import__("socket").socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    tmp.spawn(_transfer_rank, args=(port, str(tmp_path)), nprocs=2)
+    tmp.spawn(_transfer_rank, args=(str(tmp_path),), nprocs=2)
     sent, received = torch.load(tmp_path / "kv0.pt"), torch.load(tmp_path / "kv1.pt")
     for s, r in zip(SENT_BLOCKS, RECV_BLOCKS):
         assert torch.equal(received[:, :, r], sent[:, :, s])

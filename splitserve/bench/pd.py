@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import queue
 import time
 
@@ -129,13 +130,13 @@ def copy_bandwidth(src_dev: str, dst_dev: str, nbytes: int = 1 << 30) -> float:
     return nbytes / float(np.median(times))
 
 
-def _transfer_proc(rank: int, devices: list[str], shape: tuple, num_tokens: int, block_size: int, port: int,
+def _transfer_proc(rank: int, devices: list[str], shape: tuple, num_tokens: int, block_size: int, store: str,
                    results) -> None:
     from splitserve.disagg import kv_transfer
 
     device = torch.device(devices[rank])
     torch.cuda.set_device(device)
-    kv_transfer.init_process_group(rank, device, "127.0.0.1", port)
+    kv_transfer.init_process_group(rank, device, f"file://{store}")
     kv = torch.randn(shape, dtype=torch.bfloat16, device=device)
     nblocks = -(-num_tokens // block_size)
     blocks = np.random.default_rng(rank).permutation(shape[2])[:nblocks].tolist()  # scattered, like a real cache
@@ -159,12 +160,12 @@ def _transfer_proc(rank: int, devices: list[str], shape: tuple, num_tokens: int,
 
 def transfer_bandwidth(devices: list[str], shape: tuple, num_tokens: int, block_size: int) -> dict:
     """Our whole path for one sequence (gather, NCCL send/recv, scatter), timed on the receiver."""
-    from splitserve.disagg.coordinator import _free_port
+    import tempfile
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_transfer_proc, args=(r, devices, shape, num_tokens, block_size, port, results))
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    procs = [ctx.Process(target=_transfer_proc, args=(r, devices, shape, num_tokens, block_size, store, results))
              for r in (0, 1)]
     for p in procs:
         p.start()

@@ -17,6 +17,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -83,12 +84,6 @@ def pd_devices(config: EngineConfig) -> tuple[str, str]:
     return f"cuda:{p_id}", f"cuda:{d_id}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WorkerDiedError(RuntimeError):
     pass
 
@@ -131,6 +126,7 @@ class PDClient:
         self.num_relayed = 0
         self.dead: str | None = None
         self.listener: socket.socket | None = None
+        self.store_file: str | None = None
         # Workers are stopped at interpreter exit too (they live in their own sessions: no Ctrl-C reaches them).
         self._finalizer = weakref.finalize(self, _stop_workers, self.workers, STOP_GRACE_S)
         try:
@@ -155,8 +151,11 @@ class PDClient:
             address = (host or "127.0.0.1", int(port))  # all interfaces only when asked for (0.0.0.0)
         else:
             key, address = secrets.token_hex(16), ("127.0.0.1", 0)
-        master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        master_port = int(os.environ.get("MASTER_PORT", 0)) or _free_port()
+        if remote:
+            rendezvous = ("env://", os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", 29500)))
+        else:  # one host: a file store, so nothing listens on a network port for the KV channel
+            self.store_file = os.path.join(tempfile.gettempdir(), f"splitserve-pd-{secrets.token_hex(8)}")
+            rendezvous = (f"file://{self.store_file}", None, None)
         self.listener = socket.create_server(address)
         self.listener.settimeout(0.2)
         host, port = self.listener.getsockname()[:2]
@@ -174,7 +173,7 @@ class PDClient:
         threading.Thread(target=self._accept, args=(key.encode(), accepted), daemon=True).start()
         # A remote worker runs on the device it was started with (worker_main puts it into its config).
         setups = {role: Setup(worker_config(self.config, role, self.config.device if dev == "remote" else dev),
-                              master_addr, master_port) for role, dev in self.devices.items()}
+                              *rendezvous) for role, dev in self.devices.items()}
         deadline = time.time() + STARTUP_TIMEOUT_S
         while any(w.max_model_len is None for w in self.workers.values()):
             while accepted:
@@ -229,6 +228,8 @@ class PDClient:
             self.listener = None
         self._finalizer.detach()
         _stop_workers(self.workers, grace_s)
+        if self.store_file is not None and os.path.exists(self.store_file):
+            os.remove(self.store_file)
 
     # ---- the core client ----
     def add(self, request: CoreRequest) -> None:

@@ -10,7 +10,6 @@ Sends and receives pair up in the order they are posted (one ordered channel bet
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -20,15 +19,12 @@ import torch.distributed as dist
 PREFILL_RANK, DECODE_RANK = 0, 1
 
 
-def init_process_group(rank: int, device: torch.device, master_addr: str | None, master_port: int | None) -> None:
-    """Rendezvous by env:// (MASTER_ADDR/MASTER_PORT), so the two workers may live on two hosts."""
-    if master_addr:
-        os.environ["MASTER_ADDR"] = master_addr
-    if master_port:
-        os.environ["MASTER_PORT"] = str(master_port)
+def init_process_group(rank: int, device: torch.device, init_method: str) -> None:
+    """Join the two-rank KV channel: `file://PATH` for two workers on one host (no listening socket), or
+    `env://` (MASTER_ADDR/MASTER_PORT, set by the caller) for two hosts."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=2, **kwargs)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=2, **kwargs)
 
 
 def digest(t: torch.Tensor) -> str:

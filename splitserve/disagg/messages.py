@@ -26,8 +26,9 @@ class Hello:
 class Setup:
     """Everything a worker needs, explicitly: its own engine config and the rendezvous of the KV channel."""
     config: EngineConfig
-    master_addr: str
-    master_port: int
+    init_method: str  # "file://PATH" on one host; "env://" for two hosts (with master_addr/master_port)
+    master_addr: str | None = None
+    master_port: int | None = None
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,9 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
         rank = kv_transfer.PREFILL_RANK if role == "prefill" else kv_transfer.DECODE_RANK
-        kv_transfer.init_process_group(rank, torch_device, setup.master_addr, setup.master_port)
+        if setup.master_addr:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = setup.master_addr, str(setup.master_port)
+        kv_transfer.init_process_group(rank, torch_device, setup.init_method)
         config = setup.config if setup.config.device == device else _on_device(setup.config, device)
         worker = (PrefillWorker if role == "prefill" else DecodeWorker)(config, channel)
         channel.send(Ready(role, worker.core.max_model_len, worker.stats()))
