@@ -102,12 +102,12 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
-        self.num_kv_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
+        self.last_decode_path: DecodePath | None = None
+        self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
                                        self.block_size, self.num_kv_blocks, config.decode_pipeline_profiling)
-        self.last_decode_path: DecodePath | None = None
 
     # ---- KV cache ----
     def kv_block_bytes(self) -> int:
