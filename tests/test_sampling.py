@@ -112,4 +112,4 @@ def test_stop_strings_cut_exactly_and_finish_reasons(default_model_dir):
     # EOS ends a chat answer unless ignore_eos
     chat = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=64),
                     use_tqdm=False)[0].outputs[0]
-    assert chat.finish_reason == "stop" and chat.token_ids[-1] in llm.engine.eos_token_ids
+    assert chat.finish_reason == "stop" and chat.token_ids[-1] in llm.engine.model.eos_token_ids
