@@ -163,7 +163,8 @@ class PDClient:
         env = {**os.environ, AUTHKEY_ENV: key}
         for role in ("prefill",) if remote else ("prefill", "decode"):
             cmd = [sys.executable, "-m", "splitserve", "pd-worker", "--coordinator", f"{local_host}:{port}",
-                   "--role", role, "--device", self.devices[role], "--connect-timeout", "60"]
+                   "--role", role, "--device", self.devices[role], "--connect-timeout", "60",
+                   "--parent-pid", str(os.getpid())]
             self.workers[role] = _Worker(role, subprocess.Popen(cmd, env=env, start_new_session=True))
         if remote:
             self.workers["decode"] = _Worker("decode", None)

@@ -58,7 +58,10 @@ def worker_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda:0", help="this host's device for the worker")
     parser.add_argument("--role", choices=("prefill", "decode"), default="decode")
     parser.add_argument("--connect-timeout", type=float, default=300.0)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # set by a local coordinator
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
     key = os.environ.get(AUTHKEY_ENV)
     if not key:
         raise SystemExit(f"splitserve pd-worker: set {AUTHKEY_ENV} (the same secret as the coordinator's)")
@@ -97,6 +100,19 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A local worker runs in its own session (Ctrl-C is the coordinator's to handle); if the coordinator
+    dies without stopping it, the kernel kills it too, even while it is blocked in a collective."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the coordinator died before the line above ran
+        raise SystemExit(1)
 
 
 def _on_device(config: EngineConfig, device: str) -> EngineConfig:
