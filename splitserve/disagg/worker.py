@@ -62,6 +62,10 @@ def worker_cli(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
+    if os.environ.get("SPLITSERVE_DUMP_STACKS_AFTER_S"):  # debugging a hang: every thread's stack to stderr
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["SPLITSERVE_DUMP_STACKS_AFTER_S"]))
     key = os.environ.get(AUTHKEY_ENV)
     if not key:
         raise SystemExit(f"splitserve pd-worker: set {AUTHKEY_ENV} (the same secret as the coordinator's)")
