@@ -290,9 +290,11 @@ class DecodeWorker(_Worker):
                 seq.generator.set_state(torch.tensor(list(offer.generator_state), dtype=torch.uint8))
             bm.allocate(seq, offer.num_computed_tokens)
             seq.num_computed_tokens = offer.num_computed_tokens
+            # Accept first: NCCL's first p2p op between the two ranks blocks inside the call until the peer
+            # joins (it sets up the connection), so the prefill side must be told to post its send first.
+            self.channel.send(Accept(seq.request_id))
             self.receiving.append((kv_transfer.recv_blocks(self.kv_cache, list(seq.block_table), seq.request_id),
                                    seq, offer.kv_digest))
-            self.channel.send(Accept(seq.request_id))
 
     def progress(self) -> None:
         self.admit()
