@@ -20,7 +20,7 @@ from conftest import random_prompts
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
 from splitserve.disagg import kv_transfer
-from splitserve.disagg.coordinator import WorkerDiedError, pd_devices
+from splitserve.disagg.coordinator import WorkerDiedError, listen_address, pd_devices
 
 
 def _alive(pid: int) -> bool:
@@ -425,3 +425,12 @@ def test_coordinator_survives_silent_and_wrong_key_peers(tiny_dir, monkeypatch):
             sock.close()
         if worker.poll() is None:
             worker.kill()
+
+
+def test_remote_decode_listens_on_loopback_unless_given_an_address():
+    assert listen_address(":7000") == ("127.0.0.1", 7000)
+    assert listen_address("0.0.0.0:7000") == ("0.0.0.0", 7000)
+    assert listen_address("10.1.2.3:7001") == ("10.1.2.3", 7001)
+    for bad in ("7000", "host:", "host:http", ":0", ":70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            listen_address(bad)

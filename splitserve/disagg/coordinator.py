@@ -84,6 +84,15 @@ def pd_devices(config: EngineConfig) -> tuple[str, str]:
     return f"cuda:{p_id}", f"cuda:{d_id}"
 
 
+def listen_address(remote: str) -> tuple[str, int]:
+    """Where the coordinator listens for a remote decode worker: "HOST:PORT", or ":PORT" for loopback
+    (all interfaces only when asked for, as 0.0.0.0)."""
+    host, sep, port = remote.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"pd_remote_decode must be HOST:PORT or :PORT, got {remote!r}")
+    return host or "127.0.0.1", int(port)
+
+
 class WorkerDiedError(RuntimeError):
     pass
 
@@ -147,8 +156,7 @@ class PDClient:
             if "MASTER_ADDR" not in os.environ:
                 raise ValueError("pd_remote_decode needs MASTER_ADDR and MASTER_PORT (this host's address and a "
                                  "free port, reachable from the decode host: the torch.distributed rendezvous)")
-            host, _, port = remote.rpartition(":")
-            address = (host or "127.0.0.1", int(port))  # all interfaces only when asked for (0.0.0.0)
+            address = listen_address(remote)
         else:
             key, address = secrets.token_hex(16), ("127.0.0.1", 0)
         if remote:
