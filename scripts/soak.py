@@ -526,6 +526,24 @@ def parse_http_counts(text: str) -> dict[str, dict[str, float]]:
     return counts
 
 
+def parse_finished(text: str) -> dict[str, int]:
+    """Generation requests the engine finished, by reason ("abort": the client left before the end)."""
+    pat = re.compile(r'^splitserve_requests_finished_total\{finish_reason="([^"]*)"\} (\S+)$')
+    return {m.group(1): int(float(m.group(2))) for m in map(pat.match, text.splitlines()) if m}
+
+
+def machine_info() -> dict:
+    info: dict = {"cpu_count": os.cpu_count(), "loadavg_at_start": open("/proc/loadavg").read().split()[:3],
+                  "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError):
+        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                  if line.startswith("model name")), None)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return info
+
+
 def log_problems(path: str, limit: int = 40) -> tuple[int, list[str]]:
     lines = open(path, errors="replace").read().splitlines()
     hits = [i for i, line in enumerate(lines) if re.search(r"\bERROR\b|Traceback|CRITICAL", line)]
@@ -634,6 +652,7 @@ async def run_phase(name: str, args, malformed_fraction: float, deadline: float)
         greedy_after = await greedy()
         _, text = await server.get_json("/metrics")
         metrics_counts = parse_http_counts(text or "")
+        result["metrics_requests_finished"] = parse_finished(text or "")
         result["rss_kib_after_soak"] = server.rss_kib()
         metrics_total = {p: int(sum(metrics_counts.get(p, {}).values())) for p in gen_paths}
         metrics_5xx = int(sum(v for p in metrics_counts.values() for s, v in p.items() if s.startswith("5")))
@@ -675,7 +694,7 @@ async def main_async(args) -> dict:
     deadline = start + args.time_limit
     phases = [p for p in args.phases.split(",") if p]
     out: dict = {"config": {k: v for k, v in vars(args).items() if k != "api_key"}, "phases": {},
-                 "cpu_count": os.cpu_count()}
+                 "machine": machine_info()}
     for i, name in enumerate(phases):
         # Share what is left between the phases still to run.
         left = deadline - time.monotonic()

@@ -248,9 +248,11 @@ class PDClient:
 
     def abort(self, request_ids: list[str]) -> None:
         ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
-        if ids and self.dead is None:
-            for role in ("prefill", "decode"):
+        try:
+            for role in ("prefill", "decode") if ids and self.dead is None else ():
                 self._send(role, Abort(ids))
+        except WorkerDiedError:
+            pass  # the requests are gone with the worker; the next step() says why
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
