@@ -239,6 +239,13 @@ def test_corpus_gets_4xx_in_openai_shape_without_collateral(port):
     assert status == 200 and body["usage"]["completion_tokens"] == 3
 
 
+def test_a_plain_client_sending_an_oversized_body_reads_the_413(port):
+    """Regression (soak): the server answered 413 and closed while the client was still sending, so an
+    ordinary client saw a connection reset instead of the answer."""
+    status, body, _ = request(port, "POST", C, b'{"prompt": "' + b"a" * (5 * MiB) + b'"}')
+    assert_openai_error(status, body, 413, "too large")
+
+
 def test_limits_at_their_edge_are_accepted(port):
     room = MAX_MODEL_LEN - len(PROMPT)
     status, body, _ = request(port, "POST", C, {"prompt": PROMPT, "max_tokens": room, "temperature": 0.7,

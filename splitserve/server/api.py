@@ -111,7 +111,9 @@ class _Guard:
             if length is None and b"transfer-encoding" in headers:  # chunked: no length to check up front
                 receive, too_big = await self._read_capped(receive)
             if too_big:
-                # Answer without reading the body, and close: the rest of it is not worth receiving.
+                # Read on (discarding, bounded in bytes and time) so a plain client that is still sending
+                # gets to read the answer: closing on it mid-body turns the 413 into a connection reset.
+                await _drain(receive, DRAIN_MAX_BYTES, DRAIN_MAX_S)
                 return await answer(413, error_body(
                     f"request body too large: the limit is {self.max_body_bytes} bytes (--max-request-body-bytes)",
                     code="request_too_large"), {"Connection": "close"})
@@ -143,6 +145,23 @@ class _Guard:
             return messages.pop(0) if messages else await receive()
 
         return replay, False
+
+
+DRAIN_MAX_BYTES = 64 * 2**20  # of an oversized body, read and dropped before the 413 (then: close)
+DRAIN_MAX_S = 2.0
+
+
+async def _drain(receive, max_bytes: int, max_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline, size = loop.time() + max_s, 0
+    while size <= max_bytes:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        size += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 @dataclass
