@@ -94,3 +94,16 @@ def test_default_model_cached_in_its_own_dtype(default_model_dir, default_llm):
     assert sum(os.path.getsize(p) for p in files) < 3 * os.path.getsize(default_model_gguf())
     if default_llm.engine.runner.device.type == "cpu":
         assert {p.dtype for p in default_llm.engine.runner.model.parameters()} == {torch.float32}
+
+
+def test_gguf_cache_dtype_follows_the_file_type():
+    import gguf
+
+    from splitserve.models.loader import gguf_cache_dtype
+
+    kinds = gguf.LlamaFileType
+    assert gguf_cache_dtype(int(kinds.ALL_F32)) == torch.float32
+    assert gguf_cache_dtype(int(kinds.MOSTLY_F16)) == torch.float16
+    assert gguf_cache_dtype(int(kinds.MOSTLY_BF16)) == torch.bfloat16
+    assert gguf_cache_dtype(int(kinds.MOSTLY_Q4_1)) == torch.bfloat16  # the default model: quantized
+    assert gguf_cache_dtype(None) == torch.bfloat16
