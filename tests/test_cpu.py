@@ -51,8 +51,11 @@ NO_TRITON = r"""
 import sys
 
 class NoTriton:
+    asked = []
+
     def find_spec(self, name, path=None, target=None):
         if name == "triton" or name.startswith("triton."):
+            NoTriton.asked.append(name)
             raise ModuleNotFoundError("No module named 'triton' (hidden by the test)", name=name)
 
 sys.meta_path.insert(0, NoTriton())
@@ -63,6 +66,8 @@ from splitserve.doctor import report
 llm = LLM(sys.argv[1], device="cpu")
 out = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
+# The CPU path never even asks for Triton (nor for torch._dynamo, which asks for it and costs seconds)
+assert not NoTriton.asked and "torch._dynamo" not in sys.modules, (NoTriton.asked, "torch._dynamo" in sys.modules)
 rows = dict(report())
 assert rows["triton"].startswith("not installed"), rows["triton"]
 build_parser()
