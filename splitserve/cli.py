@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 
 from splitserve.config import EngineConfig
@@ -46,50 +47,117 @@ def sampling_params(args: argparse.Namespace):
                           max_tokens=args.max_tokens, seed=args.sampling_seed)
 
 
-def stream(llm, prompt, params) -> str:
-    """Print the answer as it is generated; returns the full text."""
+def checked_arguments(args: argparse.Namespace) -> tuple[dict, object]:
+    """Engine arguments and sampling values, validated before anything is loaded: a bad value costs no model
+    load. Returns (engine kwargs, SamplingParams); raises ValueError/TypeError naming the problem."""
+    kwargs = engine_kwargs(args)
+    EngineConfig.from_kwargs(args.model, **kwargs)
+    return kwargs, sampling_params(args)
+
+
+class StopOnInterrupt:
+    """While an answer streams, the first Ctrl-C (SIGINT) stops it after the current engine step, leaving the
+    engine consistent; a second one raises KeyboardInterrupt at once. Outside the block Ctrl-C acts as usual."""
+
+    def __init__(self):
+        self.stopped = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+
+    def __enter__(self):
+        self.stopped = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def stream(llm, prompt, params) -> tuple[str, bool]:
+    """Print the answer as it is generated; returns (the full text, whether Ctrl-C stopped it)."""
     engine = llm.engine
     request = engine.add_request(prompt, params)
     printed = 0
-    try:
-        while not request.is_finished:
-            engine.step()
-            sys.stdout.write(request.output_text[printed:])
-            sys.stdout.flush()
-            printed = len(request.output_text)
-    finally:
-        engine.abort(request.request_id)
-        engine.release(request)
+    with StopOnInterrupt() as interrupt:
+        try:
+            while not request.is_finished and not interrupt.stopped:
+                engine.step()
+                sys.stdout.write(request.output_text[printed:])
+                sys.stdout.flush()
+                printed = len(request.output_text)
+        finally:
+            engine.abort(request.request_id)
+            engine.release(request)
     sys.stdout.write("\n")
-    return request.output_text
+    sys.stdout.flush()
+    return request.output_text, interrupt.stopped
+
+
+def chat_prompt(tok, messages: list[dict]) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def generate_prompt(tok, text: str, use_template: bool):
+    """The user's text as one user turn of the model's chat template, when the model has one and the text is
+    plain (it holds none of the tokenizer's special tokens); otherwise the raw text."""
+    if not use_template or tok is None or not getattr(tok, "chat_template", None):
+        return text
+    if any(special and special in text for special in getattr(tok, "all_special_tokens", [])):
+        return text  # already formatted by the user
+    print("splitserve: applying the model's chat template; --no-chat-template sends the raw text", file=sys.stderr)
+    return chat_prompt(tok, [{"role": "user", "content": text}])
 
 
 def cmd_generate(args) -> None:
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    kwargs, params = checked_arguments(args)
     from splitserve import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
-    stream(llm, args.prompt, sampling_params(args))
+    llm = LLM(args.model, **kwargs)
+    prompt = generate_prompt(llm.get_tokenizer(), args.prompt, args.chat_template)
+    _, stopped = stream(llm, prompt, params)
+    if stopped:
+        print("splitserve: stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def cmd_chat(args) -> None:
+    kwargs, params = checked_arguments(args)
     from splitserve import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **kwargs)
     tok = llm.get_tokenizer()
-    params = sampling_params(args)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("chat needs a model whose tokenizer has a chat template; use generate instead")
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("splitserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    print("splitserve chat — Ctrl-C stops an answer; an empty line, Ctrl-D or Ctrl-C at the prompt quits",
+          file=sys.stderr)
     while True:
         try:
             user = input("> ")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        answer = stream(llm, tok.encode(prompt, add_special_tokens=False), params)
+        answer, stopped = stream(llm, chat_prompt(tok, messages), params)
         messages.append({"role": "assistant", "content": answer})
+        if stopped:
+            print("splitserve: answer stopped; Ctrl-C at the prompt quits", file=sys.stderr)
 
 
 def cmd_doctor(args) -> None:
@@ -111,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", allow_abbrev=False, help="generate text for one prompt, streamed to the terminal")
     gen.add_argument("prompt")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                     help="send plain text as a user turn of the model's chat template, when it has one "
+                          "(default); --no-chat-template sends the raw text")
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # fixes the KV-cache size instead of sizing it from memory
     cpu_kv_cache_gib: float = 2.0  # KV-cache budget on CPU, where there is no memory fraction to use
+    cpu_threads: int | None = None  # torch threads for CPU inference; None: auto (docs/CPU-THREADS.md)
     load_format: str = "auto"  # "auto": weights from the checkpoint; "dummy": random weights (benchmarks)
     # M1: prefill and decode in two worker processes, one per device, KV moved over torch.distributed.
     enable_two_gpu_pd: bool = False
@@ -66,6 +67,8 @@ class EngineConfig:
             positive_int("max_model_len")
         if self.num_kv_blocks is not None:
             positive_int("num_kv_blocks")
+        if self.cpu_threads is not None:
+            positive_int("cpu_threads")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not float(self.cpu_kv_cache_gib) > 0:

@@ -15,6 +15,16 @@ def default_model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def default_llm(default_model_dir):
+    """One engine on the default model for the whole session (tests must leave it idle: no running requests)."""
+    from splitserve import LLM
+
+    llm = LLM()
+    yield llm
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="session")
 def make_tiny_model(default_model_dir, tmp_path_factory):
     """Create a random-weight HF checkpoint (saved with transformers) sharing SmolLM2's tokenizer."""
     import transformers

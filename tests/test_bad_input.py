@@ -131,16 +131,28 @@ def test_missing_weights_named(make_tiny_model, tmp_path):
 
 
 def test_corrupt_gguf(tmp_path, default_model_dir):
-    from splitserve.models.loader import default_model_gguf
-
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(4096))
     with pytest.raises(ValueError, match="cannot read GGUF file .*broken.gguf"):
         LLM(str(bad))
+
+
+@pytest.mark.parametrize("size, message", [
+    (1 << 16, r"truncated or corrupt: its header \(metadata and tensor list\) runs to byte [\d,]+ but the file "
+              r"has 65,536 bytes"),
+    (2 << 20, r"truncated or corrupt: tensor 'token_embd.weight' \(Q8_0, 49152x576\) needs bytes [\d,]+ to "
+              r"[\d,]+ but the file has 2,097,152 bytes"),
+    (-10, r"truncated or corrupt: tensor '[\w.]+' .* but the file has [\d,]+ bytes"),
+])
+def test_truncated_gguf_named(tmp_path, default_model_dir, size, message):
+    """A cut GGUF file says so, naming the file and the tensor cut (not numpy's 'cannot reshape array')."""
+    from splitserve.models.loader import default_model_gguf
+
     truncated = tmp_path / "truncated.gguf"
     with open(default_model_gguf(), "rb") as f:
-        truncated.write_bytes(f.read(1 << 20))
-    with pytest.raises(ValueError, match="cannot read GGUF file .*truncated.gguf"):
+        data = f.read()
+    truncated.write_bytes(data[:size])
+    with pytest.raises(ValueError, match="cannot read GGUF file .*truncated.gguf.*: the file is " + message):
         LLM(str(truncated))
 
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_bench(tmp_path, *args):
     res = subprocess.run([sys.executable, "-m", "splitserve", "bench", *args, "--shape", "tiny", "--device", "cpu",
@@ -21,6 +23,7 @@ def test_latency_harness(tmp_path):
     assert any(f.endswith(".md") for f in files)
 
 
+@pytest.mark.slow
 def test_throughput_harness_with_hf(tmp_path):
     data, _ = run_bench(tmp_path, "throughput", "--num-requests", "6", "--input-range", "5", "30",
                         "--output-range", "3", "12", "--compare", "hf", "--hf-requests", "3")
@@ -28,11 +31,13 @@ def test_throughput_harness_with_hf(tmp_path):
     assert data["hf"]["output_tokens"] > 0, data["hf"]
 
 
+@pytest.mark.slow
 def test_smallbatch_harness_with_hf(tmp_path):
     data, _ = run_bench(tmp_path, "smallbatch", "--compare", "hf")
     assert data["decode_tok_s"] > 0 and data["hf"]["decode_tok_s"] > 0, data["hf"]
 
 
+@pytest.mark.slow  # five engine processes (colocated, data-parallel, PD)
 def test_pd_serving_simulation_harness(tmp_path):
     """Three setups (colocated, data-parallel, PD) on CPU processes; every request completes in each."""
     data, files = run_bench(tmp_path, "pd", "--num-requests", "6", "--input-range", "8", "40", "--output-range",

@@ -1,5 +1,15 @@
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+
+import pytest
+
+from splitserve import cli
+
+TEMPLATE_NOTE = "applying the model's chat template; --no-chat-template sends the raw text"
 
 
 def run(*args, stdin=None):
@@ -7,17 +17,136 @@ def run(*args, stdin=None):
                           input=stdin, timeout=600)
 
 
-def test_generate_streams_text_from_default_model(default_model_dir):
-    res = run("generate", "The capital of France is", "--max-tokens", "8", "--device", "cpu")
+def test_quick_start_command_answers(default_model_dir):
+    """The README's Quick start command, as written: the default model answers the question."""
+    res = run("generate", "What is the capital of France?")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
+    assert res.stderr.count(TEMPLATE_NOTE) == 1
 
 
-def test_generate_rejects_unknown_flag_and_bad_values(default_model_dir):
-    res = run("generate", "hi", "--max-num-seq", "3")
-    assert res.returncode == 2 and "--max-num-seq" in res.stderr
-    res = run("generate", "hi", "--temperature", "-1")
-    assert res.returncode == 2 and "temperature must be >= 0" in res.stderr
+def test_generate_raw_text_without_chat_template(default_llm, monkeypatch, capsys):
+    import splitserve
+
+    made = []
+
+    def shared_llm(model, **kwargs):  # the session's engine on the default model, instead of a second load
+        made.append((model, kwargs))
+        return default_llm
+
+    monkeypatch.setattr(splitserve, "LLM", shared_llm)
+    cli.main(["generate", "The capital of France is", "--no-chat-template", "--max-tokens", "8", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert made == [(None, {"device": "cpu"})]
+    assert "Paris" in out.out
+    assert TEMPLATE_NOTE not in out.err
+
+
+def test_generate_prompt_keeps_formatted_text(default_model_dir):
+    from splitserve.models.loader import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
+    formatted = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert cli.generate_prompt(tok, formatted, True) == formatted
+    assert cli.generate_prompt(tok, "Hi", False) == "Hi"
+    ids = cli.generate_prompt(tok, "Hi", True)
+    assert tok.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_generate_rejects_unknown_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "hi", "--max-num-seq", "3"])
+    assert info.value.code == 2 and "--max-num-seq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("generate", ["--max-tokens", "-1", "hi"], "max_tokens must be an integer >= 1, got -1"),
+    ("generate", ["--temperature", "-1", "hi"], "temperature must be >= 0"),
+    ("generate", ["--top-p", "0", "hi"], "top_p must be in (0, 1]"),
+    ("generate", ["--min-p", "2", "hi"], "min_p must be in [0, 1]"),
+    ("generate", ["--max-num-seqs", "0", "hi"], "max_num_seqs must be a positive integer"),
+    ("generate", ["--cpu-threads", "0", "hi"], "cpu_threads must be a positive integer"),
+    ("generate", ["--dtype", "float8", "hi"], "dtype must be one of"),
+    ("generate", [""], "the prompt is empty"),
+    ("chat", ["--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
+])
+def test_bad_values_fail_before_any_model_load(monkeypatch, capsys, command, args, message):
+    import splitserve
+    from splitserve.models import loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(splitserve, "LLM", no_load)
+    monkeypatch.setattr(loader, "resolve_model", no_load)
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stop_on_interrupt_handler():
+    """First Ctrl-C: the answer stops (a flag, no exception); second: KeyboardInterrupt; then the usual handler."""
+    before = signal.getsignal(signal.SIGINT)
+    with cli.StopOnInterrupt() as stop:
+        assert not stop.stopped
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.stopped
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+class _Pipe:
+    """Collects a child's stream on a thread; `wait_for` blocks until a text shows up after a position."""
+
+    def __init__(self, stream):
+        self.text, self._lock = "", threading.Lock()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream):
+        while chunk := stream.read1(256):
+            with self._lock:
+                self.text += chunk.decode(errors="replace")
+
+    def wait_for(self, needle: str, start: int = 0, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                at = self.text.find(needle, start)
+            if at >= 0:
+                return at + len(needle)
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not seen within {timeout} s; got {self.text[start:]!r}")
+
+
+@pytest.mark.slow  # a real session: model load, a streamed answer stopped by SIGINT, a second answer
+def test_chat_ctrl_c_stops_the_answer_then_quits_at_the_prompt(default_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", "chat", "--max-tokens", "500", "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = _Pipe(proc.stdout), _Pipe(proc.stderr)
+    try:
+        at = out.wait_for("> ")
+        proc.stdin.write(b"Write a long story about a dragon who learns to cook.\n")
+        proc.stdin.flush()
+        out.wait_for("", at + 20)  # 20 characters of the answer have streamed
+        proc.send_signal(signal.SIGINT)
+        err.wait_for("answer stopped; Ctrl-C at the prompt quits")
+        at = out.wait_for("> ", at)
+        assert proc.poll() is None, "the first Ctrl-C ended the session"
+        proc.stdin.write(b"What is the capital of France?\n")
+        proc.stdin.flush()
+        at = out.wait_for("Paris", at)
+        out.wait_for("> ", at)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err.text, err.text
 
 
 def test_chat_uses_template(default_model_dir):
@@ -26,11 +155,11 @@ def test_chat_uses_template(default_model_dir):
     assert "Paris" in res.stdout
 
 
-def test_doctor_reports():
-    res = run("doctor")
-    assert res.returncode == 0, res.stderr
-    assert "torch" in res.stdout and "python" in res.stdout
-    assert "two-GPU PD" in res.stdout
+def test_doctor_reports(capsys):
+    cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert "torch" in out and "python" in out
+    assert "two-GPU PD" in out
 
 
 def test_doctor_reads_nvlink_topology(monkeypatch):

@@ -219,7 +219,7 @@ def test_pd_flags_are_validated(monkeypatch, caplog):
 
 def test_cli_generate_in_pd_mode(tiny_dir):
     res = subprocess.run([sys.executable, "-m", "splitserve", "generate", "The capital of France is",
-                          "--enable-two-gpu-pd", "--device", "cpu", "--max-tokens", "8"],
+                          "--no-chat-template", "--enable-two-gpu-pd", "--device", "cpu", "--max-tokens", "8"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout

@@ -32,8 +32,9 @@ def test_greedy_matches_hf_single_and_batched(make_tiny_model, variant):
     assert batched == expected
 
 
-def test_default_model_matches_hf(default_model_dir):
-    llm = LLM()
+@pytest.mark.slow  # HF generate on the 135M model, the oracle for the default model
+def test_default_model_matches_hf(default_model_dir, default_llm):
+    llm = default_llm
     tok = llm.get_tokenizer()
     texts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
     prompts = [tok.encode(t) for t in texts]

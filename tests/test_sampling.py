@@ -93,8 +93,8 @@ def test_logprobs_match_hf(peaked):
     assert abs(out.cumulative_logprob - sum(e[t] for t, e in zip(out.token_ids, out.logprobs))) < 1e-5
 
 
-def test_stop_strings_cut_exactly_and_finish_reasons(default_model_dir):
-    llm = LLM()
+def test_stop_strings_cut_exactly_and_finish_reasons(default_llm):
+    llm = default_llm
     prompt = "Once upon a time, in a city of robots,"
     full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 40

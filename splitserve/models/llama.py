@@ -109,7 +109,9 @@ class CausalLM(nn.Module):
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only 'silu')")
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: no random init of a meta tensor, whose normal_ imports torch._dynamo (and Triton): seconds
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         self.rotary = RotaryEmbedding(cfg, head_dim, max_position)

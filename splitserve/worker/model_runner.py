@@ -20,6 +20,7 @@ from splitserve.layers.sampler import SamplingTensors, sample
 from splitserve.models.llama import CausalLM
 from splitserve.models.loader import load_weights
 from splitserve.models.registry import arch_flags
+from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
 
@@ -95,6 +96,8 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            self.cpu_threads = set_cpu_threads(config.cpu_threads)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
         self.model = build_model(hf_config, self.device, self.dtype, max_model_len, folder)
