@@ -35,9 +35,9 @@ def test_cpu_threads_argument(make_tiny_model, keep_threads, monkeypatch):
     assert engine_kwargs(build_parser().parse_args(["generate", "x", "--cpu-threads", "3"]))["cpu_threads"] == 3
     path = make_tiny_model("qwen3")
     llm = LLM(path, device="cpu", cpu_threads=2)
-    assert torch.get_num_threads() == 2 and llm.engine.runner.cpu_threads == 2
+    assert torch.get_num_threads() == 2 and llm.engine.core.runner.cpu_threads == 2
     llm = LLM(path, device="cpu")
-    assert torch.get_num_threads() == cpu_threads.auto_cpu_threads() == llm.engine.runner.cpu_threads
+    assert torch.get_num_threads() == cpu_threads.auto_cpu_threads() == llm.engine.core.runner.cpu_threads
     assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
@@ -97,8 +97,8 @@ def test_default_model_cached_in_its_own_dtype(default_model_dir, default_llm):
         dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
     assert dtypes == {"BF16"}
     assert sum(os.path.getsize(p) for p in files) < 3 * os.path.getsize(default_model_gguf())
-    if default_llm.engine.runner.device.type == "cpu":
-        assert {p.dtype for p in default_llm.engine.runner.model.parameters()} == {torch.float32}
+    if default_llm.engine.core.runner.device.type == "cpu":
+        assert {p.dtype for p in default_llm.engine.core.runner.model.parameters()} == {torch.float32}
 
 
 def test_gguf_cache_dtype_follows_the_file_type():
