@@ -38,13 +38,34 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--sampling-seed", type=int, default=None)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--min-tokens", type=int, default=0)
+    parser.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
+                        help='token id -> bias, e.g. \'{"50256": -100}\'')
+
+
+def _logit_bias(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of token id -> bias")
+    return value
 
 
 def sampling_params(args: argparse.Namespace):
     from splitserve.sampling_params import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          max_tokens=args.max_tokens, seed=args.sampling_seed)
+                          max_tokens=args.max_tokens, seed=args.sampling_seed,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                          logit_bias=args.logit_bias)
 
 
 def checked_arguments(args: argparse.Namespace) -> tuple[dict, object]:

@@ -24,6 +24,10 @@ TEMPERATURE_MAX = 100.0  # real logits spread over tens: at 100, sampling is alr
 # 0.01 to 0.01, and so do we: sampling at 0.01 is already all but greedy.
 TEMPERATURE_FLOOR = 1e-2
 MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI (and vLLM's default max_logprobs)
+PENALTY_MAX = 2.0  # presence/frequency penalties: OpenAI's range [-2, 2]
+REPETITION_PENALTY_MAX = 100.0  # HF's repetition penalty: > 0 (1 = off); useful values are ~1-2
+LOGIT_BIAS_MAX = 100.0  # as OpenAI: a bias in [-100, 100] (either end all but bans or forces the token)
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
 
 
 @functools.cache
@@ -53,6 +57,12 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs returned per token (besides the sampled one)
     skip_special_tokens: bool = True
     n: int = 1
+    presence_penalty: float = 0.0  # OpenAI: minus this from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF: a token in the prompt or output: logit / p if positive, else * p
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the request before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (keys may be "123")
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the request in the text
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +94,46 @@ class SamplingParams:
         if any(not _is_int(t) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
+        for name, lo, hi in (("presence_penalty", -PENALTY_MAX, PENALTY_MAX),
+                             ("frequency_penalty", -PENALTY_MAX, PENALTY_MAX)):
+            v = getattr(self, name)
+            if not _is_real(v) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] (a finite number), got {v!r}")
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= REPETITION_PENALTY_MAX:
+            raise ValueError(f"repetition_penalty must be > 0 and <= {REPETITION_PENALTY_MAX:g} (1 = off), "
+                             f"got {self.repetition_penalty!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        self.logit_bias = self._checked_logit_bias(self.logit_bias)
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+
+    @staticmethod
+    def _checked_logit_bias(bias) -> dict[int, float] | None:
+        """{token id: bias} with int ids (OpenAI's JSON sends them as strings: "50256"); None when empty."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        out = {}
+        for key, value in bias.items():
+            tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+            if not _is_int(tid) or tid < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")
+            if not _is_real(value) or not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+                raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
+                                 f"got {value!r} for token {key!r}")
+            out[tid] = float(value)
+        return out or None
+
+    @property
+    def has_penalties(self) -> bool:
+        """Anything the sampler must apply to the logits before temperature (one of these makes a batch slow)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.min_tokens > 0 or self.logit_bias is not None)
 
     @property
     def greedy(self) -> bool:

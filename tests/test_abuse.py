@@ -181,7 +181,7 @@ CORPUS = [
      "lone surrogate"),
     ("unknown field (rejected, as documented)", "POST", C, {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ("bad role", "POST", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
-    ("unsupported logit_bias", "POST", C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(10_000)}}, 400,
+    ("logit_bias too large", "POST", C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(10_000)}}, 400,
      "logit_bias"),
     # paths and auth
     ("unknown path", "POST", "/v1/nope", {"prompt": "hi"}, 404, "invalid url"),

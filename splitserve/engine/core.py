@@ -49,6 +49,7 @@ class EngineCore:
         self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
         self.requests: dict[str, Sequence] = {}
         self.vocab_size = model.hf_config.vocab_size
+        self.runner.eos_token_ids = tuple(model.eos_token_ids)  # min_tokens masks them in the sampler
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -137,9 +138,10 @@ class EngineCore:
                 values, indices = top
                 entry.update({i: v for i, v in zip(indices[row][: params.logprobs], values[row][: params.logprobs])})
             new_logprobs = [entry]
-        if not params.ignore_eos and token in self.model.eos_token_ids:
+        may_stop = seq.num_output_tokens > params.min_tokens  # the sampler masks EOS / stop ids until then
+        if may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"
-        elif token in params.stop_token_ids:
+        elif may_stop and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"

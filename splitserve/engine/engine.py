@@ -101,6 +101,9 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stop}")
+        bad_bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
         if request_id is None:
             request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
         return RequestState(request_id, text, token_ids, params, self.tokenizer)

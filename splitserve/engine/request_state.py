@@ -58,7 +58,8 @@ class RequestState:
             old_len = len(self.output_text)
             self.output_text += self.detokenizer.step(token)
             ended_by_token = i == last and out.finish_reason == "stop"  # EOS or a stop id: no stop string
-            if not ended_by_token and self._find_stop_string(old_len):
+            too_early = len(self.output_token_ids) < self.sampling_params.min_tokens  # as vLLM's stop checker
+            if not ended_by_token and not too_early and self._find_stop_string(old_len):
                 stopped = True
                 break
         if not stopped and out.finish_reason is not None:
@@ -71,7 +72,8 @@ class RequestState:
         for stop in self.sampling_params.stop_list:
             idx = self.output_text.find(stop, max(0, old_len - len(stop) + 1))
             if idx != -1:
-                self.output_text = self.output_text[:idx]
+                keep = len(stop) if self.sampling_params.include_stop_str_in_output else 0
+                self.output_text = self.output_text[:idx + keep]
                 self.finish_reason, self.stop_reason = "stop", stop
                 return True
         return False

@@ -1,4 +1,11 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs, and before
+them the logit processors: logit_bias, min_tokens, repetition / frequency / presence penalties.
+
+Order (vLLM v1's): logit_bias and the min_tokens mask, then the repetition penalty (HF's: a token seen in the
+prompt or output has its logit divided by the penalty if positive, else multiplied), then frequency and
+presence (OpenAI's: minus frequency * count - presence * [count > 0], counts over the output only), then
+temperature / top-k / top-p / min-p. Greedy rows take the argmax of the processed logits. Logprobs stay the
+model's raw log-softmax (before any processing), as before.
 
 Sampling uses the exponential race (argmax p_i / q_i with q_i ~ Exp(1)), which draws from p exactly and
 lets a seeded request take its noise from its own generator, so its output does not depend on the batch.
@@ -23,10 +30,37 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     max_logprobs: int | None  # None: no row wants logprobs
+    # Logit processors; all None / False when no row uses one (then `sample` does no extra work at all).
+    any_penalty: bool = False
+    bias: tuple | None = None  # (rows [N] int64, token ids [N] int64, biases [N] float32)
+    banned: tuple | None = None  # (rows [M] int64, token ids [M] int64): -inf (min_tokens: EOS, stop ids)
+    seen: torch.Tensor | None = None  # [B, V] bool: token in prompt or output (rows with a repetition penalty)
+    repetition: torch.Tensor | None = None  # [B] float32, 1 = off
+    counts: torch.Tensor | None = None  # [B, V] float32: occurrences in the output (rows with freq/presence)
+    frequency: torch.Tensor | None = None  # [B] float32
+    presence: torch.Tensor | None = None  # [B] float32
+
+
+def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """The processed logits (a new tensor; `logits` is left as it is)."""
+    if st.bias is not None:
+        rows, ids, values = st.bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)
+    if st.banned is not None:
+        logits = logits.index_put(st.banned, torch.tensor(float("-inf"), device=logits.device))
+    if st.seen is not None:
+        penalty = st.repetition[:, None]
+        logits = torch.where(st.seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if st.counts is not None:
+        logits = logits - st.frequency[:, None] * st.counts - st.presence[:, None] * (st.counts > 0)
+    return logits
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors):
     """logits: [B, V] float32. Returns (tokens [B] int64, logprob info or None)."""
+    raw = logits
+    if st.any_penalty:
+        logits = apply_penalties(logits, st)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         tokens = greedy
@@ -57,7 +91,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
 
     logprob_info = None
     if st.max_logprobs is not None:
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = raw.log_softmax(dim=-1)  # raw: before penalties, bias and temperature
         chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
         top = logprobs.topk(st.max_logprobs, dim=-1) if st.max_logprobs > 0 else None
         logprob_info = (chosen, top)

@@ -437,7 +437,8 @@ class OpenAIServer:
         if requested is not None and requested < 1:
             raise APIError(400, f"{param} must be an integer >= 1, got {requested}", param=param)
         top = body.engine_logprobs()
-        params = body.sampling_params(1 if requested is None else requested, top)  # validated before templating
+        # validated before templating (omitted max_tokens: at least min_tokens, the real room is set below)
+        params = body.sampling_params(max(1, body.min_tokens) if requested is None else requested, top)
         self.admit(request, 1)
         messages = [m.as_template_message() for m in body.messages]
         async with self.lane([m["content"] for m in messages]):
@@ -445,6 +446,10 @@ class OpenAIServer:
         room = self.max_model_len - len(prompt_ids)
         if room > 0:  # else make_request below says the prompt is too long
             if requested is None:
+                if room < params.min_tokens:
+                    raise APIError(400, f"min_tokens is too large: {params.min_tokens}. This model's maximum context "
+                                        f"length is {self.max_model_len} tokens and your request has "
+                                        f"{len(prompt_ids)} input tokens.", param="min_tokens")
                 params = dataclasses.replace(params, max_tokens=room)
             else:
                 self.check_max_tokens(requested, len(prompt_ids), param)

@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic), their mapping to SamplingParams, and OpenAI-shaped errors.
 
-Unknown fields are rejected (as OpenAI does), and known fields this engine cannot honour (n > 1,
-penalties, echo, tools ...) are a 400 that names them rather than being silently ignored.
+Unknown fields are rejected (as OpenAI does), and known fields this engine cannot honour (n > 1, echo,
+tools ...) are a 400 that names them rather than being silently ignored.
 
 Bodies are validated strictly (no "yes" for a bool, no "5" for an int, no NaN/Infinity), and no list is
 validated element by element past its first error: a 4 MiB body of a million wrong elements would
@@ -21,6 +21,7 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16  # stop strings
 MAX_STOP_CHARS = 256  # characters in one stop string (the stream holds back that many characters)
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias (SamplingParams checks the same)
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
@@ -67,7 +68,7 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict | None = None  # unsupported (a 400 unless empty): not worth validating its items
+    logit_bias: dict[str, float] | None = None  # token id (JSON keys are strings: "50256") -> bias
     user: str | None = None
     # extensions
     top_k: int = -1
@@ -75,6 +76,9 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)
     skip_special_tokens: bool = True
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -86,14 +90,17 @@ class _Common(BaseModel):
             raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         return v
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bounded_logit_bias(cls, v: Any) -> Any:  # before its items are validated (a huge dict: one error)
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(v)}")
+        return v
+
     def unsupported(self) -> list[str]:
         bad = []
         if self.n != 1:
             bad.append("n (only n=1 is supported)")
-        if self.presence_penalty or self.frequency_penalty:
-            bad.append("presence_penalty/frequency_penalty")
-        if self.logit_bias:
-            bad.append("logit_bias")
         return bad
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -105,7 +112,10 @@ class _Common(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p,
                 max_tokens=max_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens)
+                ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, logit_bias=self.logit_bias,
+                include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
 

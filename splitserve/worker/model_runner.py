@@ -105,6 +105,8 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_layers = len(self.model.layers)
+        self.eos_token_ids: tuple[int, ...] = ()  # set by the core: min_tokens masks them
+        self.vocab_size = hf_config.vocab_size
         self.graphs: DecodeGraphs | None = None
         self.last_decode_path: DecodePath | None = None
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
@@ -202,9 +204,10 @@ class ModelRunner:
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
         want = [p.logprobs for p in params if p.logprobs is not None]
+        penalties = self._penalty_tensors(seqs) if any(p.has_penalties for p in params) else {}
         if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
             return SamplingTensors(None, None, None, None, [], True, False, False, False,
-                                   max(want) if want else None)
+                                   max(want) if want else None, **penalties)
         dev = self.device
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64)
@@ -215,7 +218,58 @@ class ModelRunner:
             temperature=temperature.to(dev), top_k=top_k.to(dev), top_p=top_p.to(dev), min_p=min_p.to(dev),
             generators=generators, all_greedy=all(p.temperature == 0 for p in params),
             any_top_k=any(p.top_k > 0 for p in params), any_top_p=any(p.top_p < 1 for p in params),
-            any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None)
+            any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None, **penalties)
+
+    def _penalty_tensors(self, seqs: list[Sequence]) -> dict:
+        """The logit processors' inputs, rebuilt every step from the sequences' token ids (no state kept on the
+        device, so preemption, recompute and a PD hand-over need nothing). The Python work is one pass over
+        the token ids of the rows that use a penalty; the [B, V] count / seen tensors are built on the device
+        by one scatter each."""
+        B, V, dev = len(seqs), self.vocab_size, self.device
+        out: dict = {"any_penalty": True}
+        rows, ids, values, ban_rows, ban_ids = [], [], [], [], []
+        rep_rows, rep_ids, cnt_rows, cnt_ids = [], [], [], []
+        for r, seq in enumerate(seqs):
+            p = seq.sampling_params
+            if p.logit_bias:
+                rows += [r] * len(p.logit_bias)
+                ids += p.logit_bias.keys()
+                values += p.logit_bias.values()
+            if seq.num_output_tokens < p.min_tokens:
+                stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                ban_rows += [r] * len(stop_ids)
+                ban_ids += stop_ids
+            if p.repetition_penalty != 1:
+                rep_rows.append(np.full(seq.num_tokens, r, dtype=np.int64))
+                rep_ids.append(np.asarray(seq.token_ids, dtype=np.int64))
+            if p.frequency_penalty != 0 or p.presence_penalty != 0:
+                out_ids = seq.output_token_ids
+                cnt_rows.append(np.full(len(out_ids), r, dtype=np.int64))
+                cnt_ids.append(np.asarray(out_ids, dtype=np.int64))
+        if rows:
+            out["bias"] = (self._to_device(np.asarray(rows, dtype=np.int64)),
+                           self._to_device(np.asarray(ids, dtype=np.int64)),
+                           self._to_device(np.asarray(values, dtype=np.float32)))
+        if ban_rows:
+            out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
+                             self._to_device(np.asarray(ban_ids, dtype=np.int64)))
+        if rep_rows:
+            flat = self._to_device(np.concatenate(rep_rows) * V + np.concatenate(rep_ids))
+            seen = torch.zeros(B * V, dtype=torch.bool, device=dev)
+            seen[flat] = True
+            out["seen"] = seen.view(B, V)
+            out["repetition"] = torch.tensor([s.sampling_params.repetition_penalty for s in seqs],
+                                             dtype=torch.float32).to(dev)
+        if cnt_rows:
+            flat = self._to_device(np.concatenate(cnt_rows) * V + np.concatenate(cnt_ids))
+            counts = torch.zeros(B * V, dtype=torch.float32, device=dev)
+            counts.scatter_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=dev))
+            out["counts"] = counts.view(B, V)
+            out["frequency"] = torch.tensor([s.sampling_params.frequency_penalty for s in seqs],
+                                            dtype=torch.float32).to(dev)
+            out["presence"] = torch.tensor([s.sampling_params.presence_penalty for s in seqs],
+                                           dtype=torch.float32).to(dev)
+        return out
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
