@@ -121,7 +121,10 @@ class _Worker:
     def describe_exit(self) -> str:
         if self.proc is None:
             return f"the {self.role} worker closed its connection"
-        code = self.proc.wait(2.0)  # its sentinel fired or its connection closed: it is exiting
+        try:
+            code = self.proc.wait(2.0)  # its sentinel fired or its connection closed: it is exiting
+        except subprocess.TimeoutExpired:
+            return f"the {self.role} worker (pid {self.proc.pid}) closed its connection"
         return f"the {self.role} worker (pid {self.proc.pid}) exited with code {code}"
 
 
