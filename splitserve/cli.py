@@ -187,9 +187,18 @@ def cmd_doctor(args) -> None:
     doctor_main(args.prefill_device_id, args.decode_device_id)
 
 
+def serve_model(args: argparse.Namespace) -> str | None:
+    """The model of `serve`: the positional MODEL (as `vllm serve MODEL`) or --model; both: they must agree."""
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise ValueError(f"two models given: {args.model_tag!r} (positional) and --model {args.model!r}; "
+                         "give one")
+    return args.model_tag if args.model_tag is not None else args.model
+
+
 def cmd_serve(args) -> None:
     from splitserve.server.api import serve
 
+    args.model = serve_model(args)
     serve(args.model, engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, log_level=args.log_level,
           max_request_body_bytes=args.max_request_body_bytes, max_waiting_requests=args.max_waiting_requests)
@@ -212,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser("serve", allow_abbrev=False, help="OpenAI-compatible HTTP server")
+    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                     help="HF folder or .gguf file, as in `vllm serve MODEL` (same as --model; "
+                          "default: SmolLM2-135M-Instruct)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")

@@ -12,6 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# vLLM's other names for the same dtypes (its --dtype accepts "half" and "float"); the config keeps the
+# canonical name, so everything downstream sees one of DTYPES.
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ class EngineConfig:
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if isinstance(self.dtype, str) and self.dtype in DTYPE_ALIASES:  # frozen: set the canonical name once
+            object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {DTYPES + tuple(DTYPE_ALIASES)}, got {self.dtype!r}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")

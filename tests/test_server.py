@@ -54,12 +54,13 @@ def tiny_dir(make_tiny_model):
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, *extra_args: str, api_key: str = API_KEY):
+def running_server(model_dir: str, *extra_args: str, api_key: str = API_KEY, positional: bool = False):
     """`splitserve serve` on a free loopback port (API key on) → its URL; on exit it must stop cleanly on SIGINT
-    and leave no process or listening socket behind."""
+    and leave no process or listening socket behind. positional: the model as `serve MODEL`, not --model."""
     port = _free_port()
+    model_args = [model_dir] if positional else ["--model", model_dir]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitserve", "serve", "--model", model_dir, "--device", "cpu", "--port", str(port),
+        [sys.executable, "-m", "splitserve", "serve", *model_args, "--device", "cpu", "--port", str(port),
          "--api-key", api_key, "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN),
          "--log-level", "warning", *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

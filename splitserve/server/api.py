@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (SSE streaming), /v1/models,
-/health, /metrics, /stats. FastAPI routes translate HTTP ⇄ engine requests; AsyncLLM does the rest.
+/v1/models/{id}, /health, /metrics, /stats, and vLLM's /version, /tokenize, /detokenize. FastAPI routes
+translate HTTP ⇄ engine requests; AsyncLLM does the rest.
 
 One client must not be able to hurt another (README "Security"): bodies are capped before they are read,
 sampling values are validated before they reach the engine, tokenizing and templating run off the event
@@ -30,10 +31,19 @@ from splitserve.engine.engine import PromptTooLongError
 from splitserve.sampling_params import SamplingParams
 from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
 from splitserve.server.metrics import ServerMetrics
-from splitserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from splitserve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
 
 logger = logging.getLogger("splitserve")
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/stats"}
+_MODEL_PATH = "/v1/models/{model_id}"  # one metrics label for every id asked for (no label per id)
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", _MODEL_PATH, "/health", "/metrics", "/stats",
+              "/version", "/tokenize", "/detokenize"}
 _GENERATE = {"/v1/completions", "/v1/chat/completions"}
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token prompt as JSON token ids is ~1 MB; text is smaller
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -122,7 +132,8 @@ class _Guard:
             await self.app(scope, receive, send_counting)
         finally:
             self.admission.give(admitted[0])
-            path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+            path = _MODEL_PATH if scope["path"].startswith("/v1/models/") else scope["path"]
+            path = path if path in _ENDPOINTS else "other"
             self.metrics.http_requests.labels(path, str(status["code"])).inc()
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
@@ -276,6 +287,7 @@ class OpenAIServer:
         self.max_model_len = llm.engine.max_model_len
         self.token_bound = _TokenBound.of(self.tokenizer) if self.tokenizer is not None else None
         self.heavy_lane = asyncio.Semaphore(1)
+        self.created = int(time.time())  # the model objects' `created`: when this server started
 
     def lane(self, texts: list) -> contextlib.AbstractAsyncContextManager:
         """The heavy lane for requests with a lot of text to tokenize; none for the others."""
@@ -498,9 +510,52 @@ class OpenAIServer:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "splitserve",
+                "max_model_len": self.max_model_len}
+
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                             "owned_by": "splitserve", "max_model_len": self.max_model_len}]}
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model(self, model_id: str) -> dict:
+        if model_id != self.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist (this server serves `{self.model_name}`).",
+                           param="model", code="model_not_found")
+        return self.model_card()
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        return self.tokenizer
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the prompt's token ids (a conversation: rendered with the chat template first, and
+        add_special_tokens ignored, as the template holds them), tokenized off the event loop."""
+        self.check_model(body.model)
+        body.check()
+        tok = self._tokenizer()
+        if body.messages is not None:
+            messages = [m.as_template_message() for m in body.messages]
+            async with self.lane([m["content"] for m in messages]):
+                _, ids = await _off_loop(self.chat_prompt, messages, body.add_generation_prompt)
+        else:
+            async with self.lane([body.prompt]):
+                ids = await _off_loop(lambda: tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {"tokens": list(ids), "count": len(ids), "max_model_len": self.max_model_len}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: ids -> text; an id outside the vocabulary is a 400 that names it."""
+        self.check_model(body.model)
+        tok, vocab = self._tokenizer(), self.llm.engine.vocab_size
+
+        def decode(ids: list[int]) -> str:  # up to MAX_DETOKENIZE_TOKENS ids: checked and decoded off the loop
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                                    + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""), param="tokens")
+            return tok.decode(ids)
+
+        return {"prompt": await _off_loop(decode, body.tokens)}
 
 
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
@@ -577,6 +632,24 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     @app.get("/v1/models")
     async def models():
         return server.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return server.model(model_id)
+
+    @app.get("/version")
+    async def version():
+        from splitserve import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return await server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return await server.detokenize(body)
 
     @app.get("/health")
     async def health():

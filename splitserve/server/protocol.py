@@ -206,3 +206,31 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+MAX_DETOKENIZE_TOKENS = 1 << 20  # ids in one /detokenize body (the body cap allows ~2M short ones)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or a chat conversation rendered with the model's template."""
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_unicode(cls, v: str | None) -> str | None:
+        return v if v is None else _unicode(v)
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS, fail_fast=True)

@@ -26,7 +26,8 @@ from splitserve.worker.inputs import fake_batch, prepare_inputs
 
 logger = logging.getLogger("splitserve")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "half": torch.float16, "float": torch.float32}  # vLLM's aliases (EngineConfig normalises them too)
 
 
 def resolve_device(device: str) -> torch.device:
