@@ -213,15 +213,15 @@ class PDClient:
                 return  # closed
             threading.Thread(target=self._handshake, args=(sock, peer, key, accepted), daemon=True).start()
 
-    @staticmethod
-    def _handshake(sock, peer, key: bytes, accepted: list) -> None:
+    def _handshake(self, sock, peer, key: bytes, accepted: list) -> None:
         try:
             channel = handshake(sock, key, is_coordinator=True)
             hello = channel.recv()
             if not isinstance(hello, Hello):
                 raise ConnectionError(f"expected a worker's hello, got {type(hello).__name__}")
         except (ConnectionError, EOFError, OSError) as e:
-            logger.warning("refused a control connection from %s: %s", peer[0], e)
+            if self.listener is not None:  # after shutdown a late failure is nobody's concern
+                logger.warning("refused a control connection from %s: %s", peer[0], e)
             return
         accepted.append((hello, channel))
 
