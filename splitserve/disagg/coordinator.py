@@ -251,11 +251,13 @@ class PDClient:
 
     def abort(self, request_ids: list[str]) -> None:
         ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
-        try:
-            for role in ("prefill", "decode") if ids and self.dead is None else ():
+        if not ids or self.dead is not None:
+            return
+        for role in ("prefill", "decode"):
+            try:
                 self._send(role, Abort(ids))
-        except WorkerDiedError:
-            pass  # the requests are gone with the worker; the next step() says why
+            except WorkerDiedError:
+                return  # abort never raises: the requests went with the worker, and the next step() says why
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -62,10 +62,14 @@ def worker_cli(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
-    if os.environ.get("SPLITSERVE_DUMP_STACKS_AFTER_S"):  # debugging a hang: every thread's stack to stderr
+    dump_after = os.environ.get("SPLITSERVE_DUMP_STACKS_AFTER_S", "")
+    if dump_after:  # debugging a hang: every thread's stack to stderr after that many seconds
         import faulthandler
 
-        faulthandler.dump_traceback_later(float(os.environ["SPLITSERVE_DUMP_STACKS_AFTER_S"]))
+        try:
+            faulthandler.dump_traceback_later(float(dump_after))
+        except (ValueError, OverflowError):
+            raise SystemExit(f"SPLITSERVE_DUMP_STACKS_AFTER_S must be a positive number, got {dump_after!r}") from None
     key = os.environ.get(AUTHKEY_ENV)
     if not key:
         raise SystemExit(f"splitserve pd-worker: set {AUTHKEY_ENV} (the same secret as the coordinator's)")
