@@ -38,6 +38,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--sampling-seed", type=int, default=None)
+    parser.add_argument("--n", type=int, default=1, help="completions of the prompt (generate; printed one by one)")
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -65,7 +66,7 @@ def sampling_params(args: argparse.Namespace):
                           max_tokens=args.max_tokens, seed=args.sampling_seed,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
-                          logit_bias=args.logit_bias)
+                          logit_bias=args.logit_bias, n=args.n)
 
 
 def checked_arguments(args: argparse.Namespace) -> tuple[dict, object]:
@@ -147,6 +148,10 @@ def cmd_generate(args) -> None:
 
     llm = LLM(args.model, **kwargs)
     prompt = generate_prompt(llm.get_tokenizer(), args.prompt, args.chat_template)
+    if params.n > 1:  # several answers: printed whole, one after the other
+        for completion in llm.generate([prompt], params, use_tqdm=False)[0].outputs:
+            print(f"--- completion {completion.index} ({completion.finish_reason}) ---\n{completion.text}")
+        return
     _, stopped = stream(llm, prompt, params)
     if stopped:
         print("splitserve: stopped (Ctrl-C)", file=sys.stderr)
@@ -155,6 +160,8 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     kwargs, params = checked_arguments(args)
+    if params.n > 1:
+        raise ValueError("chat answers once per turn: --n must be 1 (generate takes --n)")
     from splitserve import LLM
 
     llm = LLM(args.model, **kwargs)

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from splitserve.config import EngineConfig
 from splitserve.engine.engine import LLMEngine
+from splitserve.engine.request_state import group_output
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
@@ -34,16 +35,17 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
         # Validate every request before any work starts, so one bad prompt costs nothing.
-        requests = []
+        groups = []  # per prompt: its n completions
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                requests.append(self.engine.make_request(prompt, p))
+                groups.append(self.engine.make_requests(prompt, p))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"prompt {i}: {e}") from None
+        requests = [r for group in groups for r in group]
         try:
             for request in requests:
                 self.engine.add(request)
-            with tqdm(total=len(requests), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            with tqdm(total=len(requests), desc="generate", disable=not use_tqdm, unit="seq") as bar:
                 while any(not r.is_finished for r in requests):
                     finished = sum(r.is_finished for r in self.engine.step())
                     bar.update(finished)
@@ -52,7 +54,7 @@ class LLM:
                 self.engine.abort(request.request_id)
             raise
         finally:
-            outputs = [self.engine.output_of(r) for r in requests]
+            outputs = [group_output(group) for group in groups]
             for request in requests:
                 self.engine.release(request)
         return outputs

@@ -6,12 +6,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability (the model's raw log-softmax, before penalties and temperature), as vLLM's:
+    `rank` is 1 for the most likely token; `decoded_token` is the token's own text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None  # per output token: the sampled token's and the top-N
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
 
@@ -47,3 +56,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    # per prompt token: None for the first, then {token id: Logprob} for the prompt's token and the top-N
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -7,6 +7,7 @@ in the batch, not just the one that carried the bad value.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -28,6 +29,7 @@ PENALTY_MAX = 2.0  # presence/frequency penalties: OpenAI's range [-2, 2]
 REPETITION_PENALTY_MAX = 100.0  # HF's repetition penalty: > 0 (1 = off); useful values are ~1-2
 LOGIT_BIAS_MAX = 100.0  # as OpenAI: a bias in [-100, 100] (either end all but bans or forces the token)
 MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
+MAX_N = 128  # completions per prompt (each is a sequence in the batch)
 
 
 @functools.cache
@@ -55,8 +57,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs returned per token (besides the sampled one)
+    prompt_logprobs: int | None = None  # the same for each prompt token (computes logits over the whole prompt)
     skip_special_tokens: bool = True
-    n: int = 1
+    n: int = 1  # completions of the prompt; they share its KV, and completion i is seeded with seed + i
     presence_penalty: float = 0.0  # OpenAI: minus this from the logit of every token already in the output
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
     repetition_penalty: float = 1.0  # HF: a token in the prompt or output: logit / p if positive, else * p
@@ -66,8 +69,8 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature <= TEMPERATURE_MAX:
             raise ValueError(f"temperature must be >= 0 and <= {TEMPERATURE_MAX:g} (a finite number), "
                              f"got {self.temperature!r}")
@@ -82,10 +85,13 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
-            raise ValueError(f"seed must be None or an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX - self.n + 1):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**63 - n] (completion i takes seed + i), "
+                             f"got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -128,6 +134,13 @@ class SamplingParams:
                                  f"got {value!r} for token {key!r}")
             out[tid] = float(value)
         return out or None
+
+    def for_completion(self, index: int) -> SamplingParams:
+        """The params of completion `index` of n (vLLM's): n=1, seed + index; prompt logprobs only once."""
+        if self.n == 1:
+            return self
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + index,
+                                   prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     @property
     def has_penalties(self) -> bool:

@@ -123,12 +123,23 @@ def test_pd_sampling_seeded_matches_colocated_and_stop_strings(tiny_dir):
         stop = text[len(text) // 2: len(text) // 2 + 2]
         stopped = llm.generate(prompts[:1], SamplingParams(temperature=0.8, top_p=0.9, seed=100, max_tokens=16,
                                                            ignore_eos=True, stop=stop), use_tqdm=False)
+        # n > 1 across the pair: completions fork on the prefill worker and move one by one
+        forked = llm.generate(prompts[:1], SamplingParams(n=3, temperature=0.8, top_p=0.9, seed=100, max_tokens=16,
+                                                          ignore_eos=True, logprobs=2, prompt_logprobs=1),
+                              use_tqdm=False)[0]
+        pd_stats = llm.stats()
     finally:
         llm.shutdown()
+    singles = LLM(tiny_dir, device="cpu").generate(
+        prompts[:1] * 3, [dataclasses.replace(params[0], seed=100 + i) for i in range(3)], use_tqdm=False)
+    assert [o.token_ids for o in forked.outputs] == [single.outputs[0].token_ids for single in singles]
+    assert len(forked.prompt_logprobs) == len(prompts[0])
+    assert pd_stats["prefill"]["kv_used_blocks"] == 0 and pd_stats["decode"]["kv_used_blocks"] == 0
     for a, b in zip(pd, colocated):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for mine, ref in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert sorted(mine) == sorted(ref) and [mine[k] for k in ref] == pytest.approx(list(ref.values()))
+            assert sorted(mine) == sorted(ref)
+            assert [mine[k].logprob for k in ref] == pytest.approx([v.logprob for v in ref.values()])
     assert stopped[0].outputs[0].text == text[: text.index(stop)]
     assert stopped[0].outputs[0].finish_reason == "stop"
 

@@ -85,7 +85,7 @@ def check_bf16_against_hf(hf, prompts, outs, steps: int = 32) -> int:
             full_matches += 1
         lp = logits.log_softmax(-1)
         n = min(same + 1, steps)  # up to and including the first differing step the contexts are equal
-        mine = torch.tensor([out.outputs[0].logprobs[i][ours[i]] for i in range(n)])
+        mine = torch.tensor([out.outputs[0].logprobs[i][ours[i]].logprob for i in range(n)])
         theirs = lp[torch.arange(n), torch.tensor(ours[:n], device="cuda")].cpu()
         assert (mine - theirs).abs().max() < 0.1
     return full_matches

@@ -92,7 +92,7 @@ def test_sampled_rows_take_penalties_and_logprobs_stay_raw():
     st = SamplingTensors(torch.tensor([p.temperature for p in params]), torch.tensor([5, 5]),
                          torch.tensor([1.0, 0.9]), torch.zeros(2), [None, None], False, True, True, False, 2,
                          **ModelRunner._penalty_tensors(_runner_stub(V), seqs))
-    tokens, (chosen, _top) = sample(logits, st)
+    tokens, (chosen, _rank, _top) = sample(logits, st)
     assert tokens.tolist() == [40, 41]
     torch.testing.assert_close(chosen, logits.log_softmax(-1)[[0, 1], [40, 41]])  # raw, before the bias
 

@@ -89,8 +89,10 @@ def test_logprobs_match_hf(peaked):
         top = ref[step].topk(3)
         assert set(entry) == set(top.indices.tolist()) | {token}
         for tid, lp in entry.items():
-            assert abs(lp - ref[step, tid].item()) < 1e-4
-    assert abs(out.cumulative_logprob - sum(e[t] for t, e in zip(out.token_ids, out.logprobs))) < 1e-5
+            assert abs(lp.logprob - ref[step, tid].item()) < 1e-4
+            assert lp.rank == int((ref[step] > ref[step, tid]).sum()) + 1  # vLLM's Logprob: rank 1 = most likely
+            assert lp.decoded_token == llm.get_tokenizer().decode([tid])
+    assert abs(out.cumulative_logprob - sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs))) < 1e-5
 
 
 def test_stop_strings_cut_exactly_and_finish_reasons(default_llm):

@@ -235,7 +235,11 @@ BAD_REQUESTS = [
     ("negative temperature", "completions", {"prompt": "hi", "temperature": -1}, 400, None, "temperature"),
     ("top_p zero", "completions", {"prompt": "hi", "top_p": 0}, 400, None, "top_p"),
     ("max_tokens zero", "completions", {"prompt": "hi", "max_tokens": 0}, 400, None, "max_tokens"),
-    ("n > 1", "completions", {"prompt": "hi", "n": 2}, 400, None, "n"),
+    ("n too large", "completions", {"prompt": "hi", "n": 1000}, 400, None, "n"),
+    ("n zero", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, None, "n"),
+    ("best_of", "completions", {"prompt": "hi", "best_of": 3}, 400, None, "best_of"),
+    ("prompt_logprobs too many", "completions", {"prompt": "hi", "prompt_logprobs": 21}, 400, None,
+     "prompt_logprobs"),
     ("unknown field", "completions", {"prompt": "hi", "frobnicate": 1}, 400, None, "frobnicate"),
     ("wrong type", "completions", {"prompt": "hi", "max_tokens": "many"}, 400, None, "max_tokens"),
     ("missing messages", "chat/completions", {"model": "tiny"}, 400, None, "messages"),
@@ -311,3 +315,31 @@ def test_non_streaming_client_disconnect_aborts(server):
     after = finished_counts(server)
     assert after.get("abort", 0) - before.get("abort", 0) == 1
     assert after.get("length", 0) == before.get("length", 0)
+
+
+def test_n_completions_and_prompt_logprobs(server):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt=["Hello there", "Good"], n=3, max_tokens=5, seed=3, temperature=1.0,
+                             extra_body={"ignore_eos": True, "prompt_logprobs": 1})
+    assert sorted(ch.index for ch in r.choices) == list(range(6))  # prompt-major, as OpenAI's
+    assert r.usage.completion_tokens == 30
+    singles = [c.completions.create(model="tiny", prompt=p, max_tokens=1).usage.prompt_tokens
+               for p in ("Hello there", "Good")]
+    assert r.usage.prompt_tokens == sum(singles)  # each prompt counted once, not n times
+    pl = r.choices[0].model_extra["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == singles[0] and all(set(e) >= {"logprob", "rank", "decoded_token"}
+                                                          for entry in pl[1:] for e in entry.values())
+    # streamed chat: every choice gets its role, its text and its finish, and equals its seed's single request
+    messages = [{"role": "user", "content": "hi"}]
+    stream = c.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=4, seed=1, temperature=1.0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    text, roles, finished = {0: "", 1: ""}, set(), set()
+    for chunk in stream:
+        for ch in chunk.choices:
+            text[ch.index] += ch.delta.content or ""
+            roles |= {ch.index} if ch.delta.role else set()
+            finished |= {ch.index} if ch.finish_reason else set()
+    assert roles == finished == {0, 1}
+    single = [c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, seed=1 + i, temperature=1.0,
+                                        extra_body={"ignore_eos": True}).choices[0].message.content for i in range(2)]
+    assert [text[0], text[1]] == single

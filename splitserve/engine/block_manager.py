@@ -86,6 +86,31 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens
         self.prefix_hit_tokens += seq.num_computed_tokens
 
+    def can_fork(self, seq: Sequence, source: Sequence) -> bool:
+        """`source` (running, same prompt) holds the KV of all of seq's prompt but its last token, and a free
+        block is there for the copy of the partly filled block, if there is one."""
+        last = seq.num_prompt_tokens - 1
+        return (source.num_computed_tokens >= last and bool(source.block_table)
+                and len(self.free) >= int(last % self.block_size != 0))
+
+    def fork(self, seq: Sequence, source: Sequence) -> tuple[int, int] | None:
+        """Share `source`'s full blocks of the prompt but its last token (reference counts), copy the partly
+        filled block (the sequences write different tokens into it next); seq then computes only its last
+        prompt token, and samples from it with its own generator. Returns the (source, copy) block pair for
+        the runner to copy before the step, or None. Caller checked can_fork."""
+        assert not seq.block_table
+        shared, partial = divmod(seq.num_prompt_tokens - 1, self.block_size)
+        for block_id in source.block_table[:shared]:
+            self.blocks[block_id].ref_count += 1
+        seq.block_table = source.block_table[:shared]
+        seq.block_hashes = source.block_hashes[:shared]
+        copy = None
+        if partial:
+            copy = (source.block_table[shared], self._take_free_block())
+            seq.block_table.append(copy[1])
+        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_prompt_tokens - 1
+        return copy
+
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow the block table to hold `num_tokens` tokens. Caller checked can_allocate."""
         for _ in range(self.blocks_needed(seq, num_tokens)):

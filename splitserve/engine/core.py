@@ -16,6 +16,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
+from splitserve.outputs import Logprob
 from splitserve.worker.decode_graphs import EAGER, PLAIN
 from splitserve.worker.model_runner import ModelRunner, make_generator, resolve_device
 
@@ -70,6 +71,9 @@ class EngineCore:
             raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens but max_model_len is "
                              f"{self.max_model_len} (the prompt must leave room for one new token)")
         seq = Sequence(request.prompt_token_ids, request.sampling_params, request.request_id)
+        source = self.requests.get(request.fork_of) if request.fork_of is not None else None
+        if source is not None and source.prompt_token_ids == seq.prompt_token_ids:
+            seq.fork_from = source  # the scheduler shares its prompt KV once it is computed
         if request.sampling_params.seed is not None:
             seq.generator = make_generator(request.sampling_params.seed, self.runner.device)
         return seq
@@ -115,7 +119,7 @@ class EngineCore:
                 seq.scheduled_time = now
                 first.add(seq.seq_id)
         t0 = time.perf_counter()
-        tokens, logprobs, samples = self.runner.execute(batch)
+        result = self.runner.execute(batch)
         elapsed = time.perf_counter() - t0
         if batch.is_decode:
             self.decode_time_s += elapsed
@@ -123,21 +127,22 @@ class EngineCore:
             self.prefill_time_s += elapsed  # steps that carry any prefill tokens
         self.scheduler.complete_step(batch)
         self.num_steps += 1
-        sampled = [s for s, flag in zip(batch.seqs, samples) if flag]
-        return [self._append(seq, token, row, logprobs, seq.scheduled_time if seq.seq_id in first else None)
-                for row, (seq, token) in enumerate(zip(sampled, tokens))]
+        if result.prompt_logprobs:
+            for seq in batch.seqs:
+                if seq.seq_id in result.prompt_logprobs:
+                    seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
+        sampled = [s for s, flag in zip(batch.seqs, result.samples) if flag]
+        logprobs = result.logprobs or [None] * len(sampled)
+        return [self._append(seq, token, entry, seq.scheduled_time if seq.seq_id in first else None)
+                for seq, token, entry in zip(sampled, result.tokens, logprobs)]
 
-    def _append(self, seq: Sequence, token: int, row: int, logprobs, scheduled_time: float | None) -> CoreOutput:
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None,
+                scheduled_time: float | None) -> CoreOutput:
         params = seq.sampling_params
         seq.token_ids.append(token)
-        new_logprobs = None
-        if logprobs is not None and params.logprobs is not None:
-            chosen, top = logprobs
-            entry = {token: chosen[row]}
-            if top is not None:
-                values, indices = top
-                entry.update({i: v for i, v in zip(indices[row][: params.logprobs], values[row][: params.logprobs])})
-            new_logprobs = [entry]
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
         may_stop = seq.num_output_tokens > params.min_tokens  # the sampler masks EOS / stop ids until then
         if may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"
@@ -148,8 +153,8 @@ class EngineCore:
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
-        return CoreOutput(seq.request_id, [token], new_logprobs, seq.finish_reason, seq.stop_reason,
-                          seq.num_cached_tokens, scheduled_time)
+        return CoreOutput(seq.request_id, [token], None if logprobs is None else [logprobs], seq.finish_reason,
+                          seq.stop_reason, seq.num_cached_tokens, scheduled_time, prompt_logprobs)
 
     # ---- reporting ----
     def gauges(self) -> CoreGauges:

@@ -66,8 +66,17 @@ class LLMEngine:
     # ---- requests ----
     def make_request(self, prompt, sampling_params: SamplingParams | None = None,
                      request_id: str | None = None) -> RequestState:
-        """Tokenize and validate one request; raises ValueError/TypeError naming the problem. Adds nothing;
-        safe from any thread."""
+        """`make_requests` for a request of one completion (n = 1)."""
+        requests = self.make_requests(prompt, sampling_params, request_id)
+        if len(requests) > 1:
+            raise ValueError("n > 1 makes one request per completion: use make_requests")
+        return requests[0]
+
+    def make_requests(self, prompt, sampling_params: SamplingParams | None = None,
+                      request_id: str | None = None) -> list[RequestState]:
+        """Tokenize and validate one request; raises ValueError/TypeError naming the problem. Returns its n
+        completions (ids: `request_id`, or `{i}_{request_id}` for n > 1, as vLLM's), which share the prompt's
+        KV in the core. Adds nothing; safe from any thread."""
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -106,7 +115,11 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
         if request_id is None:
             request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
-        return RequestState(request_id, text, token_ids, params, self.tokenizer)
+        if params.n == 1:
+            return [RequestState(request_id, text, token_ids, params, self.tokenizer)]
+        ids = [f"{i}_{request_id}" for i in range(params.n)]
+        return [RequestState(rid, text, token_ids, params.for_completion(i), self.tokenizer, i,
+                             fork_of=None if i == 0 else ids[0], parent_id=request_id) for i, rid in enumerate(ids)]
 
     def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True,
                     **template_kwargs) -> tuple[str, list[int]]:
@@ -122,7 +135,8 @@ class LLMEngine:
         """Hand a validated request to the core; raises ValueError (nothing added) if the core refuses it."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.core.add(CoreRequest(request.request_id, request.prompt_token_ids, request.sampling_params))
+        self.core.add(CoreRequest(request.request_id, request.prompt_token_ids, request.sampling_params,
+                                  request.fork_of))
         self.requests[request.request_id] = request
 
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 
 
@@ -16,6 +17,7 @@ class CoreRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
+    fork_of: str | None = None  # n > 1: a request with the same prompt whose prompt KV this one shares
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,12 @@ class CoreOutput:
     max_model_len; stop strings are text, so the front end finds them and aborts the request in the core."""
     request_id: str
     new_token_ids: list[int]
-    new_logprobs: list[dict[int, float]] | None  # one {token id: logprob} per new token, when asked for
+    new_logprobs: list[dict[int, Logprob]] | None  # one {token id: Logprob} per new token, when asked for
     finish_reason: str | None = None  # "stop" | "length" | None while running
     stop_reason: int | None = None  # the stop token id that ended it, if one did
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (first admission)
     scheduled_time: float | None = None  # set on a request's first output: when it was first scheduled
+    prompt_logprobs: list[dict[int, Logprob]] | None = None  # prompt tokens 1.. (on the first output, if asked)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""A request as the front end sees it: prompt, text so far, stop strings, metrics."""
+"""A request as the front end sees it: prompt, text so far, stop strings, metrics.
+
+One RequestState is one completion (one sequence in the core); a request with n > 1 is n of them, whose
+outputs `group_output` puts together."""
 
 from __future__ import annotations
 
@@ -6,14 +9,19 @@ import time
 
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.messages import CoreOutput
-from splitserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from splitserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from splitserve.sampling_params import SamplingParams
 
 
 class RequestState:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, tokenizer):
+                 sampling_params: SamplingParams, tokenizer, index: int = 0, fork_of: str | None = None,
+                 parent_id: str | None = None):
         self.request_id = request_id
+        self.parent_id = request_id if parent_id is None else parent_id  # the user's request (n completions)
+        self.index = index  # which of the request's n completions
+        self.fork_of = fork_of  # the completion whose prompt KV this one shares (n > 1)
+        self.tokenizer = tokenizer
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -21,6 +29,7 @@ class RequestState:
         self.output_text = ""
         self.logprobs: list[dict[int, float]] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
@@ -46,6 +55,8 @@ class RequestState:
         if out.scheduled_time is not None and m.first_scheduled_time is None:
             m.first_scheduled_time = out.scheduled_time
         self.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] + [self._decoded(entry) for entry in out.prompt_logprobs]
         stopped, last = False, len(out.new_token_ids) - 1
         for i, token in enumerate(out.new_token_ids):
             self.output_token_ids.append(token)
@@ -53,8 +64,8 @@ class RequestState:
             m.last_token_time = now
             m.token_times.append(now)
             if self.logprobs is not None and out.new_logprobs is not None:
-                self.logprobs.append(out.new_logprobs[i])
-                self.cumulative_logprob += out.new_logprobs[i][token]
+                self.logprobs.append(self._decoded(out.new_logprobs[i]))
+                self.cumulative_logprob += out.new_logprobs[i][token].logprob
             old_len = len(self.output_text)
             self.output_text += self.detokenizer.step(token)
             ended_by_token = i == last and out.finish_reason == "stop"  # EOS or a stop id: no stop string
@@ -67,6 +78,12 @@ class RequestState:
         if self.is_finished:
             m.finished_time = now
         return stopped
+
+    def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is not None:
+            for token, logprob in entry.items():
+                logprob.decoded_token = self.tokenizer.decode([token])
+        return entry
 
     def _find_stop_string(self, old_len: int) -> bool:
         for stop in self.sampling_params.stop_list:
@@ -83,11 +100,20 @@ class RequestState:
             self.finish_reason = "abort"
             self.metrics.finished_time = time.time()
 
-    def output(self) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0, text=self.output_text, token_ids=list(self.output_token_ids),
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.output_text, token_ids=list(self.output_token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-                             outputs=[completion], finished=self.is_finished, metrics=self.metrics,
-                             num_cached_tokens=self.num_cached_tokens)
+
+    def output(self) -> RequestOutput:
+        return group_output([self])
+
+
+def group_output(completions: list[RequestState]) -> RequestOutput:
+    """One RequestOutput for a request's completions (the first one carries the prompt logprobs)."""
+    first = completions[0]
+    return RequestOutput(request_id=first.parent_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+                         outputs=[c.completion() for c in completions],
+                         finished=all(c.is_finished for c in completions), metrics=first.metrics,
+                         num_cached_tokens=first.num_cached_tokens, prompt_logprobs=first.prompt_logprobs)

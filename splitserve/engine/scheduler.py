@@ -4,12 +4,15 @@ Every step gives each scheduled sequence a number of new tokens (vLLM v1 style):
 prefill gets as much of its prompt as the token budget allows. Running sequences go first, so a long
 prompt never stalls the decodes already in flight; when KV blocks run out, the most recently admitted
 sequence is preempted (its blocks freed, to be recomputed later) — nothing is lost.
+
+The completions of an n > 1 request share their prompt's KV: the first one prefills the prompt, the others
+wait for it (while it is being prefilled) and then fork its blocks, computing only the prompt's last token.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.sequence import Sequence, SequenceStatus
@@ -19,6 +22,7 @@ from splitserve.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, dest): before the step (forks)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -58,6 +62,7 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Take a running sequence out without freeing its blocks (M1: it leaves for the decode worker)."""
         self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED  # done here: a sibling waiting to fork from it must not wait
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -67,6 +72,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
+        copies: list[tuple[int, int]] = []
         preempted = False
 
         i = 0
@@ -89,20 +95,29 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            copy = None
             if not seq.block_table:
-                bm.match_prefix(seq)
+                source = seq.fork_from
+                if source is not None and source.status == SequenceStatus.RUNNING:
+                    if not bm.can_fork(seq, source):
+                        break  # its sibling is still prefilling the prompt (or no block for the copy): wait
+                    copy = bm.fork(seq, source)
+                elif seq.sampling_params.prompt_logprobs is None:  # those need every prompt token computed
+                    bm.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + n):
-                bm.free_sequence(seq)  # give back prefix-cache hits; retried next step
+                bm.free_sequence(seq)  # give back prefix-cache hits and forked blocks; retried next step
                 break
             bm.allocate(seq, seq.num_computed_tokens + n)
+            if copy is not None:
+                copies.append(copy)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts)
+        return ScheduledBatch(seqs, counts, copies)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

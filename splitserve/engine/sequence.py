@@ -38,7 +38,9 @@ class Sequence:
         self.stop_reason: int | None = None
         self.generator = None  # per-request torch.Generator when sampling_params.seed is set
         self.scheduled_time: float | None = None  # first scheduled (wall clock)
-        self.num_reported_tokens = 0  # output tokens already handed out in a CoreOutput
+        self.fork_from: Sequence | None = None  # n > 1: the sibling whose prompt KV this one shares (scheduler)
+        # prompt_logprobs: entries for prompt tokens 1.. as chunks compute them (handed out with the first token)
+        self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)

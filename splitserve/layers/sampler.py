@@ -90,9 +90,14 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
         tokens = torch.where(st.temperature > 0, sampled, greedy)
 
     logprob_info = None
-    if st.max_logprobs is not None:
-        logprobs = raw.log_softmax(dim=-1)  # raw: before penalties, bias and temperature
-        chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
-        top = logprobs.topk(st.max_logprobs, dim=-1) if st.max_logprobs > 0 else None
-        logprob_info = (chosen, top)
+    if st.max_logprobs is not None:  # raw: before penalties, bias and temperature
+        logprob_info = token_logprobs(raw.log_softmax(dim=-1), tokens, st.max_logprobs)
     return tokens, logprob_info
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):
+    """For each row of `logprobs` [N, V]: the logprob of its token, that token's rank (1 = most likely) and the
+    top-k (values, indices), or None for k = 0."""
+    chosen = logprobs.gather(-1, token_ids[:, None])
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    return chosen[:, 0], rank, logprobs.topk(k, dim=-1) if k > 0 else None

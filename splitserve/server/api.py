@@ -28,6 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from splitserve.engine.engine import PromptTooLongError
+from splitserve.engine.request_state import RequestState
+from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
 from splitserve.server.metrics import ServerMetrics
@@ -179,9 +181,10 @@ async def _drain(receive, max_bytes: int, max_s: float) -> None:
 class _Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def add(self, d: Delta) -> None:
         self.text.append(d.text)
@@ -189,6 +192,14 @@ class _Choice:
         self.logprobs += d.logprobs or []
         self.finish_reason = d.finish_reason
         self.num_prompt_tokens = d.num_prompt_tokens
+        self.prompt_logprobs = d.prompt_logprobs or self.prompt_logprobs
+
+
+def _prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> list | None:
+    """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): dataclasses.asdict(lp) for t, lp in e.items()} for e in entries]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -303,11 +314,12 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def admit(self, request: Request, n: int) -> None:
-        """Take `n` places (one per prompt) for this request, or answer 429; _Guard gives them back."""
+        """Take `n` places (one per sequence: prompts × n) for this request, or answer 429; _Guard gives them
+        back."""
         limit = self.admission.limit
         if n > limit:  # could never be admitted: not worth a retry
-            raise APIError(400, f"this request has {n} prompts but the server admits at most {limit} at once "
-                                "(--max-waiting-requests)", param="prompt")
+            raise APIError(400, f"this request has {n} sequences (prompts × n) but the server admits at most "
+                                f"{limit} at once (--max-waiting-requests)", param="prompt")
         if not self.admission.take(n):
             raise APIError(429, f"the server is at its limit of {limit} requests in flight "
                                 "(--max-waiting-requests); retry later", "rate_limit_error", code="rate_limit_exceeded",
@@ -334,17 +346,18 @@ class OpenAIServer:
                                 f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input "
                                 f"tokens ({max_tokens} > {self.max_model_len} - {num_prompt_tokens}).", param=param)
 
-    def make_request(self, prompt, params, request_id: str):
+    def make_requests(self, prompt, params, request_id: str) -> list[RequestState]:
+        """Tokenize and validate one prompt: its n completions (blocking: call it through _off_loop)."""
         try:
-            return self.llm.make_request(prompt, params, request_id)
+            return self.llm.make_requests(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="prompt") from None
 
-    def make_requests(self, prompts: list, params: SamplingParams, request_ids: list[str]) -> list:
-        """Tokenize and validate (blocking: call it through _off_loop)."""
-        return [self.make_request(p, params, rid) for p, rid in zip(prompts, request_ids)]
+    def make_all(self, prompts: list, params: SamplingParams, request_ids: list[str]) -> list[RequestState]:
+        """Every prompt's completions, in choice order (prompt-major, as OpenAI's `index`)."""
+        return [c for p, rid in zip(prompts, request_ids) for c in self.make_requests(p, params, rid)]
 
     async def collect(self, request: Request, gens) -> list[_Choice]:
         """Run requests to the end; if the client goes away meanwhile, abort them."""
@@ -374,25 +387,25 @@ class OpenAIServer:
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
 
-    def completion_logprobs(self, choice_logprobs: list[dict[int, float]], token_ids: list[int],
+    def completion_logprobs(self, choice_logprobs: list[dict[int, Logprob]], token_ids: list[int],
                             offset: int) -> dict:
         tokens = [self.token_str(t) for t in token_ids]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp[t] for lp, t in zip(choice_logprobs, token_ids)],
-                "top_logprobs": [{self.token_str(k): v for k, v in lp.items()} for lp in choice_logprobs],
+        return {"tokens": tokens, "token_logprobs": [lp[t].logprob for lp, t in zip(choice_logprobs, token_ids)],
+                "top_logprobs": [{self.token_str(k): v.logprob for k, v in lp.items()} for lp in choice_logprobs],
                 "text_offset": offsets}
 
-    def chat_logprobs(self, choice_logprobs: list[dict[int, float]], token_ids: list[int], top: int) -> dict:
-        def entry(t: int, v: float) -> dict:
+    def chat_logprobs(self, choice_logprobs: list[dict[int, Logprob]], token_ids: list[int], top: int) -> dict:
+        def entry(t: int, v: Logprob) -> dict:
             s = self.token_str(t)
-            return {"token": s, "logprob": v, "bytes": list(s.encode())}
+            return {"token": s, "logprob": v.logprob, "bytes": list(s.encode())}
 
         content = []
         for lp, t in zip(choice_logprobs, token_ids):
-            others = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
+            others = sorted(lp.items(), key=lambda kv: kv[1].rank)[:top]
             content.append({**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in others]})
         return {"content": content}
 
@@ -403,13 +416,13 @@ class OpenAIServer:
         explicit = body.max_tokens is not None
         params = body.sampling_params(body.max_tokens if explicit else 16, body.logprobs)
         prompts = body.prompts()
-        self.admit(request, len(prompts))
+        self.admit(request, len(prompts) * body.n)
         for p in prompts:
             self.check_prompt_size(p)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         async with self.lane(prompts):
-            seqs = await _off_loop(self.make_requests, prompts, params, ids)
+            seqs = await _off_loop(self.make_all, prompts, params, ids)
         if explicit:
             for s in seqs:
                 self.check_max_tokens(params.max_tokens, s.num_prompt_tokens)
@@ -421,21 +434,28 @@ class OpenAIServer:
         choices = await self.collect(request, gens)
         return {**base, "choices": [
             {"index": i, "text": "".join(c.text), "finish_reason": c.finish_reason,
-             "logprobs": self.completion_logprobs(c.logprobs, c.token_ids, 0) if want_logprobs else None}
+             "logprobs": self.completion_logprobs(c.logprobs, c.token_ids, 0) if want_logprobs else None,
+             **({"prompt_logprobs": _prompt_logprobs_json(c.prompt_logprobs)} if body.prompt_logprobs is not None
+                else {})}
             for i, c in enumerate(choices)],
-            "usage": _usage(sum(c.num_prompt_tokens for c in choices), sum(len(c.token_ids) for c in choices))}
+            "usage": _usage(sum(c.num_prompt_tokens for c in choices[::body.n]),  # a prompt counts once
+                            sum(len(c.token_ids) for c in choices))}
 
     async def _completion_chunks(self, base, gens, want_logprobs: bool, body: CompletionRequest):
         usage = body.stream_options is not None and body.stream_options.include_usage
         prompt_tokens, completion_tokens, offsets = {}, {}, [0] * len(gens)
         async for i, d in _merge(gens):
-            prompt_tokens[i], completion_tokens[i] = d.num_prompt_tokens, d.num_output_tokens
-            if not (d.text or d.finish_reason):
+            if i % body.n == 0:  # a prompt counts once
+                prompt_tokens[i] = d.num_prompt_tokens
+            completion_tokens[i] = d.num_output_tokens
+            if not (d.text or d.finish_reason or d.prompt_logprobs):
                 continue
             lp = self.completion_logprobs(d.logprobs, d.token_ids, offsets[i]) if want_logprobs else None
             offsets[i] += len(d.text)
-            chunk = {**base, "choices": [{"index": i, "text": d.text, "logprobs": lp,
-                                          "finish_reason": d.finish_reason}]}
+            choice = {"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
+            if d.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _prompt_logprobs_json(d.prompt_logprobs)
+            chunk = {**base, "choices": [choice]}
             yield {**chunk, "usage": None} if usage else chunk
         if usage:
             yield {**base, "choices": [], "usage": _usage(sum(prompt_tokens.values()),
@@ -465,36 +485,41 @@ class OpenAIServer:
                 params = dataclasses.replace(params, max_tokens=room)
             else:
                 self.check_max_tokens(requested, len(prompt_ids), param)
-        seq = (await _off_loop(self.make_requests, [prompt_ids], params, [f"chatcmpl-{uuid.uuid4().hex}"]))[0]
-        gens = [self.llm.generate(seq)]
-        base = {"id": seq.request_id, "created": int(time.time()), "model": self.model_name}
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        seqs = await _off_loop(self.make_requests, prompt_ids, params, request_id)
+        gens = [self.llm.generate(s) for s in seqs]
+        base = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:
             return self.stream(self._chat_chunks(base, gens, top, body))
-        c = (await self.collect(request, gens))[0]
-        message = {"role": "assistant", "content": "".join(c.text)}
+        choices = await self.collect(request, gens)
+        prompt_logprobs = ({"prompt_logprobs": _prompt_logprobs_json(choices[0].prompt_logprobs)}
+                           if body.prompt_logprobs is not None else {})
         return {**base, "object": "chat.completion", "choices": [
-            {"index": 0, "message": message, "finish_reason": c.finish_reason,
-             "logprobs": self.chat_logprobs(c.logprobs, c.token_ids, top) if top is not None else None}],
-            "usage": _usage(c.num_prompt_tokens, len(c.token_ids))}
+            {"index": i, "message": {"role": "assistant", "content": "".join(c.text)}, "finish_reason": c.finish_reason,
+             "logprobs": self.chat_logprobs(c.logprobs, c.token_ids, top) if top is not None else None}
+            for i, c in enumerate(choices)], **prompt_logprobs,
+            "usage": _usage(choices[0].num_prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
     async def _chat_chunks(self, base, gens, top: int | None, body: ChatCompletionRequest):
         usage = body.stream_options is not None and body.stream_options.include_usage
         base = {**base, "object": "chat.completion.chunk"}
 
-        def chunk(delta: dict, finish_reason=None, logprobs=None) -> dict:
-            c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                      "finish_reason": finish_reason}]}
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None, **extra) -> dict:
+            c = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish_reason}], **extra}
             return {**c, "usage": None} if usage else c
 
-        yield chunk({"role": "assistant", "content": ""})
-        last = None
-        async for _, d in _merge(gens):
-            last = d
-            if d.text or d.finish_reason:
+        for i in range(len(gens)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        prompt_tokens, completion_tokens = 0, [0] * len(gens)
+        async for i, d in _merge(gens):
+            prompt_tokens, completion_tokens[i] = d.num_prompt_tokens, d.num_output_tokens
+            extra = {"prompt_logprobs": _prompt_logprobs_json(d.prompt_logprobs)} if d.prompt_logprobs else {}
+            if d.text or d.finish_reason or extra:
                 lp = self.chat_logprobs(d.logprobs, d.token_ids, top) if top is not None else None
-                yield chunk({"content": d.text} if d.text else {}, d.finish_reason, lp)
-        if usage and last is not None:
-            yield {**base, "choices": [], "usage": _usage(last.num_prompt_tokens, last.num_output_tokens)}
+                yield chunk(i, {"content": d.text} if d.text else {}, d.finish_reason, lp, **extra)
+        if usage:
+            yield {**base, "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens))}
 
     def stream(self, chunks) -> StreamingResponse:
         async def sse():

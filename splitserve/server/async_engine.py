@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from splitserve.engine.messages import CoreGauges
 from splitserve.engine.request_state import RequestState
+from splitserve.outputs import Logprob
 
 logger = logging.getLogger("splitserve")
 
@@ -27,12 +28,13 @@ class Delta:
     """What one engine step added to one request."""
     text: str  # new text (held back while it could still turn into a stop string)
     token_ids: list[int]  # new token ids
-    logprobs: list[dict[int, float]] | None  # one entry per new token, when requested
+    logprobs: list[dict[int, Logprob]] | None  # one entry per new token, when requested
     finish_reason: str | None
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int  # so far
     num_cached_tokens: int
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, with the first token, when requested
 
 
 class EngineDeadError(RuntimeError):
@@ -46,6 +48,7 @@ class _Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sent_chars = 0
         self.sent_tokens = 0
+        self.sent_prompt_logprobs = False
         stops = seq.sampling_params.stop_list
         self.holdback = max((len(s) for s in stops), default=1) - 1
 
@@ -79,9 +82,10 @@ class AsyncLLM:
         return self._thread.is_alive() and self.dead is None
 
     # ---- asyncio side ----
-    def make_request(self, prompt, params, request_id: str | None = None) -> RequestState:
-        """Tokenize and validate (raises ValueError/TypeError naming the problem). Safe from any thread."""
-        return self.engine.make_request(prompt, params, request_id)
+    def make_requests(self, prompt, params, request_id: str | None = None) -> list[RequestState]:
+        """Tokenize and validate (raises ValueError/TypeError naming the problem): the request's n completions,
+        to be run with `generate`, each, in their order. Safe from any thread."""
+        return self.engine.make_requests(prompt, params, request_id)
 
     async def stats(self) -> dict:
         """The engine's full stats, taken on the engine thread between steps."""
@@ -191,8 +195,11 @@ class AsyncLLM:
         new_ids = seq.output_token_ids[stream.sent_tokens:]
         logprobs = None if seq.logprobs is None else seq.logprobs[stream.sent_tokens:]
         stream.sent_tokens += len(new_ids)
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
+            prompt_logprobs, stream.sent_prompt_logprobs = seq.prompt_logprobs, True
         return Delta(text, new_ids, logprobs, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
-                     seq.num_output_tokens, seq.num_cached_tokens)
+                     seq.num_output_tokens, seq.num_cached_tokens, prompt_logprobs)
 
     def _end(self, stream: _Stream) -> None:
         self.engine.release(stream.seq)

@@ -49,7 +49,8 @@ class ServerMetrics:
     def on_finish(self, seq: RequestState) -> None:
         m = seq.metrics
         self.requests_finished.labels(seq.finish_reason or "abort").inc()
-        self.prompt_tokens.inc(seq.num_prompt_tokens)
+        if seq.index == 0:  # a request's n completions share one prompt
+            self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.generation_tokens.inc(seq.num_output_tokens)
         if m.time_to_first_token is not None:
             self.ttft.observe(m.time_to_first_token)

@@ -1,6 +1,6 @@
 """OpenAI request bodies (pydantic), their mapping to SamplingParams, and OpenAI-shaped errors.
 
-Unknown fields are rejected (as OpenAI does), and known fields this engine cannot honour (n > 1, echo,
+Unknown fields are rejected (as OpenAI does), and known fields this engine cannot honour (best_of, echo,
 tools ...) are a 400 that names them rather than being silently ignored.
 
 Bodies are validated strictly (no "yes" for a bool, no "5" for an int, no NaN/Infinity), and no list is
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 # Per-request limits (README "Security"); the body size and queue limits are server flags (api.py).
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -61,7 +61,7 @@ class _Common(BaseModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -79,6 +79,7 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -98,10 +99,7 @@ class _Common(BaseModel):
         return v
 
     def unsupported(self) -> list[str]:
-        bad = []
-        if self.n != 1:
-            bad.append("n (only n=1 is supported)")
-        return bad
+        return []
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bad = self.unsupported()
@@ -115,7 +113,8 @@ class _Common(BaseModel):
                 ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, logit_bias=self.logit_bias,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output, n=self.n,
+                prompt_logprobs=self.prompt_logprobs)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
 

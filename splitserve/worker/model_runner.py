@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,15 +17,25 @@ from splitserve.config import EngineConfig
 from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
 from splitserve.layers.attention import AttentionMetadata, make_backend
-from splitserve.layers.sampler import SamplingTensors, sample
+from splitserve.layers.sampler import SamplingTensors, sample, token_logprobs
 from splitserve.models.llama import CausalLM
 from splitserve.models.loader import load_weights
 from splitserve.models.registry import arch_flags
+from splitserve.outputs import Logprob
 from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
 
 logger = logging.getLogger("splitserve")
+
+PROMPT_LOGPROBS_SLICE = 256  # prompt positions whose logits are materialised at once ([256, V] float32)
+
+
+class StepOutput(NamedTuple):
+    tokens: list[int]  # one per sequence that samples this step, in batch order
+    logprobs: list[dict[int, Logprob] | None] | None  # per sampled token, where its request asks for them
+    samples: np.ndarray  # [num seqs] bool: which sequences sampled
+    prompt_logprobs: dict[int, list[dict[int, Logprob]]]  # seq_id -> entries this step computed
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "half": torch.float16, "float": torch.float32}  # vLLM's aliases (EngineConfig normalises them too)
@@ -169,8 +180,11 @@ class ModelRunner:
 
     # ---- one step ----
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch):
-        """Run one step. Returns (tokens for the sequences that sample, logprob info, sampled mask)."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step: the sampled tokens of the sequences that sample (in batch order) and their logprobs."""
+        if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
+            src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         host = prepare_inputs(batch, self.block_size)
         num_seqs = len(batch)
         choice = None
@@ -190,9 +204,12 @@ class ModelRunner:
             if batch.is_decode:
                 self.last_decode_path = EAGER
             hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
+        prompt_logprobs = {}
+        if any(seq.prompt_logprobs is not None for seq in batch.seqs):
+            prompt_logprobs = self._prompt_logprobs(batch, hidden, host["query_start_loc"])
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
         if not samplers:
-            return [], None, host["samples"]
+            return StepOutput([], None, host["samples"], prompt_logprobs)
         if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
@@ -200,7 +217,33 @@ class ModelRunner:
         tokens = tokens.tolist()  # syncs: the step's events can be read now
         if self.graphs is not None and self.graphs.profiler is not None:
             self.graphs.profiler.collect()
-        return tokens, _logprobs_to_host(logprob_info), host["samples"]
+        logprobs = None
+        if logprob_info is not None:
+            logprobs = logprob_entries(tokens, logprob_info, [s.sampling_params.logprobs for s in samplers])
+        return StepOutput(tokens, logprobs, host["samples"], prompt_logprobs)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor,
+                         query_start_loc: np.ndarray) -> dict[int, list[dict[int, Logprob]]]:
+        """{seq_id: entries} for the prompt tokens this step's chunk predicts (position p predicts token p + 1),
+        for the sequences that ask for prompt logprobs. Positions already done (a recompute after preemption)
+        are skipped. Logits are taken a slice at a time: a whole chunk's [T, V] would be gigabytes."""
+        out = {}
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            k = seq.sampling_params.prompt_logprobs
+            first = max(seq.num_computed_tokens, len(seq.prompt_logprobs or ()))
+            last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+            if k is None or first >= last:
+                continue
+            row0 = int(query_start_loc[i]) - seq.num_computed_tokens
+            entries = []
+            for lo in range(first, last, PROMPT_LOGPROBS_SLICE):
+                hi = min(lo + PROMPT_LOGPROBS_SLICE, last)
+                logprobs = self.model.compute_logits(hidden[row0 + lo:row0 + hi]).float().log_softmax(dim=-1)
+                targets = seq.token_ids[lo + 1:hi + 1]
+                info = token_logprobs(logprobs, self._to_device(np.asarray(targets, dtype=np.int64)), k)
+                entries += logprob_entries(targets, info, [k] * len(targets))
+            out[seq.seq_id] = entries
+        return out
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
@@ -281,9 +324,18 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
         raise ValueError(f"seed {seed} cannot seed a generator: {e}") from None
 
 
-def _logprobs_to_host(info):
-    if info is None:
-        return None
-    chosen, top = info
-    top_host = (top.values.tolist(), top.indices.tolist()) if top is not None else None
-    return chosen.tolist(), top_host
+def logprob_entries(token_ids: list[int], info, ks: list[int | None]) -> list[dict[int, Logprob] | None]:
+    """Per row: {its token: Logprob, then the top-k tokens: Logprob}, or None where the row wants none."""
+    chosen, rank, top = info
+    chosen, rank = chosen.tolist(), rank.tolist()
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ((), ())
+    entries = []
+    for r, (token, k) in enumerate(zip(token_ids, ks)):
+        if k is None:
+            entries.append(None)
+            continue
+        entry = {token: Logprob(chosen[r], rank[r])}
+        for j in range(k):
+            entry.setdefault(top_ids[r][j], Logprob(top_values[r][j], j + 1))
+        entries.append(entry)
+    return entries
