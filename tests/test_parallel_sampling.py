@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_prompts
 
 from splitserve import LLM, SamplingParams
-from conftest import random_prompts
 
 
 @pytest.fixture(scope="module")
