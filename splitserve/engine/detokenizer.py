@@ -31,3 +31,20 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
             return text[len(prefix_text):]
         return ""
+
+
+class TokenTexts:
+    """Each token id's own text (a Logprob's `decoded_token`), decoded once per id: logprobs name up to 21
+    tokens per position, and a long prompt's prompt_logprobs tens of thousands, all on the engine thread."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.texts: dict[int, str] = {}  # at most the vocabulary
+
+    def __call__(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self.texts.get(token)
+        if text is None:
+            text = self.texts[token] = self.tokenizer.decode([token])
+        return text

@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from splitserve.config import EngineConfig
+from splitserve.engine.detokenizer import TokenTexts
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.request_state import RequestState
 from splitserve.models.loader import load_tokenizer, resolve_model, resolve_model_spec
@@ -52,6 +53,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         self.tokenizer = load_tokenizer(resolve_model(config.model))
+        self.token_texts = TokenTexts(self.tokenizer)
         self.model = resolve_model_spec(config, self.tokenizer)
         self.vocab_size = self.model.hf_config.vocab_size
         self.core = make_core_client(config, self.model)
@@ -116,10 +118,11 @@ class LLMEngine:
         if request_id is None:
             request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
         if params.n == 1:
-            return [RequestState(request_id, text, token_ids, params, self.tokenizer)]
+            return [RequestState(request_id, text, token_ids, params, self.tokenizer, token_texts=self.token_texts)]
         ids = [f"{i}_{request_id}" for i in range(params.n)]
         return [RequestState(rid, text, token_ids, params.for_completion(i), self.tokenizer, i,
-                             fork_of=None if i == 0 else ids[0], parent_id=request_id) for i, rid in enumerate(ids)]
+                             fork_of=None if i == 0 else ids[0], parent_id=request_id, token_texts=self.token_texts)
+                for i, rid in enumerate(ids)]
 
     def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool = True,
                     **template_kwargs) -> tuple[str, list[int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from splitserve.engine.messages import CoreOutput
 from splitserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from splitserve.sampling_params import SamplingParams
@@ -16,12 +16,12 @@ from splitserve.sampling_params import SamplingParams
 class RequestState:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, tokenizer, index: int = 0, fork_of: str | None = None,
-                 parent_id: str | None = None):
+                 parent_id: str | None = None, token_texts: TokenTexts | None = None):
         self.request_id = request_id
         self.parent_id = request_id if parent_id is None else parent_id  # the user's request (n completions)
         self.index = index  # which of the request's n completions
         self.fork_of = fork_of  # the completion whose prompt KV this one shares (n > 1)
-        self.tokenizer = tokenizer
+        self.token_texts = token_texts or TokenTexts(tokenizer)  # the engine shares one
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
@@ -80,9 +80,8 @@ class RequestState:
         return stopped
 
     def _decoded(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
-        if self.tokenizer is not None:
-            for token, logprob in entry.items():
-                logprob.decoded_token = self.tokenizer.decode([token])
+        for token, logprob in entry.items():
+            logprob.decoded_token = self.token_texts(token)
         return entry
 
     def _find_stop_string(self, old_len: int) -> bool:

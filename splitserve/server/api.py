@@ -199,7 +199,8 @@ def _prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> li
     """vLLM's shape: per prompt token, None (the first) or {token id: {logprob, rank, decoded_token}}."""
     if entries is None:
         return None
-    return [None if e is None else {str(t): dataclasses.asdict(lp) for t, lp in e.items()} for e in entries]
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
