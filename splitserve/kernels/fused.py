@@ -143,12 +143,15 @@ def _qk_norm_rope_store_kernel(qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr
     x1 = tl.load(row + i, mask=imask, other=0.0)
     x2 = tl.load(row + HALF + i, mask=imask, other=0.0)
     if QK_NORM:  # the arithmetic of _rms_norm_kernel (and of HF): fp32, rounded, then times the weight
-        w_ptr = tl.where(is_k, k_weight_ptr, q_weight_ptr)
+        if is_k:
+            w1 = tl.load(k_weight_ptr + i, mask=imask, other=0.0).to(tl.float32)
+            w2 = tl.load(k_weight_ptr + HALF + i, mask=imask, other=0.0).to(tl.float32)
+        else:
+            w1 = tl.load(q_weight_ptr + i, mask=imask, other=0.0).to(tl.float32)
+            w2 = tl.load(q_weight_ptr + HALF + i, mask=imask, other=0.0).to(tl.float32)
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
         inv = 1.0 / tl.sqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / (2 * HALF) + eps)
-        w1 = tl.load(w_ptr + i, mask=imask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + i, mask=imask, other=0.0).to(tl.float32)
         x1 = (w1 * (a1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype)
         x2 = (w2 * (a2 * inv).to(x2.dtype).to(tl.float32)).to(x2.dtype)
     # rotary, the arithmetic of _rotary_kernel: cos/sin rounded to the model dtype, each product rounded
