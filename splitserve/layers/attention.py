@@ -36,8 +36,9 @@ class TorchBackend:
 
     name = "torch"
 
-    def qk_norm_rope_store(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache,
-                           slot_mapping) -> torch.Tensor:
+    def qk_norm_rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], normalised (with weights) and rotated; k (the same) and
         v go into the cache."""
         q, k, v = split_qkv(qkv, k_cache.shape[2], k_cache.shape[3])
@@ -78,16 +79,17 @@ class TorchBackend:
 class TritonBackend:
     """CUDA backend: Triton kernels for q/k-norm + rotary + KV store and paged attention (decode and prefill).
 
-    `fuse_qkv` False runs q/k-norm, rotary and the KV store as three launches instead of one (the layout
-    before issue 15, kept to measure the fusion against: SPLITSERVE_FUSED_QKV=0)."""
+    `fuse_qkv` False runs q-norm, k-norm, rotary and the KV store as separate launches instead of one (the
+    layout before issue 15, kept to measure the fusion against: SPLITSERVE_FUSED_QKV=0)."""
 
     name = "triton"
 
     def __init__(self, fuse_qkv: bool | None = None):
         self.fuse_qkv = os.environ.get("SPLITSERVE_FUSED_QKV", "1") != "0" if fuse_qkv is None else fuse_qkv
 
-    def qk_norm_rope_store(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache,
-                           slot_mapping) -> torch.Tensor:
+    def qk_norm_rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         from splitserve.kernels.fused import qk_norm_rope_store, rms_norm, rotary_
 
         if self.fuse_qkv:
@@ -117,7 +119,7 @@ def make_backend(device: torch.device):
     return TritonBackend() if device.type == "cuda" else TorchBackend()
 
 
-def split_qkv(qkv: torch.Tensor, num_kv_heads: int, head_dim: int):
+def split_qkv(qkv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views [T, Hq, D], [T, Hkv, D], [T, Hkv, D] into a fused QKV projection output."""
     t = qkv.shape[0]
     q, k, v = qkv.split([qkv.shape[1] - 2 * num_kv_heads * head_dim] + [num_kv_heads * head_dim] * 2, dim=-1)
