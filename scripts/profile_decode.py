@@ -15,6 +15,7 @@ from splitserve.worker.inputs import fake_batch
 
 KINDS = (("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas")), ("attention", ("paged_attention", "merge")),
          ("norm/rope/act", ("rms_norm", "rotary", "silu")), ("kv store", ("store_kv", "kv_store")),
+         ("q/k-norm+rope+kv store", ("qk_norm_rope_store",)),
          ("sampling", ("argmax", "reduce", "max")))
 
 

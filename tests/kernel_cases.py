@@ -111,3 +111,53 @@ def check_fused(device="cpu", dtype=torch.float32, seed=0):
     rotary_(q, k, positions, cos_sin)
     same(q, q_ref, "rotary q")
     same(k, k_ref, "rotary k")
+
+
+# (T, Hq, Hkv, D, block_size, qk_norm, rope scaling): GQA, MQA and MHA, odd T, head_dim 64 and 128, with and
+# without q/k-norm (Qwen3 / Llama), a plain and a scaled rotary table (rope_type linear/llama3/yarn only
+# change the table; the layout is always HF's rotate_half)
+QKV_FUSED_CASES = [
+    (5, 4, 2, 64, 4, True, 1.0),  # Qwen3-like GQA 2
+    (3, 8, 1, 128, 16, False, 1.0),  # Llama-like MQA, no norm
+    (7, 6, 2, 64, 8, True, 1.25),  # GQA 3, scaled table
+    (1, 2, 2, 128, 4, True, 1.0),  # decode of one token, MHA
+    (4, 4, 2, 128, 16, False, 0.9),  # no norm, scaled table
+]
+
+
+def check_qkv_fused(t, hq, hkv, d, bs, qk_norm, scaling, device="cpu", dtype=torch.float32, seed=0):
+    """The fused q/k-norm + rotary + KV store kernel vs TorchBackend's torch ops. Returns the max |error| of q.
+
+    The batch ends in a padding row (slot -1) that must leave the cache alone; the caches start random, so a
+    write to a wrong slot or head shows."""
+    from splitserve.kernels.fused import qk_norm_rope_store
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    max_pos, eps = 64, 1e-6
+    nblocks = -(-(t + 1) // bs) + 2
+    k_cache, v_cache = rand(nblocks, bs, hkv, d), rand(nblocks, bs, hkv, d)
+    slots = torch.randperm(nblocks * bs, generator=g)[:t].tolist() + [-1]
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    positions = torch.randint(0, max_pos, (t + 1,), generator=g).to(device)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.outer(torch.arange(max_pos).float(), inv)
+    emb = torch.cat((emb, emb), -1)
+    cos_sin = (torch.stack((emb.cos(), emb.sin()), 1) * scaling).to(device)
+    wq, wk = (1 + 0.5 * rand(d), 1 + 0.5 * rand(d)) if qk_norm else (None, None)
+    # x 3: q/k norm must not hide a wrong scale; the ref and the kernel see the same bits
+    qkv = rand(t + 1, (hq + 2 * hkv) * d) * 3
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    q_ref = TorchBackend().qk_norm_rope_store(qkv.clone(), positions, cos_sin, wq, wk, eps, kc_ref, vc_ref,
+                                              slot_mapping)
+    q_in = qkv[:, : hq * d].view(t + 1, hq, d).clone()
+    assert not torch.allclose(q_ref, q_in), "the reference changed nothing: the test would prove nothing"
+    q = qk_norm_rope_store(qkv, positions, cos_sin, wq, wk, eps, k_cache, v_cache, slot_mapping)
+    assert torch.equal(v_cache, vc_ref), "v cache differs (a plain copy: must be bit-equal)"
+    if dtype == torch.float32:  # one rounding per op in both: equal up to the last bit of a sum or rsqrt
+        tol = dict(rtol=2e-6, atol=2e-6)
+    else:  # 16-bit: the same roundings in the same places; allow one ulp where exp/rsqrt round differently
+        tol = dict(rtol=1e-2, atol=1e-2)
+    assert torch.allclose(k_cache, kc_ref, **tol), ("k cache", (k_cache - kc_ref).abs().max().item())
+    assert torch.allclose(q, q_ref, **tol), ("q", (q.float() - q_ref.float()).abs().max().item())
+    return (q.float() - q_ref.float()).abs().max().item()

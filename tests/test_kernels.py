@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = r"""
+SHIM = r"""
 import triton.runtime.interpreter as interp
 
 # Triton 3.6's interpreter turns a loaded scalar (a 1-element numpy array) into a loop bound with
@@ -18,11 +18,21 @@ def _patch(tensor, scope):
     _orig_patch(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0].item()))
 interp._patch_lang_tensor = _patch
+"""
 
+SCRIPT = SHIM + r"""
 import torch
+import splitserve.kernels.paged_attention as pa
 from kernel_cases import CPU_CASES, SPLIT_CASES, check_case, check_fused
+
+class NoMerge:  # one split: the attention kernel writes the output itself, no merge kernel is launched
+    def __getitem__(self, grid):
+        raise AssertionError("merge kernel launched for a single split")
+merge, pa._merge_splits_kernel = pa._merge_splits_kernel, NoMerge()
 for case in CPU_CASES:
     print("ok", case, check_case(*case))
+print("ok", check_case(*SPLIT_CASES[0][0], num_splits=1))
+pa._merge_splits_kernel = merge
 for case, splits in SPLIT_CASES:
     print("ok split", splits, check_case(*case, num_splits=splits))
 check_fused(dtype=torch.float32)
@@ -31,9 +41,27 @@ print("ok fused")
 """
 
 
-def test_triton_kernels_match_torch_reference_in_interpreter():
+QKV_FUSED_SCRIPT = SHIM + r"""
+import torch
+from kernel_cases import QKV_FUSED_CASES, check_qkv_fused
+for case in QKV_FUSED_CASES:
+    print("ok", case, check_qkv_fused(*case))
+print("ok fp16", check_qkv_fused(*QKV_FUSED_CASES[2], dtype=torch.float16))
+"""
+
+
+def _interpret(script: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == 11
+    return res.stdout
+
+
+def test_triton_kernels_match_torch_reference_in_interpreter():
+    assert _interpret(SCRIPT).count("ok") == 12
+
+
+def test_fused_qk_norm_rope_store_matches_torch_reference_in_interpreter():
+    out = _interpret(QKV_FUSED_SCRIPT)
+    assert out.count("ok") == 6, out

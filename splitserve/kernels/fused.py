@@ -121,3 +121,80 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, N=n, BLOCK=block)
     return out
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, slot_ptr,
+                               k_cache_ptr, v_cache_ptr, eps, stride_t, NUM_Q_HEADS: tl.constexpr,
+                               NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                               QK_NORM: tl.constexpr):
+    # One program per (token, q or k head). A q head is normalised and rotated in place in the QKV
+    # output (attention reads it there); a k head goes, normalised and rotated, straight into the cache,
+    # together with its v head: nothing reads k or v from the QKV output afterwards.
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    is_k = h >= NUM_Q_HEADS
+    slot = tl.load(slot_ptr + t)
+    if is_k & (slot < 0):  # padding row: no cache write, and its k is never read
+        return
+    i = tl.arange(0, BLOCK_HALF)
+    imask = i < HALF
+    row = qkv_ptr + t.to(tl.int64) * stride_t + h * 2 * HALF  # q heads, then k heads, then v heads
+    x1 = tl.load(row + i, mask=imask, other=0.0)
+    x2 = tl.load(row + HALF + i, mask=imask, other=0.0)
+    if QK_NORM:  # the arithmetic of _rms_norm_kernel (and of HF): fp32, rounded, then times the weight
+        if is_k:
+            w1 = tl.load(k_weight_ptr + i, mask=imask, other=0.0).to(tl.float32)
+            w2 = tl.load(k_weight_ptr + HALF + i, mask=imask, other=0.0).to(tl.float32)
+        else:
+            w1 = tl.load(q_weight_ptr + i, mask=imask, other=0.0).to(tl.float32)
+            w2 = tl.load(q_weight_ptr + HALF + i, mask=imask, other=0.0).to(tl.float32)
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / (2 * HALF) + eps)
+        x1 = (w1 * (a1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        x2 = (w2 * (a2 * inv).to(x2.dtype).to(tl.float32)).to(x2.dtype)
+    # rotary, the arithmetic of _rotary_kernel: cos/sin rounded to the model dtype, each product rounded
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    c = tl.load(cos_sin_ptr + pos * 4 * HALF + i, mask=imask, other=0.0).to(x1.dtype).to(tl.float32)
+    s = tl.load(cos_sin_ptr + pos * 4 * HALF + 2 * HALF + i, mask=imask, other=0.0).to(x1.dtype).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    o1 = ((a1 * c).to(x1.dtype).to(tl.float32) + (-a2 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    o2 = ((a2 * c).to(x1.dtype).to(tl.float32) + (a1 * s).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    if is_k:
+        dst = slot.to(tl.int64) * (NUM_KV_HEADS * 2 * HALF) + (h - NUM_Q_HEADS) * 2 * HALF
+        tl.store(k_cache_ptr + dst + i, o1.to(k_cache_ptr.dtype.element_ty), mask=imask)
+        tl.store(k_cache_ptr + dst + HALF + i, o2.to(k_cache_ptr.dtype.element_ty), mask=imask)
+        v_row = row + NUM_KV_HEADS * 2 * HALF
+        for half in tl.static_range(2):
+            v = tl.load(v_row + half * HALF + i, mask=imask, other=0.0)
+            tl.store(v_cache_ptr + dst + half * HALF + i, v, mask=imask)
+    else:
+        tl.store(row + i, o1, mask=imask)
+        tl.store(row + HALF + i, o2, mask=imask)
+
+
+def qk_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                       q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """q/k-norm (when the weights are given), rotary and the KV-cache store in one launch.
+
+    qkv: [T, (Hq + 2 Hkv) * D], the QKV projection's output (last dim contiguous); caches
+    [num_blocks, block_size, Hkv, D] contiguous; slot -1 = padding. Returns q, [T, Hq, D]: a view of qkv,
+    normalised and rotated in place. k and v are only written to the cache (qkv's k/v parts are left as
+    they were)."""
+    num_tokens = qkv.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_q_heads = qkv.shape[1] // head_dim - 2 * num_kv_heads
+    assert qkv.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and head_dim % 2 == 0
+    assert (q_weight is None) == (k_weight is None)
+    q = qkv[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    if num_tokens == 0:
+        return q
+    _qk_norm_rope_store_kernel[(num_tokens, num_q_heads + num_kv_heads)](
+        qkv, positions, cos_sin, q_weight if q_weight is not None else qkv,
+        k_weight if k_weight is not None else qkv, slot_mapping, k_cache, v_cache, eps, qkv.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=q_weight is not None, num_warps=1)
+    return q

@@ -17,7 +17,9 @@ ones sits at position L - q + i and sees keys 0..L - q + i.
 
 Decode with few (sequence, KV head) pairs would leave most SMs idle while each program walks a long
 context: there the context is split over NUM_SPLITS programs (flash-decoding) that write partial results
-with their log-sum-exp, and a small kernel merges them.
+with their log-sum-exp, and a small kernel merges them. With one split (the split count comes from the
+longest context, so any batch whose contexts fit SPLIT_MIN_KEYS) the kernel writes the output itself and
+no merge is launched; decode CUDA graphs keep a one-split graph per small bucket for such batches.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_query_len == 1:
         block_q, block_m = 1, max(16, triton.next_power_of_2(group))
         if num_splits is None:
-            num_splits = _decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
+            num_splits = decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
         tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
     else:
         block_m = max(64, triton.next_power_of_2(group))
@@ -176,11 +178,14 @@ WIDE_LAUNCH = {"BLOCK_N": 64}
 _SM_COUNT: dict = {}
 
 
-def _decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:
-    """Enough programs to fill the GPU twice over, but no split shorter than 256 keys."""
+SPLIT_MIN_KEYS = 256  # no split shorter than this: a context up to this long is never split
+
+
+def decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:
+    """Enough programs to fill the GPU twice over, but no split shorter than SPLIT_MIN_KEYS keys."""
     if device.type != "cuda":
         return 1
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * _SM_COUNT[device], programs)
-    return max(1, min(want, triton.cdiv(max_seq_len, 256), 64))
+    return max(1, min(want, triton.cdiv(max_seq_len, SPLIT_MIN_KEYS), 64))

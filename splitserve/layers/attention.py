@@ -1,18 +1,22 @@
 """Paged attention and the backend seam: the only place where CPU and GPU code differ.
 
-Every step first writes the new tokens' K/V into the paged cache, then each query attends over its
-sequence's cached keys (prefix-cache hits and earlier prefill chunks included) with a causal offset.
-`TorchBackend` (gather + SDPA) runs anywhere and is the oracle; `TritonBackend` runs the kernels in
-`splitserve.kernels` on CUDA.
+Every step first prepares the new tokens (q/k-norm where the model has it, rotary) and writes their K/V
+into the paged cache, then each query attends over its sequence's cached keys (prefix-cache hits and
+earlier prefill chunks included) with a causal offset. `TorchBackend` (torch ops, gather + SDPA) runs
+anywhere and is the oracle; `TritonBackend` runs the kernels in `splitserve.kernels` on CUDA.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from splitserve.layers.norm import rms_norm_torch
+from splitserve.layers.rotary import rotary_torch
 
 
 @dataclass
@@ -31,6 +35,18 @@ class TorchBackend:
     """Reference backend: gather each sequence's blocks and run SDPA with a causal offset."""
 
     name = "torch"
+
+    def qk_norm_rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], normalised (with weights) and rotated; k (the same) and
+        v go into the cache."""
+        q, k, v = split_qkv(qkv, k_cache.shape[2], k_cache.shape[3])
+        if q_weight is not None:
+            q, k = rms_norm_torch(q, q_weight, eps), rms_norm_torch(k, k_weight, eps)
+        q, k = rotary_torch(q, k, positions, cos_sin)
+        self.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         keep = slot_mapping >= 0
@@ -61,9 +77,31 @@ class TorchBackend:
 
 
 class TritonBackend:
-    """CUDA backend: Triton kernels for the KV store and paged attention (decode and prefill)."""
+    """CUDA backend: Triton kernels for q/k-norm + rotary + KV store and paged attention (decode and prefill).
+
+    `fuse_qkv` False runs q-norm, k-norm, rotary and the KV store as separate launches instead of one (the
+    layout before issue 15, kept to measure the fusion against: SPLITSERVE_FUSED_QKV=0)."""
 
     name = "triton"
+
+    def __init__(self, fuse_qkv: bool | None = None):
+        self.fuse_qkv = os.environ.get("SPLITSERVE_FUSED_QKV", "1") != "0" if fuse_qkv is None else fuse_qkv
+
+    def qk_norm_rope_store(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                           q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        from splitserve.kernels.fused import qk_norm_rope_store, rms_norm, rotary_
+
+        if self.fuse_qkv:
+            return qk_norm_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache,
+                                      slot_mapping)
+        q, k, v = split_qkv(qkv, k_cache.shape[2], k_cache.shape[3])
+        if q_weight is not None:  # in place inside the QKV output
+            rms_norm(q, q_weight, eps, out=q)
+            rms_norm(k, k_weight, eps, out=k)
+        rotary_(q, k, positions, cos_sin)
+        self.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         from splitserve.kernels.kv_store import store_kv
@@ -81,8 +119,16 @@ def make_backend(device: torch.device):
     return TritonBackend() if device.type == "cuda" else TorchBackend()
 
 
+def split_qkv(qkv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views [T, Hq, D], [T, Hkv, D], [T, Hkv, D] into a fused QKV projection output."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([qkv.shape[1] - 2 * num_kv_heads * head_dim] + [num_kv_heads * head_dim] * 2, dim=-1)
+    return q.view(t, -1, head_dim), k.view(t, num_kv_heads, head_dim), v.view(t, num_kv_heads, head_dim)
+
+
 class Attention(nn.Module):
-    """Stores this layer's new K/V, then attends. The runner binds `k_cache`/`v_cache` after allocation."""
+    """Prepares this layer's new tokens (q/k-norm, rotary), stores their K/V, then attends. The runner binds
+    `k_cache`/`v_cache` after allocation."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend):
         super().__init__()
@@ -92,6 +138,11 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                q_norm: nn.Module | None, k_norm: nn.Module | None, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv: [T, (Hq + 2 Hkv) D], the QKV projection's output; returns [T, Hq, D]."""
+        q = self.backend.qk_norm_rope_store(
+            qkv, positions, cos_sin, q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None, q_norm.eps if q_norm is not None else 0.0,
+            self.k_cache, self.v_cache, meta.slot_mapping)
         return self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -25,6 +25,5 @@ class RMSNorm(nn.Module):
         if x.is_cuda:
             from splitserve.kernels.fused import rms_norm
 
-            # [T, H, D] heads (q/k norm) are normalised in place inside the fused QKV output
-            return rms_norm(x, self.weight, self.eps, residual, out=x if x.dim() == 3 else None)
+            return rms_norm(x, self.weight, self.eps, residual)
         return rms_norm_torch(x, self.weight, self.eps, residual)

@@ -27,7 +27,8 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """One table shared by all layers. `build(device)` fills it (the model is first built on 'meta')."""
+    """One table shared by all layers. `build(device)` fills it (the model is first built on 'meta'). The
+    attention backend applies it (layers.attention: with q/k-norm and the KV store, one kernel on CUDA)."""
 
     def __init__(self, hf_config, head_dim: int, max_position: int):
         super().__init__()
@@ -42,14 +43,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         # [max_position, 2, head_dim] in fp32: cos and sin side by side, one gather per step
         self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1) * self.scaling
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        if q.is_cuda:
-            from splitserve.kernels.fused import rotary_
-
-            rotary_(q, k, positions, self.cos_sin)
-            return q, k
-        return rotary_torch(q, k, positions, self.cos_sin)
 
 
 def rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):

@@ -45,16 +45,11 @@ class SelfAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v, meta)
-        return self.o_proj(o.view(num_tokens, self.q_size))
+        qkv = self.qkv_proj(x)
+        # q/k-norm (Qwen3 only), rotary, K/V into the paged cache (one kernel on CUDA), then attention
+        o = self.attn(qkv, positions, self.rotary.cos_sin, self.q_norm if self.qk_norm else None,
+                      self.k_norm if self.qk_norm else None, meta)
+        return self.o_proj(o.view(x.shape[0], self.q_size))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,108 @@
+"""Issue 15's launch cuts, A/B in one process: decode step time with each switch on and off.
+
+One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
+captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
+them. Variants: off (the layout before), fused_qkv (q/k-norm + rotary + KV store in one kernel),
+single_split (one-split graphs for short contexts: no split-K merge launch), both, and off again last (the
+drift of the run). Each variant also counts the kernels one graph replay launches, per point.
+Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from splitserve import LLM
+from splitserve.bench import workloads
+from splitserve.bench.shapes import shape_folder
+from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
+
+# name -> (SPLITSERVE_FUSED_QKV, SPLITSERVE_SINGLE_SPLIT_GRAPHS)
+VARIANTS = [("off", False, False), ("fused_qkv", True, False), ("single_split", False, True),
+            ("both", True, True), ("off_again", False, False)]
+
+
+def recapture(llm, fuse_qkv: bool, single_split: bool) -> None:
+    runner = llm.engine.core.runner
+    runner.graphs = None  # free the old graphs' pool before capturing the new ones
+    gc.collect()
+    torch.cuda.empty_cache()
+    runner.model.layers[0].self_attn.attn.backend.fuse_qkv = fuse_qkv  # one backend object for all layers
+    os.environ["SPLITSERVE_SINGLE_SPLIT_GRAPHS"] = "1" if single_split else "0"
+    cfg = runner.config
+    runner.graphs = DecodeGraphs(runner.model, runner.device, cfg.max_num_seqs, runner.max_model_len,
+                                 runner.block_size, runner.num_kv_blocks)
+
+
+def kernels_per_replay(llm, batch: int, ctx: int) -> int:
+    graphs = llm.engine.core.runner.graphs
+    graphs.time(PLAIN, graphs.bucket_for(batch), ctx, iters=1)  # loads a fake batch of this context
+    graph = graphs._graph(PLAIN, graphs.bucket_for(batch), ctx + 1).graph
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape")
+    ap.add_argument("out")
+    ap.add_argument("--points", nargs="+", required=True, help="BATCH:CTX")
+    ap.add_argument("--smallbatch", action="store_true", help="also the 4 x 64 small-batch workload (P2)")
+    args = ap.parse_args()
+    points = [tuple(map(int, p.split(":"))) for p in args.points]
+    batches, ctxs = sorted({b for b, _ in points}), sorted({c for _, c in points})
+    llm = LLM(shape_folder(args.shape), load_format="dummy", max_num_seqs=max(batches),
+              max_model_len=max(ctxs) + 1)
+    runner = llm.engine.core.runner
+    result = {"shape": args.shape, "device": torch.cuda.get_device_name(runner.device), "torch": torch.__version__,
+              "max_model_len": runner.max_model_len, "variants": {}}
+    for name, fuse_qkv, single_split in VARIANTS:
+        recapture(llm, fuse_qkv, single_split)
+        graphs = runner.graphs
+        wanted, bandwidth = [], None
+        for b, c in points:  # one point a call: the grid would also run every (batch, ctx) cross pair
+            lat = workloads.latency(llm, [b], [c])
+            p = lat["points"][0]
+            if "skipped" not in p:
+                p["kernels_per_replay"] = kernels_per_replay(llm, b, c)
+            wanted.append(p)
+            bandwidth = bandwidth or lat["copy_bandwidth_GBps"]
+        entry = {"fuse_qkv": fuse_qkv, "single_split": single_split, "copy_bandwidth_GBps": bandwidth,
+                 "single_split_buckets": sorted(graphs.single_split),
+                 "graph_capture_s": graphs.capture_time_s, "points": wanted}
+        if args.smallbatch:
+            entry["smallbatch"] = workloads.smallbatch(llm)
+        result["variants"][name] = entry
+        print(name, json.dumps([{k: p.get(k) for k in ("batch", "ctx", "ms_per_step", "graph_gpu_ms",
+                                                       "kernels_per_replay")} for p in wanted]),
+              entry.get("smallbatch", {}).get("decode_tok_s", ""), flush=True)
+        with open(args.out, "w") as f:  # after every variant: a timeout keeps what was measured
+            json.dump(result, f, indent=1)
+    base = result["variants"]["off"]["points"]
+    print(f"\n{args.shape}: graph GPU ms (wall ms) per decode step, ratio to 'off'")
+    for i, p in enumerate(base):
+        if "skipped" in p:
+            print(f"  b{p['batch']} ctx{p['ctx']}: {p['skipped']}")
+            continue
+        row = []
+        for name, v in result["variants"].items():
+            q = v["points"][i]
+            row.append(f"{name} {q['graph_gpu_ms']:.3f} ({q['ms_per_step']:.3f}) "
+                       f"x{q['graph_gpu_ms'] / p['graph_gpu_ms']:.3f} k={q['kernels_per_replay']}")
+        print(f"  b{p['batch']} ctx{p['ctx']}: " + " | ".join(row))
+    if args.smallbatch:
+        print("  smallbatch tok/s: " + " | ".join(f"{n} {v['smallbatch']['decode_tok_s']:.0f}"
+                                                  for n, v in result["variants"].items()))
+
+
+if __name__ == "__main__":
+    main()
