@@ -37,6 +37,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
         self.generator = None  # per-request torch.Generator when sampling_params.seed is set
+        self.grammar = None  # structured_output.SequenceGrammar when sampling_params.structured_outputs is set
         self.scheduled_time: float | None = None  # first scheduled (wall clock)
         self.num_reported_tokens = 0  # output tokens already handed out in a CoreOutput
 

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from splitserve.engine.engine import PromptTooLongError
+from splitserve.engine.structured_output import GrammarError
 from splitserve.sampling_params import SamplingParams
 from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
 from splitserve.server.metrics import ServerMetrics
@@ -339,6 +340,8 @@ class OpenAIServer:
             return self.llm.make_request(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param="response_format") from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="prompt") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -169,8 +170,10 @@ class ModelRunner:
 
     # ---- one step ----
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch):
-        """Run one step. Returns (tokens for the sequences that sample, logprob info, sampled mask)."""
+    def execute(self, batch: ScheduledBatch, fill_grammar_bitmask: Callable | None = None):
+        """Run one step. Returns (tokens for the sequences that sample, logprob info, sampled mask).
+        `fill_grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None;
+        called once the forward pass is launched, so on CUDA the host fills it while the device computes."""
         host = prepare_inputs(batch, self.block_size)
         num_seqs = len(batch)
         choice = None
@@ -196,7 +199,13 @@ class ModelRunner:
         if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
-        tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
+        st = self._sampling_tensors(samplers)
+        grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
+        if grammar is not None:
+            bitmask, rows = grammar
+            st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
+            st.grammar_rows = None if len(rows) == len(samplers) else rows
+        tokens, logprob_info = sample(logits, st)
         tokens = tokens.tolist()  # syncs: the step's events can be read now
         if self.graphs is not None and self.graphs.profiler is not None:
             self.graphs.profiler.collect()
@@ -236,7 +245,7 @@ class ModelRunner:
                 rows += [r] * len(p.logit_bias)
                 ids += p.logit_bias.keys()
                 values += p.logit_bias.values()
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens and seq.grammar is None:  # a grammar says where EOS may go
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
                 ban_ids += stop_ids
