@@ -2,8 +2,9 @@
 (streamed and not), under preemption and in two-process PD.
 
 The tiny model has random weights, so only the grammar makes its output valid. Its vocabulary is SmolLM2's
-first 8,192 tokens (the tokenizer is SmolLM2's): sampling cost grows with the vocabulary, and seeded sampling
-of 100 rows over 49k tokens takes most of a minute on two cores. Prompts are token ids below 8,192.
+first 10,240 tokens (the tokenizer is SmolLM2's): sampling cost grows with the vocabulary, and seeded sampling
+of 100 rows over 49k tokens takes most of a minute on two cores. Prompts are token ids in that range, and chat
+requests bring a system message (the default one has tokens beyond it).
 """
 
 import concurrent.futures
@@ -16,7 +17,7 @@ import pytest
 
 from splitserve import LLM, SamplingParams, StructuredOutputsParams
 
-VOCAB = 8192
+VOCAB = 10240  # holds the chat template's tokens when the request brings its own system message
 PROMPT = [5, 6, 7, 8, 9]
 SCHEMA = {
     "type": "object",
@@ -31,6 +32,7 @@ SCHEMA = {
     "required": ["n", "k", "e", "t", "o"],
     "additionalProperties": False,
 }
+CHAT = [{"role": "system", "content": "a"}, {"role": "user", "content": "hi"}]
 MAX_TOKENS = 120  # the schema's longest output is well below this, even one byte per token
 
 
@@ -212,7 +214,7 @@ def _stream(url: str, body: dict) -> tuple[str, str | None]:
 
 
 def test_server_100_streamed_samples_parse_and_validate(server):
-    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS,
+    chat = {"messages": CHAT, "max_tokens": MAX_TOKENS,
             "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA, "strict": True}}}
     completion = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "guided_json": SCHEMA}
     jobs = [(server + "/v1/chat/completions", {**chat, "seed": i}) if i % 2 else
@@ -234,7 +236,7 @@ def test_server_fields_on_both_endpoints(server):
 
     def chat(**fields) -> dict:
         status, body = http("POST", server + "/v1/chat/completions",
-                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, **fields})
+                            {"messages": CHAT, "max_tokens": 16, **fields})
         assert status == 200, body
         return body["choices"][0]
 
@@ -265,7 +267,7 @@ def test_server_bad_inputs_are_400_naming_the_problem(server, fields, param, mes
     from test_server import http
 
     for endpoint, base in (("completions", {"prompt": PROMPT}),
-                           ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+                           ("chat/completions", {"messages": CHAT})):
         t0 = time.monotonic()
         status, body = http("POST", f"{server}/v1/{endpoint}", {**base, "max_tokens": 4, **fields})
         assert status == 400 and message in body["error"]["message"], (endpoint, body)
