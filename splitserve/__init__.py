@@ -2,7 +2,7 @@
 
 from splitserve.llm import LLM
 from splitserve.outputs import CompletionOutput, RequestOutput
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

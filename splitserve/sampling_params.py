@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json as json_module
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ REPETITION_PENALTY_MAX = 100.0  # HF's repetition penalty: > 0 (1 = off); useful
 LOGIT_BIAS_MAX = 100.0  # as OpenAI: a bias in [-100, 100] (either end all but bans or forces the token)
 MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
 MAX_N = 128  # completions per prompt (each is a sequence in the batch)
+# Structured outputs: a hostile schema or regex must not hang the server, so its text and nesting are bounded
+# here (the grammar compile that follows runs off the step loop, under a time limit: engine/structured_output.py).
+MAX_STRUCTURED_CHARS = 64 << 10  # characters of a JSON schema, regex or grammar
+MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema's objects and arrays
+MAX_CHOICES = 1024
 
 
 @functools.cache
@@ -43,6 +49,87 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of a JSON value, counted only up to `limit` + 1 (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                break
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's structured outputs: exactly one of `json` (a JSON schema, dict or str), `regex`, `choice` (the
+    output is one of these strings), `grammar` (xgrammar's EBNF, GBNF-style) or `json_object` (any JSON
+    object). Shapes and sizes are checked here; whether the schema / regex / grammar parses is checked by the
+    engine before the request is queued (engine/structured_output.py)."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        kinds = ("json", "regex", "choice", "grammar", "json_object")
+        given = [k for k in kinds if getattr(self, k) is not None and getattr(self, k) is not False]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) if given else 'none'}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                if len(self.json) > MAX_STRUCTURED_CHARS:
+                    raise ValueError(f"json schema has more than {MAX_STRUCTURED_CHARS} characters")
+                try:
+                    schema = json_module.loads(self.json)
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"json schema is not valid JSON: {e}") from None
+            elif isinstance(self.json, dict):
+                schema = self.json
+            else:
+                raise ValueError(f"json schema must be a dict or a JSON string, got {type(self.json).__name__}")
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"json schema must be a JSON object, got {type(schema).__name__}")
+            if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"json schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+            if isinstance(self.json, dict):
+                try:
+                    text = json_module.dumps(schema)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"json schema is not JSON-serialisable: {e}") from None
+                if len(text) > MAX_STRUCTURED_CHARS:
+                    raise ValueError(f"json schema has more than {MAX_STRUCTURED_CHARS} characters")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_STRUCTURED_CHARS):
+                raise ValueError(f"{name} must be a non-empty string of at most {MAX_STRUCTURED_CHARS} characters")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not 0 < len(self.choice) <= MAX_CHOICES
+                    or any(not isinstance(c, str) or not c for c in self.choice)
+                    or sum(map(len, self.choice)) > MAX_STRUCTURED_CHARS):
+                raise ValueError(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings "
+                                 f"({MAX_STRUCTURED_CHARS} characters in all)")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"json_object must be a bool, got {self.json_object!r}")
+
+    def spec(self) -> tuple[str, str]:
+        """(kind, text): what the grammar backend compiles; equal pairs give the same grammar (its cache key)."""
+        if self.json is not None:
+            return "json", self.json if isinstance(self.json, str) else json_module.dumps(self.json)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json_module.dumps(self.choice)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", ""
 
 
 @dataclass
@@ -66,6 +153,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the request before this many tokens
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (keys may be "123")
     include_stop_str_in_output: bool = False  # keep the stop string that ended the request in the text
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +202,9 @@ class SamplingParams:
         self.logit_bias = self._checked_logit_bias(self.logit_bias)
         if not isinstance(self.include_stop_str_in_output, bool):
             raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     @staticmethod
     def _checked_logit_bias(bias) -> dict[int, float] | None:

@@ -1,8 +1,9 @@
 """EngineCore: the scheduler and the model runner. Token ids in, token ids out; no text, no tokenizer.
 
 `step()` schedules, runs the model once and returns a `CoreOutput` per request that got a token. The core
-finishes a request on EOS, a stop token id, max_tokens or max_model_len; everything textual is the front
-end's (engine.py). A PD worker (disagg/) runs one core each and moves sequences between them with
+finishes a request on EOS, a stop token id, max_tokens, max_model_len or a completed grammar; everything
+textual is the front end's (engine.py). A structured-output request waits, unscheduled, until its grammar
+has compiled (structured_output.py). A PD worker (disagg/) runs one core each and moves sequences between them with
 `detach` / `attach`.
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from splitserve.config import EngineConfig, ModelSpec
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.structured_output import StructuredOutputManager
 from splitserve.outputs import Logprob
 from splitserve.worker.decode_graphs import EAGER, PLAIN
 from splitserve.worker.model_runner import ModelRunner, make_generator, resolve_device
@@ -49,6 +52,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
         self.requests: dict[str, Sequence] = {}
+        self.structured: StructuredOutputManager | None = None  # made by the first structured request
+        self.compiling: list[tuple[Sequence, Callable[[Sequence], None]]] = []  # (sequence, its admission)
         self.vocab_size = model.hf_config.vocab_size
         self.runner.eos_token_ids = tuple(model.eos_token_ids)  # min_tokens masks them in the sampler
         self.num_steps = 0
@@ -62,7 +67,7 @@ class EngineCore:
         run; the front end has checked the rest."""
         seq = self._sequence(request)
         self.requests[request.request_id] = seq
-        self.scheduler.add(seq)
+        self._admit(seq, self.scheduler.add)
 
     def _sequence(self, request: CoreRequest) -> Sequence:
         if request.request_id in self.requests:
@@ -78,17 +83,58 @@ class EngineCore:
             seq.generator = make_generator(request.sampling_params.seed, self.runner.device)
         return seq
 
+    def _admit(self, seq: Sequence, admit: Callable[[Sequence], None]) -> None:
+        """Admit now, or once its grammar has compiled (the compile runs in a thread meanwhile)."""
+        if seq.sampling_params.structured_outputs is None:
+            admit(seq)
+            return
+        if self.structured is None:
+            self.structured = StructuredOutputManager(self.model.path, self.vocab_size, self.model.eos_token_ids,
+                                                      self.runner.device)
+        seq.grammar = self.structured.submit(seq.sampling_params.structured_outputs)
+        self.compiling.append((seq, admit))
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        """Admit the sequences whose grammar is ready; end those whose compile failed (finish "abort")."""
+        failed, waiting = [], []
+        for seq, admit in self.compiling:
+            try:
+                ready = self.structured.make_ready(seq.grammar, seq.output_token_ids)
+            except ValueError as e:
+                logger.warning("request %s: %s", seq.request_id, e)
+                seq.status, seq.grammar, seq.finish_reason = SequenceStatus.FINISHED, None, "abort"
+                self.requests.pop(seq.request_id, None)
+                self.block_manager.free_sequence(seq)  # a PD arrival holds blocks already
+                failed.append(CoreOutput(seq.request_id, [], None, "abort"))
+                continue
+            if ready:
+                admit(seq)
+            else:
+                waiting.append((seq, admit))
+        self.compiling = waiting
+        return failed
+
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             seq = self.requests.pop(request_id, None)
-            if seq is not None and not seq.is_finished:
+            if seq is None or seq.is_finished:
+                continue
+            seq.grammar = None  # frees the matcher
+            compiling = next((c for c in self.compiling if c[0] is seq), None)
+            if compiling is not None:
+                self.compiling.remove(compiling)
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free_sequence(seq)
+            else:
                 self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.compiling)
 
     def shutdown(self) -> None:
-        """Nothing to stop in-process (the PD client stops its workers here)."""
+        """Nothing to stop in-process but the grammar threads (the PD client stops its workers here)."""
+        if self.structured is not None:
+            self.structured.shutdown()
 
     # ---- M1: a sequence moves from the prefill core to the decode core with its KV ----
     def detach(self, request_id: str) -> Sequence:
@@ -103,15 +149,18 @@ class EngineCore:
     def attach(self, seq: Sequence) -> None:
         """Admit a sequence whose KV is already in its blocks (allocated here) into the running batch."""
         self.requests[seq.request_id] = seq
-        self.scheduler.add_running(seq)
+        self._admit(seq, self.scheduler.add_running)  # a structured one: its matcher replays its output first
 
     # ---- one step ----
     def step(self) -> list[CoreOutput]:
+        failed = self._admit_compiled() if self.compiling else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the KV cache")
-            return []
+            if self.compiling and not failed:
+                self.structured.wait([seq.grammar for seq, _ in self.compiling], 0.01)
+            return failed
         now = time.time()
         first = set()
         for seq in batch.seqs:
@@ -119,7 +168,10 @@ class EngineCore:
                 seq.scheduled_time = now
                 first.add(seq.seq_id)
         t0 = time.perf_counter()
-        result = self.runner.execute(batch)
+        fill = None
+        if self.structured is not None and any(seq.grammar is not None for seq in batch.seqs):
+            fill = self._fill_grammar_bitmask
+        result = self.runner.execute(batch, fill)
         elapsed = time.perf_counter() - t0
         if batch.is_decode:
             self.decode_time_s += elapsed
@@ -133,8 +185,11 @@ class EngineCore:
                     seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         sampled = [s for s, flag in zip(batch.seqs, result.samples) if flag]
         logprobs = result.logprobs or [None] * len(sampled)
-        return [self._append(seq, token, entry, seq.scheduled_time if seq.seq_id in first else None)
-                for seq, token, entry in zip(sampled, result.tokens, logprobs)]
+        return failed + [self._append(seq, token, entry, seq.scheduled_time if seq.seq_id in first else None)
+                         for seq, token, entry in zip(sampled, result.tokens, logprobs)]
+
+    def _fill_grammar_bitmask(self, seqs: list[Sequence]):
+        return self.structured.fill_bitmask([seq.grammar for seq in seqs])
 
     def _append(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None,
                 scheduled_time: float | None) -> CoreOutput:
@@ -144,13 +199,20 @@ class EngineCore:
         if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
             prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
         may_stop = seq.num_output_tokens > params.min_tokens  # the sampler masks EOS / stop ids until then
-        if may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
+        matcher = seq.grammar.matcher if seq.grammar is not None else None
+        if matcher is not None and not matcher.accept_token(token):  # cannot happen under the mask; say so if it does
+            logger.error("request %s: its grammar rejected the sampled token %d", seq.request_id, token)
+            seq.finish_reason = "abort"
+        elif matcher is not None and matcher.is_terminated():  # the grammar is complete (its EOS accepted)
+            seq.finish_reason = "stop"
+        elif may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"
         elif may_stop and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            seq.grammar = None
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return CoreOutput(seq.request_id, [token], None if logprobs is None else [logprobs], seq.finish_reason,

@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from splitserve.config import EngineConfig
+from splitserve.engine import structured_output
 from splitserve.engine.detokenizer import TokenTexts
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.request_state import RequestState
@@ -115,6 +116,10 @@ class LLMEngine:
         bad_bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad_bias:
             raise ValueError(f"logit_bias token ids outside the vocabulary [0, {self.vocab_size}): {bad_bias[:5]}")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer, and this model folder has none")
+            structured_output.check(params.structured_outputs)  # a bad schema / regex / grammar: ValueError
         if request_id is None:
             request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
         if params.n == 1:

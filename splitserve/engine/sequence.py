@@ -37,6 +37,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
         self.generator = None  # per-request torch.Generator when sampling_params.seed is set
+        self.grammar = None  # structured_output.SequenceGrammar when sampling_params.structured_outputs is set
         self.scheduled_time: float | None = None  # first scheduled (wall clock)
         self.fork_from: Sequence | None = None  # n > 1: the sibling whose prompt KV this one shares (scheduler)
         # prompt_logprobs: entries for prompt tokens 1.. as chunks compute them (handed out with the first token)

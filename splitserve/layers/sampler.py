@@ -4,8 +4,9 @@ them the logit processors: logit_bias, min_tokens, repetition / frequency / pres
 Order (vLLM v1's): logit_bias and the min_tokens mask, then the repetition penalty (HF's: a token seen in the
 prompt or output has its logit divided by the penalty if positive, else multiplied), then frequency and
 presence (OpenAI's: minus frequency * count - presence * [count > 0], counts over the output only), then
-temperature / top-k / top-p / min-p. Greedy rows take the argmax of the processed logits. Logprobs stay the
-model's raw log-softmax (before any processing), as before.
+temperature / top-k / top-p / min-p. Structured-output rows then have the tokens their grammar forbids set to
+-inf (a token bitmask filled on the host, applied here on the device). Greedy rows take the argmax of the
+processed logits. Logprobs stay the model's raw log-softmax (before any processing, the grammar mask too).
 
 Sampling uses the exponential race (argmax p_i / q_i with q_i ~ Exp(1)), which draws from p exactly and
 lets a seeded request take its noise from its own generator, so its output does not depend on the batch.
@@ -39,6 +40,10 @@ class SamplingTensors:
     counts: torch.Tensor | None = None  # [B, V] float32: occurrences in the output (rows with freq/presence)
     frequency: torch.Tensor | None = None  # [B] float32
     presence: torch.Tensor | None = None  # [B] float32
+    # Structured outputs: [B, ceil(V / 32)] int32 on the device (bit 1 = allowed), applied to `grammar_rows`
+    # only (None: every row). None when no row has a grammar.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -61,6 +66,12 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
     raw = logits
     if st.any_penalty:
         logits = apply_penalties(logits, st)
+    if st.grammar_bitmask is not None:
+        from splitserve.engine.structured_output import apply_bitmask
+
+        if logits is raw and st.max_logprobs is not None:
+            logits = logits.clone()  # logprobs stay raw
+        apply_bitmask(logits, st.grammar_bitmask, st.grammar_rows)
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         tokens = greedy

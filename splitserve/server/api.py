@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from splitserve.engine.engine import PromptTooLongError
 from splitserve.engine.request_state import RequestState
+from splitserve.engine.structured_output import GrammarError
 from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
@@ -353,6 +354,8 @@ class OpenAIServer:
             return self.llm.make_requests(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param="response_format") from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="prompt") from None
 

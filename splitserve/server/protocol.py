@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from splitserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from splitserve.sampling_params import MAX_CHOICES, MAX_LOGPROBS, MAX_N, SamplingParams, StructuredOutputsParams
 
 # Per-request limits (README "Security"); the body size and queue limits are server flags (api.py).
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -55,6 +55,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+    model_config = _STRICT
+    name: str = Field(max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` field: one of these, as in StructuredOutputsParams."""
+    model_config = _STRICT
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES, fail_fast=True)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Common(BaseModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM-style extensions)."""
     model_config = _STRICT
@@ -80,6 +105,13 @@ class _Common(BaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # structured outputs: OpenAI's response_format, vLLM's guided_* fields and its structured_outputs object
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES, fail_fast=True)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsBody | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -101,10 +133,39 @@ class _Common(BaseModel):
     def unsupported(self) -> list[str]:
         return []
 
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the body asks for (two fields that both constrain: a 400)."""
+        given: dict[str, dict] = {}
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            given["response_format"] = {"json": rf.json_schema.schema_}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given[name] = {key: getattr(self, name)}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        if len(given) > 1:
+            raise APIError(400, f"give at most one structured-output constraint, got {', '.join(given)}",
+                           param=list(given)[1])
+        if not given:
+            return None
+        (param, kwargs), = given.items()
+        try:
+            return StructuredOutputsParams(**kwargs)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bad = self.unsupported()
         if bad:
             raise APIError(400, f"unsupported parameter(s): {', '.join(bad)}", param=bad[0].split(" ")[0])
+        structured = self.structured_outputs_params()
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else self.temperature,
@@ -114,7 +175,7 @@ class _Common(BaseModel):
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, logit_bias=self.logit_bias,
                 include_stop_str_in_output=self.include_stop_str_in_output, n=self.n,
-                prompt_logprobs=self.prompt_logprobs)
+                prompt_logprobs=self.prompt_logprobs, structured_outputs=structured)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(" ")[0]) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -180,8 +181,10 @@ class ModelRunner:
 
     # ---- one step ----
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        """Run one step: the sampled tokens of the sequences that sample (in batch order) and their logprobs."""
+    def execute(self, batch: ScheduledBatch, fill_grammar_bitmask: Callable | None = None) -> StepOutput:
+        """Run one step: the sampled tokens of the sequences that sample (in batch order) and their logprobs.
+        `fill_grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None;
+        called once the forward pass is launched, so on CUDA the host fills it while the device computes."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -213,7 +216,13 @@ class ModelRunner:
         if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
             hidden = hidden[self._to_device(host["logits_indices"])]
         logits = self.model.compute_logits(hidden)
-        tokens, logprob_info = sample(logits, self._sampling_tensors(samplers))
+        st = self._sampling_tensors(samplers)
+        grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
+        if grammar is not None:
+            bitmask, rows = grammar
+            st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
+            st.grammar_rows = None if len(rows) == len(samplers) else rows
+        tokens, logprob_info = sample(logits, st)
         tokens = tokens.tolist()  # syncs: the step's events can be read now
         if self.graphs is not None and self.graphs.profiler is not None:
             self.graphs.profiler.collect()
@@ -279,7 +288,7 @@ class ModelRunner:
                 rows += [r] * len(p.logit_bias)
                 ids += p.logit_bias.keys()
                 values += p.logit_bias.values()
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens and seq.grammar is None:  # a grammar says where EOS may go
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
                 ban_ids += stop_ids

@@ -1,0 +1,294 @@
+"""Structured outputs (xgrammar): JSON schema, regex, choice, json_object, grammars; offline, over HTTP
+(streamed and not), under preemption and in two-process PD.
+
+The tiny model has random weights, so only the grammar makes its output valid. Its vocabulary is SmolLM2's
+first 10,240 tokens (the tokenizer is SmolLM2's): sampling cost grows with the vocabulary, and seeded sampling
+of 100 rows over 49k tokens takes most of a minute on two cores. Prompts are token ids in that range, and chat
+requests bring a system message (the default one has tokens beyond it).
+"""
+
+import concurrent.futures
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from splitserve import LLM, SamplingParams, StructuredOutputsParams
+
+VOCAB = 10240  # holds the chat template's tokens when the request brings its own system message
+PROMPT = [5, 6, 7, 8, 9]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "string", "maxLength": 4},
+        "k": {"type": "integer", "minimum": -5, "maximum": 99},
+        "e": {"enum": ["red", "green", 7]},
+        "t": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
+        "o": {"type": "object", "properties": {"x": {"type": "boolean"}, "y": {"type": "string", "enum": ["u", "v"]}},
+              "required": ["x", "y"], "additionalProperties": False},
+    },
+    "required": ["n", "k", "e", "t", "o"],
+    "additionalProperties": False,
+}
+CHAT = [{"role": "system", "content": "a"}, {"role": "user", "content": "hi"}]
+MAX_TOKENS = 120  # the schema's longest output is well below this, even one byte per token
+
+
+def validate(value, schema: dict, path: str = "$") -> None:
+    """The JSON-schema features SCHEMA uses (jsonschema is not a dependency)."""
+    if "enum" in schema:
+        assert any(value == e and type(value) is type(e) for e in schema["enum"]), f"{path}: {value!r} not in enum"
+    kind = schema.get("type")
+    if kind == "object":
+        assert isinstance(value, dict), f"{path}: not an object"
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            assert key in value, f"{path}: {key} missing"
+        if schema.get("additionalProperties") is False:
+            assert set(value) <= set(props), f"{path}: extra keys {set(value) - set(props)}"
+        for key, sub in props.items():
+            if key in value:
+                validate(value[key], sub, f"{path}.{key}")
+    elif kind == "array":
+        assert isinstance(value, list) and len(value) <= schema.get("maxItems", len(value)), f"{path}: bad array"
+        for i, item in enumerate(value):
+            validate(item, schema["items"], f"{path}[{i}]")
+    elif kind == "integer":
+        assert type(value) is int and schema.get("minimum", value) <= value <= schema.get("maximum", value), path
+    elif kind == "string":
+        assert isinstance(value, str) and len(value) <= schema.get("maxLength", len(value)), f"{path}: {value!r}"
+    elif kind == "boolean":
+        assert isinstance(value, bool), path
+
+
+def check_json(text: str) -> None:
+    validate(json.loads(text), SCHEMA)
+
+
+def json_params(seed: int | None, **kw) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=MAX_TOKENS,
+                          structured_outputs=StructuredOutputsParams(json=SCHEMA), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_model):
+    return make_tiny_model("qwen3", seed=11, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(tiny_dir, device="cpu")
+
+
+def test_json_schema_100_seeded_samples_parse_and_validate(llm):
+    outs = llm.generate([PROMPT] * 100, [json_params(seed) for seed in range(100)], use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert c.finish_reason == "stop", (c.finish_reason, c.text)
+        check_json(c.text)
+    assert len({o.outputs[0].text for o in outs}) > 50  # sampled, not one answer repeated
+
+
+def test_regex_choice_json_object_grammar_and_plain_rows_in_one_batch(llm):
+    regex = r"[a-z]{2,5}-[0-9]{2}"
+    choices = ["yes", "no", "maybe so", "ünïcode \"quoted\""]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain_prompts = [[11, 12, 13], [40, 41, 42, 43]]
+    alone = [o.outputs[0].token_ids for o in llm.generate(plain_prompts, greedy, use_tqdm=False)]
+    structured = (
+        [SamplingParams(temperature=1, seed=i, max_tokens=16, structured_outputs=StructuredOutputsParams(regex=regex))
+         for i in range(8)]
+        + [SamplingParams(temperature=1, seed=i, max_tokens=16,
+                          structured_outputs=StructuredOutputsParams(choice=choices)) for i in range(8)]
+        + [SamplingParams(temperature=0.7, seed=i, max_tokens=MAX_TOKENS,
+                          structured_outputs=StructuredOutputsParams(json_object=True)) for i in range(4)]
+        + [SamplingParams(temperature=1, seed=i, max_tokens=16, structured_outputs=StructuredOutputsParams(
+            grammar='root ::= "(" [0-9]{1,3} ("+" [0-9]{1,3})? ")"')) for i in range(4)])
+    outs = llm.generate([PROMPT] * len(structured) + plain_prompts, structured + [greedy, greedy], use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    assert all(re.fullmatch(regex, t) for t in texts[:8]), texts[:8]
+    assert all(t in choices for t in texts[8:16]), texts[8:16]
+    for t, o in zip(texts[16:20], outs[16:20]):
+        if o.outputs[0].finish_reason == "stop":  # an open-ended object may run out of tokens: "length"
+            assert isinstance(json.loads(t), dict)
+    assert any(o.outputs[0].finish_reason == "stop" for o in outs[16:20])
+    assert all(re.fullmatch(r"\([0-9]{1,3}(\+[0-9]{1,3})?\)", t) for t in texts[20:24]), texts[20:24]
+    assert [o.outputs[0].token_ids for o in outs[24:]] == alone  # plain rows: as when run alone
+
+
+def test_too_few_tokens_end_with_length_and_logprobs_stay_raw(llm):
+    out = llm.generate([PROMPT], json_params(0, logprobs=2), use_tqdm=False)[0].outputs[0]
+    short = llm.generate([PROMPT], SamplingParams(max_tokens=3, seed=0, structured_outputs=StructuredOutputsParams(
+        json=SCHEMA)), use_tqdm=False)[0].outputs[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 3 and short.text.startswith("{")
+    # logprobs are the model's raw ones: the forced tokens of the grammar are not all at probability 1
+    assert out.finish_reason == "stop" and min(lp[t] for lp, t in zip(out.logprobs, out.token_ids)) < -1.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"json": {"type": "foo"}}, "invalid json schema: Unsupported type"),
+    ({"json": {"type": "integer", "minimum": 5, "maximum": 1}}, "invalid json schema"),
+    ({"json": "{not json"}, "json schema is not valid JSON"),
+    ({"regex": "(ab"}, "invalid regex"),
+    ({"grammar": "root ::= undefined_rule"}, "invalid grammar"),
+    ({"json": json.loads('{"type": "array", "items": ' * 40 + "{}" + "}" * 40)}, "nested deeper than 32"),
+    ({"regex": "a" * 70000}, "at most 65536 characters"),
+    ({"choice": []}, "choice must be a list of 1 to"),
+])
+def test_bad_specs_are_value_errors_naming_the_problem(llm, kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.engine.make_request(PROMPT, SamplingParams(structured_outputs=StructuredOutputsParams(**kw)))
+
+
+def test_exactly_one_kind_and_a_good_request_beside_bad_ones_is_unaffected(llm):
+    for kw in ({}, {"regex": "a", "choice": ["b"]}, {"json": SCHEMA, "json_object": True}):
+        with pytest.raises(ValueError, match="exactly one of json, regex, choice, grammar, json_object"):
+            StructuredOutputsParams(**kw)
+    with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json": SCHEMA})
+    with pytest.raises(ValueError, match="invalid regex"):
+        llm.generate([PROMPT, PROMPT], [json_params(1), SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="[z-a]"))], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    check_json(llm.generate([PROMPT], json_params(1), use_tqdm=False)[0].outputs[0].text)
+
+
+def test_preemption_keeps_the_matchers_right(tiny_dir):
+    small = LLM(tiny_dir, device="cpu", num_kv_blocks=40, kvcache_block_size=8)
+    outs = small.generate([PROMPT] * 12, [json_params(100 + i) for i in range(12)], use_tqdm=False)
+    assert small.stats()["num_preemptions"] > 0
+    for o in outs:
+        assert o.outputs[0].finish_reason == "stop"
+        check_json(o.outputs[0].text)
+
+
+@pytest.mark.slow
+def test_pd_workers_rebuild_the_matcher_and_match_colocated(tiny_dir, llm):
+    greedy = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, structured_outputs=StructuredOutputsParams(
+        json=SCHEMA)), SamplingParams(temperature=0, max_tokens=16, structured_outputs=StructuredOutputsParams(
+            choice=["alpha", "beta"]))]
+    sampled = [json_params(200 + i) for i in range(6)]
+    prompts = [PROMPT, [20, 21, 22]] + [PROMPT] * 6
+    colocated = [o.outputs[0].text for o in llm.generate(prompts, greedy + sampled, use_tqdm=False)]
+    pd = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True)
+    try:
+        texts = [o.outputs[0].text for o in pd.generate(prompts, greedy + sampled, use_tqdm=False)]
+    finally:
+        pd.engine.shutdown()
+    assert texts == colocated
+    for t in [texts[0]] + texts[2:]:
+        check_json(t)
+
+
+# ---- HTTP ----
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    from test_server import running_server
+
+    with running_server(tiny_dir) as url:
+        yield url
+
+
+def _stream(url: str, body: dict) -> tuple[str, str | None]:
+    """POST with stream=true; returns (the text of the deltas joined, the last finish_reason)."""
+    import urllib.request
+
+    from test_server import API_KEY
+
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    text, finish = [], None
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                text.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def test_server_100_streamed_samples_parse_and_validate(server):
+    chat = {"messages": CHAT, "max_tokens": MAX_TOKENS,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA, "strict": True}}}
+    completion = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "guided_json": SCHEMA}
+    jobs = [(server + "/v1/chat/completions", {**chat, "seed": i}) if i % 2 else
+            (server + "/v1/completions", {**completion, "seed": i}) for i in range(100)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda job: _stream(*job), jobs))
+    for text, finish in results:
+        assert finish == "stop", (finish, text)
+        check_json(text)
+
+
+def test_server_fields_on_both_endpoints(server):
+    from test_server import http
+
+    def complete(**fields) -> dict:
+        status, body = http("POST", server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 16, **fields})
+        assert status == 200, body
+        return body["choices"][0]
+
+    def chat(**fields) -> dict:
+        status, body = http("POST", server + "/v1/chat/completions",
+                            {"messages": CHAT, "max_tokens": 16, **fields})
+        assert status == 200, body
+        return body["choices"][0]
+
+    assert re.fullmatch(r"[0-9]{3}", complete(guided_regex="[0-9]{3}", seed=1)["text"])
+    assert complete(guided_choice=["on", "off"], seed=2)["text"] in ("on", "off")
+    assert chat(guided_choice=["on", "off"], seed=3)["message"]["content"] in ("on", "off")
+    assert re.fullmatch(r"x+", chat(structured_outputs={"regex": "x+"}, max_tokens=4)["message"]["content"])
+    assert complete(structured_outputs={"choice": ["a1", "b2"]})["text"] in ("a1", "b2")
+    assert complete(guided_grammar='root ::= "yes" | "no"', temperature=0)["text"] in ("yes", "no")
+    got = complete(response_format={"type": "json_object"}, max_tokens=MAX_TOKENS, temperature=0.5, seed=4)
+    if got["finish_reason"] == "stop":
+        assert isinstance(json.loads(got["text"]), dict)
+    assert chat(response_format={"type": "text"}, max_tokens=2)["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"guided_json": {"type": "foo"}}, "response_format", "invalid json schema"),
+    ({"guided_regex": "(ab"}, "response_format", "invalid regex"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "at most one structured-output constraint"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema.schema"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one of"),
+    ({"guided_json": json.loads('{"type": "array", "items": ' * 40 + "{}" + "}" * 40)}, "guided_json",
+     "nested deeper than 32"),
+    ({"guided_choice": ["x"] * 2000}, "guided_choice", "at most 1024"),
+])
+def test_server_bad_inputs_are_400_naming_the_problem(server, fields, param, message):
+    from test_server import http
+
+    for endpoint, base in (("completions", {"prompt": PROMPT}),
+                           ("chat/completions", {"messages": CHAT})):
+        t0 = time.monotonic()
+        status, body = http("POST", f"{server}/v1/{endpoint}", {**base, "max_tokens": 4, **fields})
+        assert status == 400 and message in body["error"]["message"], (endpoint, body)
+        assert body["error"]["param"] == param, body
+        assert time.monotonic() - t0 < 10
+
+
+def test_server_pathological_regex_compiles_off_the_loop_without_blocking_others(server):
+    """A regex xgrammar takes ~0.7 s to compile runs in the core's grammar threads: a plain request sent after
+    it is answered meanwhile, and the slow one still completes."""
+    from test_server import http
+
+    slow: dict = {}
+    thread = threading.Thread(target=lambda: slow.update(result=http(
+        "POST", server + "/v1/completions",
+        {"prompt": PROMPT, "max_tokens": 8, "guided_regex": "(a|b|ab){50}[a-z]{1,3000}"})))
+    t0 = time.monotonic()
+    thread.start()
+    status, body = http("POST", server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert status == 200, body
+    thread.join(60)
+    assert slow["result"][0] == 200, slow
+    assert re.fullmatch("[ab]*", slow["result"][1]["choices"][0]["text"])
+    assert time.monotonic() - t0 < 60
