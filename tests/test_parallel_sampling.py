@@ -28,9 +28,9 @@ def _count_computed_tokens(llm) -> list[int]:
     runner, counts = llm.engine.core.runner, []
     execute = runner.execute
 
-    def counting(batch):
+    def counting(batch, *args):
         counts.append(batch.num_tokens)
-        return execute(batch)
+        return execute(batch, *args)
 
     runner.execute = counting
     return counts

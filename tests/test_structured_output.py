@@ -124,7 +124,7 @@ def test_too_few_tokens_end_with_length_and_logprobs_stay_raw(llm):
         json=SCHEMA)), use_tqdm=False)[0].outputs[0]
     assert short.finish_reason == "length" and len(short.token_ids) == 3 and short.text.startswith("{")
     # logprobs are the model's raw ones: the forced tokens of the grammar are not all at probability 1
-    assert out.finish_reason == "stop" and min(lp[t] for lp, t in zip(out.logprobs, out.token_ids)) < -1.0
+    assert out.finish_reason == "stop" and min(lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)) < -1.0
 
 
 @pytest.mark.parametrize("kw, message", [
