@@ -117,14 +117,15 @@ def run(args: argparse.Namespace) -> None:
     else:
         result = workloads.smallbatch(llm)
     result.update(meta)
+    name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
     if args.compare:
+        report.write(result, args.out, name)  # our numbers are on disk even if a peer hangs and gets killed
         spec = (llm.engine.model.path, llm.config.load_format == "dummy", runner.device, runner.dtype)
         llm.shutdown()
         del llm, runner  # free the device for the HF model (the engine's memory goes with it)
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         _hf_compare(args, spec, result)
-    name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))
