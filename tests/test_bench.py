@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run_bench(tmp_path, *args):
@@ -88,3 +89,51 @@ def test_pipeline_report_goals_table_and_heatmap(tmp_path):
     assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "md", "png"]
     md = (tmp_path / "pipeline.md").read_text()
     assert md.count("| 1024 |") == 2 and "P6" in md and "missed" in md
+
+
+def test_latency_with_hf_compiled_peer(tmp_path):
+    """The gpt-fast peer (StaticCache decode loop) at each point, with its ratio to our step. On CPU it runs
+    eager (--hf-compile-mode none): the same StaticCache path without torch.compile's minutes of C++ builds."""
+    data, files = run_bench(tmp_path, "latency", "--batch-sizes", "2", "--context-lens", "12", "--compare",
+                            "hf-compiled", "--hf-compile-mode", "none")
+    peer = data["hf-compiled"]
+    assert "points" in peer, peer
+    (q,) = peer["points"]
+    assert (q["batch"], q["ctx"]) == (2, 12) and q["ms_per_step"] > 0, q
+    assert q["ours_over_peer"] == data["points"][0]["ms_per_step"] / q["ms_per_step"]
+    assert "hf-compiled" in (tmp_path / next(f for f in files if f.endswith(".md"))).read_text()
+
+
+def test_hf_decode_loop_is_greedy_generation():
+    """The peer's decode loop computes what HF's own greedy generate computes (so it times real work)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from splitserve.bench import hf
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    r = hf.hf_decode_latency(model, batch=2, ctx=10, compile_mode="none", iters=4, return_tokens=True)
+    prompt = r.pop("prompt")
+    x = torch.tensor(prompt)
+    want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8,
+                          do_sample=False, pad_token_id=0)[:, 10:].tolist()
+    assert [row[1:] for row in want] == r["tokens"]  # the loop feeds the prompt's last token again first
+
+
+def test_sampling_bench_modes_and_ratios(tmp_path):
+    data, files = run_bench(tmp_path, "sampling", "--sampling-batch", "4", "--prompt-len", "8", "--new-tokens",
+                            "6", "--modes", "penalties")
+    assert list(data["modes"]) == ["plain", "penalties"]  # plain always runs: the ratios' denominator
+    assert data["modes"]["plain"]["ratio_to_plain"] == 1.0 and data["modes"]["penalties"]["decode_tok_s"] > 0
+    assert data["goals"]["penalties"]["goal"] == 0.9 and "json" in data["pending_modes"]
+    assert any(f.endswith(".md") for f in files)
+
+
+@pytest.mark.parametrize("mode,message", [("json", "not supported yet"), ("bogus", "unknown sampling mode")])
+def test_sampling_bench_refuses_modes_it_cannot_run(tmp_path, mode, message):
+    res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "sampling", "--modes", "plain", mode,
+                          "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr and "supported: plain, penalties" in res.stderr
+    assert not list(tmp_path.iterdir())  # refused before any run

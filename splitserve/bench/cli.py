@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 
 import torch
 
@@ -12,11 +13,19 @@ def add_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="benchmarks: latency | throughput | smallbatch | serve (load on a running server) | "
                                 "pd (M1 serving simulation: colocated vs data-parallel vs prefill/decode split) | "
-                                "pipeline (M2/M3: plain decode graph vs pipelined splits vs the planner)")
-    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd", "pipeline"])
+                                "pipeline (M2/M3: plain decode graph vs pipelined splits vs the planner) | "
+                                "sampling (decode tok/s with penalties etc. against plain sampling)")
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd", "pipeline",
+                                            "sampling"])
     bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
                                                      "llama3-8b (instead of --model)")
-    bench.add_argument("--compare", choices=["hf"], default=None, help="run HF transformers in the same run")
+    bench.add_argument("--compare", nargs="+", choices=["hf", "hf-compiled"], default=[],
+                       help="peers run in the same process after our run: hf (transformers' static-cache "
+                            "generate as it comes), hf-compiled (StaticCache + torch.compile reduce-overhead, "
+                            "the gpt-fast recipe; latency and smallbatch)")
+    bench.add_argument("--hf-compile-mode", default="reduce-overhead",
+                       choices=["reduce-overhead", "default", "max-autotune", "none"],
+                       help="torch.compile mode of the hf-compiled peer; none: eager on the same StaticCache path")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for JSON, PNG and markdown")
     bench.add_argument("--name", default=None, help="file name stem (default: workload-model-device)")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
@@ -46,6 +55,13 @@ def add_parser(sub, add_engine_args) -> None:
     pipe.add_argument("--iters", type=int, default=10, help="graph replays timed per path and point")
     pipe.add_argument("--m3-batch", type=int, default=1024, help="batch of the growing-context (M3) run; 0: skip")
     pipe.add_argument("--m3-step", type=int, default=128, help="context growth per step of the M3 run")
+    samp = bench.add_argument_group("sampling (decode tok/s per sampling mode, ratio to plain, one run)")
+    samp.add_argument("--modes", nargs="+", default=["plain", "penalties"],
+                      help="plain (temperature 1, top_p 0.95), penalties (+ presence/frequency 0.5, repetition "
+                           "1.1, a small logit_bias); json is listed but not available yet")
+    samp.add_argument("--sampling-batch", type=int, default=64)
+    samp.add_argument("--prompt-len", type=int, default=256)
+    samp.add_argument("--new-tokens", type=int, default=256)
     add_engine_args(bench)
     bench.set_defaults(func=run)
 
@@ -69,11 +85,20 @@ def run(args: argparse.Namespace) -> None:
         return _run_pipeline(args)
     if args.workload == "pd":
         return _run_pd(args)
+    if args.workload == "sampling":
+        try:
+            workloads.check_sampling_modes(args.modes)
+        except ValueError as e:
+            raise SystemExit(f"splitserve bench sampling: {e}") from None
+    if "hf-compiled" in args.compare and args.workload not in ("latency", "smallbatch"):
+        raise SystemExit("--compare hf-compiled: only for the latency and smallbatch workloads")
     kwargs = engine_kwargs(args)
     model = args.model
     if args.shape:
         model = shape_folder(args.shape)
         kwargs.setdefault("load_format", "dummy")
+    if args.workload == "sampling":
+        kwargs.setdefault("max_num_seqs", args.sampling_batch)
     if args.workload == "latency":
         kwargs.setdefault("max_num_seqs", max(args.batch_sizes))
         kwargs.setdefault("max_model_len", max(args.context_lens) + 1)
@@ -87,12 +112,20 @@ def run(args: argparse.Namespace) -> None:
         result = workloads.latency(llm, args.batch_sizes, args.context_lens)
     elif args.workload == "throughput":
         result = workloads.throughput(llm, args.num_requests, tuple(args.input_range), tuple(args.output_range))
+    elif args.workload == "sampling":
+        result = workloads.sampling(llm, args.modes, args.sampling_batch, args.prompt_len, args.new_tokens)
     else:
         result = workloads.smallbatch(llm)
     result.update(meta)
-    if args.compare == "hf":
-        result["hf"] = _hf_compare(args, llm, result)
     name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
+    if args.compare:
+        report.write(result, args.out, name)  # our numbers are on disk even if a peer hangs and gets killed
+        spec = (llm.engine.model.path, llm.config.load_format == "dummy", runner.device, runner.dtype)
+        llm.shutdown()
+        del llm, runner  # free the device for the HF model (the engine's memory goes with it)
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        _hf_compare(args, spec, result)
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))
@@ -142,29 +175,57 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     print(report.markdown(result))
 
 
-def _hf_compare(args, llm, result) -> dict:
+def _hf_compare(args, spec, result) -> None:
+    """Each peer of `--compare` into result[peer], with its ratios to our numbers of this run; a peer failing
+    records its error and keeps our numbers."""
+    from splitserve.bench import hf
+
+    folder, random_weights, device, dtype = spec
+    try:
+        model = hf.hf_model(folder, device, dtype, random_weights)
+    except Exception as e:
+        for peer in args.compare:
+            result[peer] = {"error": f"{type(e).__name__}: {e}"}
+        return
+    for peer in args.compare:
+        try:
+            result[peer] = _one_peer(args, peer, model, result)
+        except Exception as e:  # the baseline failing must not lose our own numbers
+            result[peer] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def _one_peer(args, peer, model, result) -> dict:
     import numpy as np
 
     from splitserve.bench import hf, workloads
 
-    runner = llm.engine.core.runner
-    folder, random_weights = llm.engine.model.path, llm.config.load_format == "dummy"
-    del llm  # free the GPU for the HF model (the engine's memory goes with it)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    try:
-        model = hf.hf_model(folder, runner.device, runner.dtype, random_weights)
-        del runner
-        if args.workload == "smallbatch":
-            rng = np.random.default_rng(0)
-            prompts = [rng.integers(0, model.config.vocab_size, result["prompt_len"]).tolist()
-                       for _ in range(result["num_prompts"])]
-            return hf.hf_smallbatch(model, prompts, result["new_tokens"])
-        if args.workload == "throughput":
-            n = min(args.hf_requests, result["num_requests"])
-            prompts, _ = workloads.random_requests(result["num_requests"], tuple(args.input_range),
-                                                   tuple(args.output_range), model.config.vocab_size)
-            mean_out = int(round(np.mean(result["requests"]["output_lens"])))
-            return hf.hf_throughput(model, prompts[:n], mean_out)
-        return {"error": "no HF baseline for the latency workload"}
-    except Exception as e:  # the baseline failing must not lose our own numbers
-        return {"error": f"{type(e).__name__}: {e}"}
+    mode = args.hf_compile_mode if peer == "hf-compiled" else None
+    if args.workload == "smallbatch":
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, model.config.vocab_size, result["prompt_len"]).tolist()
+                   for _ in range(result["num_prompts"])]
+        r = hf.hf_smallbatch(model, prompts, result["new_tokens"], mode)
+        r["ours_over_peer"] = result["decode_tok_s"] / r["decode_tok_s"]  # tok/s: > 1 = splitserve faster
+        return r
+    if args.workload == "throughput" and peer == "hf":
+        n = min(args.hf_requests, result["num_requests"])
+        prompts, _ = workloads.random_requests(result["num_requests"], tuple(args.input_range),
+                                               tuple(args.output_range), model.config.vocab_size)
+        mean_out = int(round(np.mean(result["requests"]["output_lens"])))
+        return hf.hf_throughput(model, prompts[:n], mean_out)
+    if args.workload == "latency" and peer == "hf-compiled":
+        points = []
+        for p in result["points"]:
+            if "ms_per_step" not in p:
+                continue
+            try:
+                q = hf.hf_decode_latency(model, p["batch"], p["ctx"], mode)
+            except Exception as e:  # e.g. out of memory at one point: keep the others
+                points.append({"batch": p["batch"], "ctx": p["ctx"], "error": f"{type(e).__name__}: {e}"})
+                continue
+            q["ours_over_peer"] = p["ms_per_step"] / q["ms_per_step"]  # step time: < 1 = splitserve faster
+            q["speedup"] = q["ms_per_step"] / p["ms_per_step"]
+            points.append(q)
+        return {"impl": f"hf StaticCache decode step + compile ({mode}, fullgraph)", "compile_mode": mode,
+                "points": points}
+    return {"error": f"no {peer} baseline for the {args.workload} workload"}

@@ -41,15 +41,58 @@ def markdown(r: dict) -> str:
                 gpu = f"{p['graph_gpu_ms']:.3f}" if "graph_gpu_ms" in p else "-"
                 lines.append(f"| {p['batch']} | {p['ctx']} | {p['ms_per_step']:.3f} | {p['tok_s']:.0f} | {roof} "
                              f"| {p['graph']} | {gpu} |\n")
-        return "".join(lines)
+        return "".join(lines) + latency_peers(r)
+    if r["workload"] == "sampling":
+        return head + sampling_table(r)
     key = "output_tok_s" if r["workload"] == "throughput" else "decode_tok_s"
-    lines = [head, "| engine | tok/s |\n|---|---|\n", f"| splitserve | {r[key]:.0f} |\n"]
-    hf = r.get("hf")
-    if hf and key in hf:
-        lines.append(f"| {hf['impl']} | {hf[key]:.0f} |\n")
-        lines.append(f"\nsplitserve ÷ HF = **{r[key] / hf[key]:.1f}×** (same run, same device)\n")
-    elif hf:
-        lines.append(f"| HF | failed: {hf.get('error')} |\n")
+    lines = [head, "| engine | tok/s | compile s |\n|---|---|---|\n", f"| splitserve | {r[key]:.0f} | |\n"]
+    ratios = []
+    for peer in PEERS:
+        hf = r.get(peer)
+        if hf and key in hf:
+            comp = f"{hf['compile_s']:.1f}" if "compile_s" in hf else ""
+            lines.append(f"| {peer}: {hf['impl']} | {hf[key]:.0f} | {comp} |\n")
+            ratios.append(f"splitserve ÷ {peer} = **{r[key] / hf[key]:.2f}×**")
+        elif hf:
+            lines.append(f"| {peer} | failed: {hf.get('error')} | |\n")
+    if ratios:
+        lines.append(f"\n{'; '.join(ratios)} (tok/s, same run, same device)\n")
+    return "".join(lines)
+
+
+PEERS = ("hf", "hf-compiled")
+
+
+def latency_peers(r: dict) -> str:
+    peer = r.get("hf-compiled")
+    if not peer:
+        return ""
+    if "points" not in peer:
+        return f"\nhf-compiled failed: {peer.get('error')}\n"
+    ours = {(p["batch"], p["ctx"]): p for p in r["points"] if "ms_per_step" in p}
+    lines = [f"\nPeer in the same run: {peer['impl']}.\n\n",
+             "| batch | ctx | splitserve ms | hf-compiled ms | ours ÷ peer (time) | speedup | peer compile s |\n",
+             "|---|---|---|---|---|---|---|\n"]
+    for q in peer["points"]:
+        mine = ours.get((q["batch"], q["ctx"]), {}).get("ms_per_step")
+        if "error" in q:
+            lines.append(f"| {q['batch']} | {q['ctx']} | {mine:.3f} | failed: {q['error'][:80]} | | | |\n")
+        else:
+            lines.append(f"| {q['batch']} | {q['ctx']} | {mine:.3f} | {q['ms_per_step']:.3f} | "
+                         f"{q['ours_over_peer']:.2f} | **{q['speedup']:.2f}×** | {q['compile_s']:.1f} |\n")
+    return "".join(lines)
+
+
+def sampling_table(r: dict) -> str:
+    lines = [f"Batch {r['batch']}, prompts of {r['prompt_len']} tokens, {r['new_tokens']} new tokens each "
+             f"(ignore_eos); decode tok/s per mode, ratio to plain sampling of the same run.\n\n",
+             "| mode | decode tok/s | ÷ plain | goal |\n|---|---|---|---|\n"]
+    for mode, m in r["modes"].items():
+        g = r["goals"].get(mode)
+        goal = "" if g is None else f"≥ {g['goal']}: {'met' if g['met'] else 'missed'}"
+        lines.append(f"| {mode} | {m['decode_tok_s']:.0f} | {m['ratio_to_plain']:.3f} | {goal} |\n")
+    if r.get("pending_modes"):
+        lines.append(f"\nNot measured (not available in this build): {', '.join(r['pending_modes'])}.\n")
     return "".join(lines)
 
 
@@ -143,11 +186,15 @@ def plot(r: dict, path: str) -> None:
         ax.legend(fontsize=8)
     else:
         key = "output_tok_s" if r["workload"] == "throughput" else "decode_tok_s"
-        names, values = ["splitserve"], [r[key]]
-        if r.get("hf") and key in r["hf"]:
-            names.append("HF transformers")
-            values.append(r["hf"][key])
-        ax.bar(names, values, color=["tab:blue", "tab:gray"][: len(names)])
+        if r["workload"] == "sampling":
+            names, values = list(r["modes"]), [m["decode_tok_s"] for m in r["modes"].values()]
+        else:
+            names, values = ["splitserve"], [r[key]]
+            for peer in PEERS:
+                if r.get(peer) and key in r[peer]:
+                    names.append(peer)
+                    values.append(r[peer][key])
+        ax.bar(names, values, color=["tab:blue", "tab:gray", "tab:olive", "tab:orange"][: len(names)])
         ax.set_ylabel("tok/s")
     ax.set_title(f"{r['workload']}: {r.get('model')} on {r.get('device')}")
     fig.tight_layout()

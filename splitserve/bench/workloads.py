@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from splitserve.bench.timing import median_time
 from splitserve.sampling_params import SamplingParams
 from splitserve.worker.decode_graphs import PLAIN
 from splitserve.worker.inputs import fake_batch
@@ -54,14 +55,8 @@ def latency(llm, batch_sizes: list[int], context_lens: list[int], iters: int = 2
             points.append({"batch": batch, "ctx": ctx, "skipped": "does not fit the KV cache"})
             continue
         step = fake_batch(batch, ctx, bs, runner.num_kv_blocks)
-        for _ in range(3):
-            runner.execute(step)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            runner.execute(step)  # ends in a device sync (sampled tokens to host)
-            times.append(time.perf_counter() - t0)
-        step_s = float(np.median(times))
+        # one step ends in a device sync anyway (sampled tokens to host)
+        step_s = median_time(lambda step=step: runner.execute(step), runner.device, iters, warmup=3)
         bucket = runner.graphs.bucket_for(batch) if runner.graphs is not None else None
         point = {"batch": batch, "ctx": ctx, "ms_per_step": step_s * 1e3, "tok_s": batch / step_s,
                  "graph": bucket is not None}
@@ -114,3 +109,57 @@ def smallbatch(llm, num_prompts: int = 4, prompt_len: int = 32, new_tokens: int 
     return {"workload": "smallbatch", "num_prompts": num_prompts, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_s": last - first, "decode_tok_s": decode_tokens / (last - first),
             "ttft_s": max(o.metrics.time_to_first_token for o in outs)}
+
+
+# ---- sampling: decode tok/s with the logit processors on, against plain sampling in the same run ----
+def _plain(n: int) -> SamplingParams:
+    return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True)
+
+
+def _penalties(n: int) -> SamplingParams:
+    return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True, presence_penalty=0.5,
+                          frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={11: 1.0, 13: -1.0, 198: 0.5})
+
+
+# The modes `bench sampling` runs: name -> SamplingParams for a fixed output length (no EOS).
+# >>> The JSON-schema mode plugs in HERE (one entry) once structured outputs land:
+#     "json": SamplingParams(..., structured_outputs=StructuredOutputsParams(json=SCHEMA)) with a schema that
+#     cannot close before max_tokens (e.g. an unbounded array of strings), so the output length stays fixed.
+#     Until then it is in PENDING_MODES and asking for it is an error, never a silent plain run.
+SAMPLING_MODES = {"plain": _plain, "penalties": _penalties}
+PENDING_MODES = {"json": "JSON-schema mode needs structured outputs (SamplingParams(structured_outputs="
+                         "StructuredOutputsParams(json=...))), not in this build yet"}
+
+
+def check_sampling_modes(modes: list[str]) -> list[str]:
+    """The modes to run, plain first (the ratios' denominator); ValueError naming any it cannot run."""
+    for m in modes:
+        if m in PENDING_MODES:
+            raise ValueError(f"sampling mode {m!r} is not supported yet: {PENDING_MODES[m]}; "
+                             f"supported: {', '.join(SAMPLING_MODES)}")
+        if m not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {m!r}; supported: {', '.join(SAMPLING_MODES)}")
+    return ["plain"] + [m for m in dict.fromkeys(modes) if m != "plain"]
+
+
+def sampling(llm, modes: list[str], batch: int = 64, prompt_len: int = 256, new_tokens: int = 256,
+             seed: int = 0, goal: float = 0.9) -> dict:
+    """Decode tok/s of one batch per mode (decode tokens / time from the last first token to the last token),
+    each mode warmed up first; ratio = mode ÷ plain of the same run."""
+    modes = check_sampling_modes(modes)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, llm.engine.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    out = {}
+    for mode in modes:
+        llm.generate(prompts, SAMPLING_MODES[mode](8), use_tqdm=False)  # warm up this mode's code path
+        outs = llm.generate(prompts, SAMPLING_MODES[mode](new_tokens), use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs), "fixed output length broken"
+        first = max(o.metrics.first_token_time for o in outs)
+        last = max(o.metrics.last_token_time for o in outs)
+        out[mode] = {"decode_s": last - first, "decode_tok_s": batch * (new_tokens - 1) / (last - first)}
+    for r in out.values():
+        r["ratio_to_plain"] = r["decode_tok_s"] / out["plain"]["decode_tok_s"]
+    goals = {m: {"ratio": r["ratio_to_plain"], "goal": goal, "met": r["ratio_to_plain"] >= goal}
+             for m, r in out.items() if m != "plain"}
+    return {"workload": "sampling", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "modes": out, "goals": goals, "pending_modes": sorted(PENDING_MODES)}

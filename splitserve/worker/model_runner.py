@@ -26,6 +26,7 @@ from splitserve.outputs import Logprob
 from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
+from splitserve.worker.penalties import PenaltyState
 
 logger = logging.getLogger("splitserve")
 
@@ -122,6 +123,7 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         self.graphs: DecodeGraphs | None = None
         self.last_decode_path: DecodePath | None = None
+        self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
@@ -274,14 +276,14 @@ class ModelRunner:
             any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None, **penalties)
 
     def _penalty_tensors(self, seqs: list[Sequence]) -> dict:
-        """The logit processors' inputs, rebuilt every step from the sequences' token ids (no state kept on the
-        device, so preemption, recompute and a PD hand-over need nothing). The Python work is one pass over
-        the token ids of the rows that use a penalty; the [B, V] count / seen tensors are built on the device
-        by one scatter each."""
-        B, V, dev = len(seqs), self.vocab_size, self.device
+        """The logit processors' inputs for this step. logit_bias and the min_tokens mask are small lists built
+        here; the [B, V] seen / count tensors of the repetition, frequency and presence penalties come from the
+        runner's PenaltyState (worker/penalties.py), which scatters only the tokens added since the last step
+        and rebuilds a sequence's row from its token ids whenever it cannot show the row is current (new
+        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it."""
         out: dict = {"any_penalty": True}
         rows, ids, values, ban_rows, ban_ids = [], [], [], [], []
-        rep_rows, rep_ids, cnt_rows, cnt_ids = [], [], [], []
+        used, any_rep, any_count = [], False, False
         for r, seq in enumerate(seqs):
             p = seq.sampling_params
             if p.logit_bias:
@@ -292,13 +294,9 @@ class ModelRunner:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
                 ban_ids += stop_ids
-            if p.repetition_penalty != 1:
-                rep_rows.append(np.full(seq.num_tokens, r, dtype=np.int64))
-                rep_ids.append(np.asarray(seq.token_ids, dtype=np.int64))
-            if p.frequency_penalty != 0 or p.presence_penalty != 0:
-                out_ids = seq.output_token_ids
-                cnt_rows.append(np.full(len(out_ids), r, dtype=np.int64))
-                cnt_ids.append(np.asarray(out_ids, dtype=np.int64))
+            rep, count = p.repetition_penalty != 1, p.frequency_penalty != 0 or p.presence_penalty != 0
+            any_rep, any_count = any_rep or rep, any_count or count
+            used.append(rep or count)
         if rows:
             out["bias"] = (self._to_device(np.asarray(rows, dtype=np.int64)),
                            self._to_device(np.asarray(ids, dtype=np.int64)),
@@ -306,22 +304,19 @@ class ModelRunner:
         if ban_rows:
             out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
                              self._to_device(np.asarray(ban_ids, dtype=np.int64)))
-        if rep_rows:
-            flat = self._to_device(np.concatenate(rep_rows) * V + np.concatenate(rep_ids))
-            seen = torch.zeros(B * V, dtype=torch.bool, device=dev)
-            seen[flat] = True
-            out["seen"] = seen.view(B, V)
-            out["repetition"] = torch.tensor([s.sampling_params.repetition_penalty for s in seqs],
-                                             dtype=torch.float32).to(dev)
-        if cnt_rows:
-            flat = self._to_device(np.concatenate(cnt_rows) * V + np.concatenate(cnt_ids))
-            counts = torch.zeros(B * V, dtype=torch.float32, device=dev)
-            counts.scatter_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=dev))
-            out["counts"] = counts.view(B, V)
-            out["frequency"] = torch.tensor([s.sampling_params.frequency_penalty for s in seqs],
-                                            dtype=torch.float32).to(dev)
-            out["presence"] = torch.tensor([s.sampling_params.presence_penalty for s in seqs],
-                                           dtype=torch.float32).to(dev)
+        if any_rep or any_count:
+            state = getattr(self, "penalty_state", None)
+            if state is None:
+                state = self.penalty_state = PenaltyState(self.vocab_size, self.device)
+            seen, counts = state.rows_for(seqs, used, self._to_device)
+            factors = self._to_device(np.array([[s.sampling_params.repetition_penalty for s in seqs],
+                                                [s.sampling_params.frequency_penalty for s in seqs],
+                                                [s.sampling_params.presence_penalty for s in seqs]],
+                                               dtype=np.float32))
+            if any_rep:
+                out["seen"], out["repetition"] = seen, factors[0]
+            if any_count:
+                out["counts"], out["frequency"], out["presence"] = counts, factors[1], factors[2]
         return out
 
 

@@ -1,0 +1,29 @@
+"""The one timing helper of the benchmarks: wall time of a call that ends synchronized with the device."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    """(fn's result, seconds): the device is synchronized before the clock starts and before it stops."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def median_time(fn, device: torch.device, iters: int, warmup: int = 0) -> float:
+    """Median seconds of `iters` synchronized calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return float(np.median([timed(fn, device)[1] for _ in range(iters)]))
