@@ -58,7 +58,9 @@ def add_parser(sub, add_engine_args) -> None:
     samp = bench.add_argument_group("sampling (decode tok/s per sampling mode, ratio to plain, one run)")
     samp.add_argument("--modes", nargs="+", default=["plain", "penalties"],
                       help="plain (temperature 1, top_p 0.95), penalties (+ presence/frequency 0.5, repetition "
-                           "1.1, a small logit_bias); json is listed but not available yet")
+                           "1.1, a small logit_bias), json (+ a JSON schema; needs a tokenizer)")
+    samp.add_argument("--tokenizer", default=None, metavar="DIR",
+                      help="with --shape: a tokenizer folder to put beside the random weights (json mode)")
     samp.add_argument("--sampling-batch", type=int, default=64)
     samp.add_argument("--prompt-len", type=int, default=256)
     samp.add_argument("--new-tokens", type=int, default=256)
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> None:
     if args.workload == "sampling":
         try:
             workloads.check_sampling_modes(args.modes)
+            if "json" in args.modes and args.shape and not args.tokenizer:
+                raise ValueError("mode 'json' needs a tokenizer: give --tokenizer DIR with --shape")
         except ValueError as e:
             raise SystemExit(f"splitserve bench sampling: {e}") from None
     if "hf-compiled" in args.compare and args.workload not in ("latency", "smallbatch"):
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
     kwargs = engine_kwargs(args)
     model = args.model
     if args.shape:
-        model = shape_folder(args.shape)
+        model = shape_folder(args.shape, getattr(args, "tokenizer", None))
         kwargs.setdefault("load_format", "dummy")
     if args.workload == "sampling":
         kwargs.setdefault("max_num_seqs", args.sampling_batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from splitserve.models.loader import cache_dir
 
@@ -29,11 +30,19 @@ SHAPES = {
 }
 
 
-def shape_folder(name: str) -> str:
+def shape_folder(name: str, tokenizer: str | None = None) -> str:
+    """The shape's folder (config.json only), or with `tokenizer`: a folder that also holds the tokenizer files
+    of that folder (what structured outputs need; the model's vocabulary must be at least the tokenizer's)."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
-    folder = os.path.join(cache_dir(), "shapes", name)
+    folder = os.path.join(cache_dir(), "shapes", name if tokenizer is None else f"{name}+tokenizer")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(SHAPES[name], f, indent=1)
+    if tokenizer is not None:
+        if not os.path.isfile(os.path.join(tokenizer, "tokenizer_config.json")):
+            raise ValueError(f"--tokenizer {tokenizer!r}: not a tokenizer folder (no tokenizer_config.json)")
+        for entry in os.listdir(tokenizer):
+            if entry != "config.json" and not entry.endswith((".safetensors", ".bin", ".gguf")):
+                shutil.copy(os.path.join(tokenizer, entry), folder)
     return folder

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitserve.bench.timing import median_time
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
 from splitserve.worker.decode_graphs import PLAIN
 from splitserve.worker.inputs import fake_batch
 
@@ -112,31 +112,37 @@ def smallbatch(llm, num_prompts: int = 4, prompt_len: int = 32, new_tokens: int 
 
 
 # ---- sampling: decode tok/s with the logit processors on, against plain sampling in the same run ----
-def _plain(n: int) -> SamplingParams:
+def _plain(n: int, tokenizer) -> SamplingParams:
     return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True)
 
 
-def _penalties(n: int) -> SamplingParams:
+def _penalties(n: int, tokenizer) -> SamplingParams:
     return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True, presence_penalty=0.5,
                           frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={11: 1.0, 13: -1.0, 198: 0.5})
 
 
+JSON_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}},
+               "required": ["text", "n"]}
+
+
+def _json(n: int, tokenizer) -> SamplingParams:
+    """A JSON schema whose output cannot end before max_tokens, so the output length stays fixed: a bias makes
+    one letter the likeliest token (random weights would close the string at a random point), and the
+    grammar masks every step all the same. The bias adds the logit_bias path (one index_put) to this mode."""
+    if tokenizer is None:
+        raise ValueError("mode 'json' needs a tokenizer: give --tokenizer DIR with --shape, or a model folder")
+    letter = tokenizer.encode("a", add_special_tokens=False)[0]
+    return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True, logit_bias={letter: 30.0},
+                          structured_outputs=StructuredOutputsParams(json=JSON_SCHEMA))
+
+
 # The modes `bench sampling` runs: name -> SamplingParams for a fixed output length (no EOS).
-# >>> The JSON-schema mode plugs in HERE (one entry) once structured outputs land:
-#     "json": SamplingParams(..., structured_outputs=StructuredOutputsParams(json=SCHEMA)) with a schema that
-#     cannot close before max_tokens (e.g. an unbounded array of strings), so the output length stays fixed.
-#     Until then it is in PENDING_MODES and asking for it is an error, never a silent plain run.
-SAMPLING_MODES = {"plain": _plain, "penalties": _penalties}
-PENDING_MODES = {"json": "JSON-schema mode needs structured outputs (SamplingParams(structured_outputs="
-                         "StructuredOutputsParams(json=...))), not in this build yet"}
+SAMPLING_MODES = {"plain": _plain, "penalties": _penalties, "json": _json}
 
 
 def check_sampling_modes(modes: list[str]) -> list[str]:
     """The modes to run, plain first (the ratios' denominator); ValueError naming any it cannot run."""
     for m in modes:
-        if m in PENDING_MODES:
-            raise ValueError(f"sampling mode {m!r} is not supported yet: {PENDING_MODES[m]}; "
-                             f"supported: {', '.join(SAMPLING_MODES)}")
         if m not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {m!r}; supported: {', '.join(SAMPLING_MODES)}")
     return ["plain"] + [m for m in dict.fromkeys(modes) if m != "plain"]
@@ -149,10 +155,10 @@ def sampling(llm, modes: list[str], batch: int = 64, prompt_len: int = 256, new_
     modes = check_sampling_modes(modes)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, llm.engine.vocab_size, prompt_len).tolist() for _ in range(batch)]
-    out = {}
+    tokenizer, out = llm.get_tokenizer(), {}
     for mode in modes:
-        llm.generate(prompts, SAMPLING_MODES[mode](8), use_tqdm=False)  # warm up this mode's code path
-        outs = llm.generate(prompts, SAMPLING_MODES[mode](new_tokens), use_tqdm=False)
+        llm.generate(prompts, SAMPLING_MODES[mode](8, tokenizer), use_tqdm=False)  # warm up this mode's path
+        outs = llm.generate(prompts, SAMPLING_MODES[mode](new_tokens, tokenizer), use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs), "fixed output length broken"
         first = max(o.metrics.first_token_time for o in outs)
         last = max(o.metrics.last_token_time for o in outs)
@@ -162,4 +168,4 @@ def sampling(llm, modes: list[str], batch: int = 64, prompt_len: int = 256, new_
     goals = {m: {"ratio": r["ratio_to_plain"], "goal": goal, "met": r["ratio_to_plain"] >= goal}
              for m, r in out.items() if m != "plain"}
     return {"workload": "sampling", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "modes": out, "goals": goals, "pending_modes": sorted(PENDING_MODES)}
+            "modes": out, "goals": goals}
