@@ -423,3 +423,51 @@ def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
     assert (piped - plain).abs().max().item() < 1e-3 * plain.abs().max().item()
     assert torch.equal(runner.model.compute_logits(piped).argmax(-1), runner.model.compute_logits(plain).argmax(-1))
     assert len(events) == 2 * 2 * len(runner.model.layers)  # (attention, FFN) x micro-batches x layers
+
+
+def test_n_completions_fork_on_the_gpu_and_equal_their_seeds_single_requests(qwen3_06b):
+    """n > 1 on the CUDA path (graphs, the block copy of the fork on the device), fp32: each completion equals a
+    single request with its seed."""
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", kvcache_block_size=16)
+    prompt = random_prompts(1, 45, 45, seed=3, vocab=151936)[0]  # 44 = 2 full blocks + 12: the fork copies one
+    params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=24, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    singles = [llm.generate([prompt], SamplingParams(temperature=1.0, seed=11 + i, max_tokens=24, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids for i in range(4)]
+    assert [o.token_ids for o in out.outputs] == singles and len({tuple(s) for s in singles}) == 4
+    assert llm.stats()["kv_used_blocks"] == 0
+
+
+def test_structured_json_on_the_gpu(qwen3_06b, tmp_path):
+    """The grammar mask on the device (xgrammar's CUDA apply), Qwen's real vocabulary: every sample parses and
+    has the schema's shape. Needs a Qwen tokenizer folder in SPLITSERVE_TEST_QWEN_TOKENIZER (built offline by
+    scripts/grammar_backends.py --save-qwen-tokenizer)."""
+    import json
+    import shutil
+
+    from splitserve import StructuredOutputsParams
+
+    tok = os.environ.get("SPLITSERVE_TEST_QWEN_TOKENIZER")
+    if not tok:
+        pytest.skip("SPLITSERVE_TEST_QWEN_TOKENIZER is not set")
+    folder = tmp_path / "model"
+    shutil.copytree(qwen3_06b, folder)
+    for name in os.listdir(tok):
+        shutil.copy(os.path.join(tok, name), folder)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                                        "maxItems": 3}},
+              "required": ["name", "age", "tags"], "additionalProperties": False}
+    llm = LLM(str(folder), max_model_len=1024, gpu_memory_utilization=0.5)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=200,
+                             structured_outputs=StructuredOutputsParams(json=schema)) for i in range(32)]
+    plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate(["Give me a person as JSON:"] * 32 + ["Hello"], params + [plain], use_tqdm=False)
+    for o in outs[:32]:
+        value = json.loads(o.outputs[0].text)
+        assert o.outputs[0].finish_reason == "stop" and set(value) == {"name", "age", "tags"}
+        assert isinstance(value["age"], int) and 0 <= value["age"] <= 120 and len(value["name"]) <= 12
+        assert len(value["tags"]) <= 3 and set(value["tags"]) <= {"a", "b"}
+    alone = llm.generate(["Hello"], plain, use_tqdm=False)[0].outputs[0].token_ids
+    assert outs[32].outputs[0].token_ids == alone  # a plain row beside 32 grammar rows is untouched
