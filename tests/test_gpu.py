@@ -128,7 +128,7 @@ def test_fused_kernels_match_reference(dtype):
 @pytest.mark.parametrize("case", QKV_FUSED_CASES + [
     (37, 32, 8, 128, 16, True, 1.0),  # Qwen3-8B heads
     (300, 16, 8, 128, 32, True, 1.0),  # Qwen3-0.6B heads, a prefill chunk
-    (9, 32, 8, 128, 16, False, 8.0),  # Llama-3-8B heads, a scaled table
+    (9, 32, 8, 128, 16, False, 1.0),  # Llama-3-8B heads (its rope scaling changes frequencies, not magnitudes)
 ])
 def test_fused_qk_norm_rope_store_matches_reference(case, dtype):
     check_qkv_fused(*case, device="cuda", dtype=dtype)
