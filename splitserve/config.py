@@ -47,6 +47,9 @@ class EngineConfig:
     decode_attention_sm: int | None = None  # SMs of the attention partition (multiple of 8); None: planner
     decode_ffn_sm: int | None = None  # SMs of the FFN partition; None: the rest
     decode_pipeline_profiling: bool = False  # record per-step path, split and stage times
+    # Schedule and launch step N + 1 before reading step N's tokens back (vLLM v1's default). None: on where
+    # supported (the in-process core; PD workers step synchronously).
+    async_scheduling: bool | None = None
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args) -> EngineConfig:
@@ -101,6 +104,8 @@ class EngineConfig:
         check_sm_count("decode_ffn_sm", self.decode_ffn_sm)
         if (self.decode_attention_sm is not None or self.decode_ffn_sm is not None) and not self.enable_decode_pipeline:
             raise ValueError("decode_attention_sm / decode_ffn_sm need enable_decode_pipeline=True")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -240,5 +240,15 @@ class SamplingParams:
                 or self.min_tokens > 0 or self.logit_bias is not None)
 
     @property
+    def needs_sync_step(self) -> bool:
+        """The next step's sampling needs this request's last sampled token on the host, so the core resolves a
+        step that sampled it before scheduling the next one (no async overlap for that batch). The one place
+        for this rule: repetition / frequency / presence penalties read the token ids; logit_bias is constant
+        and min_tokens only counts tokens (placeholders count right), so those stay async. Structured output:
+        the grammar must see token N before masking N + 1."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or self.structured_outputs is not None)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

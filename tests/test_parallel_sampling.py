@@ -26,13 +26,13 @@ def llm(tiny_dir):
 def _count_computed_tokens(llm) -> list[int]:
     """Spy on the runner: the number of tokens each step computes (prefill chunks and decodes)."""
     runner, counts = llm.engine.core.runner, []
-    execute = runner.execute
+    launch = runner.launch
 
-    def counting(batch, *args):
+    def counting(batch, prev=None):
         counts.append(batch.num_tokens)
-        return execute(batch, *args)
+        return launch(batch, prev)
 
-    runner.execute = counting
+    runner.launch = counting
     return counts
 
 

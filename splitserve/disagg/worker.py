@@ -14,6 +14,7 @@ over torch.distributed (kv_transfer.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -124,8 +125,6 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _on_device(config: EngineConfig, device: str) -> EngineConfig:
-    import dataclasses
-
     return dataclasses.replace(config, device=device)
 
 
@@ -147,7 +146,9 @@ class _Worker:
     def __init__(self, config: EngineConfig, channel: Channel):
         self.channel = channel
         self.config = config
-        self.core = EngineCore(config, resolve_model_spec(config))
+        # Synchronous steps: the prefill worker detaches a sequence as soon as a step returns its first token,
+        # and the hand-over (token ids, generator state) needs that token resolved, with no step pending.
+        self.core = EngineCore(dataclasses.replace(config, async_scheduling=False), resolve_model_spec(config))
         self.kv_cache = self.core.runner.kv_cache
         self.num_transfers = 0
         self.transfer_bytes = 0

@@ -1,9 +1,9 @@
 """EngineCore: the scheduler and the model runner. Token ids in, token ids out; no text, no tokenizer.
 
-`step()` schedules, runs the model once and returns a `CoreOutput` per request that got a token. The core
-finishes a request on EOS, a stop token id, max_tokens, max_model_len or a completed grammar; everything
-textual is the front end's (engine.py). A structured-output request waits, unscheduled, until its grammar
-has compiled (structured_output.py). A PD worker (disagg/) runs one core each and moves sequences between them with
+`step()` schedules and launches one step, resolves the one before and returns a `CoreOutput` per request that
+got a token (async scheduling, see `step`). The core
+finishes a request on EOS, a stop token id, max_tokens or max_model_len; everything textual is the front
+end's (engine.py). A PD worker (disagg/) runs one core each and moves sequences between them with
 `detach` / `attach`.
 """
 
@@ -16,12 +16,12 @@ from collections.abc import Callable
 from splitserve.config import EngineConfig, ModelSpec
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
-from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.scheduler import ScheduledBatch, Scheduler
+from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from splitserve.engine.structured_output import StructuredOutputManager
 from splitserve.outputs import Logprob
 from splitserve.worker.decode_graphs import EAGER, PLAIN
-from splitserve.worker.model_runner import ModelRunner, make_generator, resolve_device
+from splitserve.worker.model_runner import LaunchedStep, ModelRunner, make_generator, resolve_device
 
 logger = logging.getLogger("splitserve")
 
@@ -56,6 +56,9 @@ class EngineCore:
         self.compiling: list[tuple[Sequence, Callable[[Sequence], None]]] = []  # (sequence, its admission)
         self.vocab_size = model.hf_config.vocab_size
         self.runner.eos_token_ids = tuple(model.eos_token_ids)  # min_tokens masks them in the sampler
+        # None: on (the in-process core, CUDA or CPU: same code; the CPU just has nothing to overlap).
+        self.async_scheduling = config.async_scheduling is not False
+        self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -126,10 +129,15 @@ class EngineCore:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.free_sequence(seq)
             else:
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq)  # its blocks may be in the pending step: safe, see _append
+        if self.pending is not None and not self.has_unfinished():
+            self._resolve()  # flush: every token it holds belongs to a request that has ended
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.compiling)
+        """Requests to schedule, or a pending step holding a token still to deliver."""
+        if self.scheduler.has_unfinished() or self.compiling:
+            return True
+        return self.pending is not None and any(self.requests.get(s.request_id) is s for s in self.pending.samplers)
 
     def shutdown(self) -> None:
         """Nothing to stop in-process but the grammar threads (the PD client stops its workers here)."""
@@ -138,7 +146,9 @@ class EngineCore:
 
     # ---- M1: a sequence moves from the prefill core to the decode core with its KV ----
     def detach(self, request_id: str) -> Sequence:
-        """Take a running sequence out of this core; its blocks stay allocated until `free_blocks`."""
+        """Take a running sequence out of this core; its blocks stay allocated until `free_blocks`. Only
+        between synchronous steps (PD workers), where no step is pending."""
+        assert self.pending is None, "detach needs a synchronous core (async_scheduling=False)"
         seq = self.requests.pop(request_id)
         self.scheduler.remove(seq)
         return seq
@@ -153,52 +163,91 @@ class EngineCore:
 
     # ---- one step ----
     def step(self) -> list[CoreOutput]:
-        failed = self._admit_compiled() if self.compiling else []
+        """Schedule and launch step N + 1, then resolve step N while the device runs N + 1; returns step N's
+        outputs (with async scheduling off: launch, then resolve the same step).
+
+        While N is pending, its sequences hold a placeholder token (sequence.PLACEHOLDER) and N + 1 reads their
+        input ids from N's token tensor on the device. Finishing on length is known at launch (such a sequence
+        is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
+        sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
+        Synchronous fallback, the one place: when step N sampled a sequence whose next sampling needs that
+        token on the host (`SamplingParams.needs_sync_step`), N resolves before N + 1 is scheduled."""
+        t0 = time.perf_counter()
+        outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
+        if self.pending is not None and self.pending.needs_sync:
+            outputs += self._resolve()
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        launched = self._launch(batch) if batch.seqs else None
+        if launched is None and self.pending is None:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the KV cache")
-            if self.compiling and not failed:
+            if self.compiling and not outputs:
                 self.structured.wait([seq.grammar for seq, _ in self.compiling], 0.01)
-            return failed
+            return outputs
+        outputs += self._resolve()  # step N; the device is already busy with N + 1
+        if launched is not None:
+            self.scheduler.register_blocks(launched.batch)  # after N: N + 1's inputs are real tokens now
+            self.pending = launched
+            if not self.async_scheduling or not self.scheduler.has_unfinished():
+                outputs += self._resolve()  # synchronous, or nothing left to overlap with: flush
+        elapsed = time.perf_counter() - t0
+        if launched is None or not launched.batch.is_decode:
+            self.prefill_time_s += elapsed  # steps that launched prefill tokens (or only resolved)
+        else:
+            self.decode_time_s += elapsed
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         now = time.time()
-        first = set()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-                first.add(seq.seq_id)
-        t0 = time.perf_counter()
         fill = None
         if self.structured is not None and any(seq.grammar is not None for seq in batch.seqs):
             fill = self._fill_grammar_bitmask
-        result = self.runner.execute(batch, fill)
-        elapsed = time.perf_counter() - t0
-        if batch.is_decode:
-            self.decode_time_s += elapsed
-        else:
-            self.prefill_time_s += elapsed  # steps that carry any prefill tokens
-        self.scheduler.complete_step(batch)
+        step = self.runner.launch(batch, self.pending, fill)
+        self.scheduler.advance(batch)
         self.num_steps += 1
-        if result.prompt_logprobs:
-            for seq in batch.seqs:
-                if seq.seq_id in result.prompt_logprobs:
-                    seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
-        sampled = [s for s, flag in zip(batch.seqs, result.samples) if flag]
-        logprobs = result.logprobs or [None] * len(sampled)
-        return failed + [self._append(seq, token, entry, seq.scheduled_time if seq.seq_id in first else None)
-                         for seq, token, entry in zip(sampled, result.tokens, logprobs)]
+        needs_sync, positions = False, step.positions
+        for seq in step.samplers:
+            pos = seq.num_tokens
+            positions.append(pos)
+            seq.token_ids.append(PLACEHOLDER)
+            needs_sync |= seq.needs_sync_step
+            if pos + 1 - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or pos + 1 >= self.max_model_len:
+                # Its last token: never scheduled again. It stays in self.requests until the token resolves.
+                self.scheduler.finish(seq)
+        step.needs_sync = needs_sync
+        return step
 
     def _fill_grammar_bitmask(self, seqs: list[Sequence]):
         return self.structured.fill_bitmask([seq.grammar for seq in seqs])
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None,
-                scheduled_time: float | None) -> CoreOutput:
+    def _resolve(self) -> list[CoreOutput]:
+        """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""
+        step, self.pending = self.pending, None
+        if step is None:
+            return []
+        result = self.runner.resolve(step)
+        if result.prompt_logprobs:
+            for seq in step.batch.seqs:
+                if seq.seq_id in result.prompt_logprobs and seq.prompt_logprobs is not None:
+                    seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
+        logprobs = result.logprobs or [None] * len(step.samplers)
+        outputs = []
+        for seq, pos, token, entry in zip(step.samplers, step.positions, result.tokens, logprobs):
+            seq.token_ids[pos] = token
+            if self.requests.get(seq.request_id) is seq:  # else finished or aborted meanwhile: dropped
+                outputs.append(self._append(seq, pos, token, entry))
+        return outputs
+
+    def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None) -> CoreOutput:
         params = seq.sampling_params
-        seq.token_ids.append(token)
+        num_output = pos + 1 - seq.num_prompt_tokens  # a later step's placeholder may follow it already
         prompt_logprobs = None
-        if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
+        if seq.prompt_logprobs is not None and num_output == 1:
             prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
-        may_stop = seq.num_output_tokens > params.min_tokens  # the sampler masks EOS / stop ids until then
+        may_stop = num_output > params.min_tokens  # the sampler masks EOS / stop ids until then
         matcher = seq.grammar.matcher if seq.grammar is not None else None
         if matcher is not None and not matcher.accept_token(token):  # cannot happen under the mask; say so if it does
             logger.error("request %s: its grammar rejected the sampled token %d", seq.request_id, token)
@@ -209,14 +258,17 @@ class EngineCore:
             seq.finish_reason = "stop"
         elif may_stop and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
+        elif num_output >= params.max_tokens or pos + 1 >= self.max_model_len:
+            seq.finish_reason = "length"  # known at launch already (not scheduled since)
         if seq.finish_reason is not None:
+            # A step launched after this one may still write this sequence's KV into the blocks freed here. Safe:
+            # device work is stream-ordered, so whoever gets a block next writes (and reads) it after that step.
             seq.grammar = None
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return CoreOutput(seq.request_id, [token], None if logprobs is None else [logprobs], seq.finish_reason,
-                          seq.stop_reason, seq.num_cached_tokens, scheduled_time, prompt_logprobs)
+                          seq.stop_reason, seq.num_cached_tokens, seq.scheduled_time if num_output == 1 else None,
+                          prompt_logprobs)
 
     # ---- reporting ----
     def gauges(self) -> CoreGauges:
@@ -233,6 +285,7 @@ class EngineCore:
             "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": gauges.kv_usage,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "num_preemptions": gauges.num_preemptions, "num_steps": self.num_steps,
+            "async_scheduling": self.async_scheduling,
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": gauges.running, "waiting": gauges.waiting, "max_model_len": self.max_model_len,
             "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),

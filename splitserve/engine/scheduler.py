@@ -127,10 +127,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def complete_step(self, batch: ScheduledBatch) -> None:
-        """Record the KV now in the cache and publish full blocks for prefix caching."""
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch is launched: its KV is in the cache in stream order (later steps read it after this one),
+        so the next schedule may count on it."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+
+    def register_blocks(self, batch: ScheduledBatch) -> None:
+        """Publish full computed blocks for prefix caching. Only once the step before this batch has
+        resolved: the batch's inputs may be that step's placeholder tokens, and a hash must never include one."""
+        for seq in batch.seqs:
             self.block_manager.register_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:

@@ -19,6 +19,11 @@ class SequenceStatus(enum.Enum):
 
 _ids = count()
 
+# A sampled token not yet read back from the device (async scheduling): it holds the token's place in
+# `token_ids` so lengths, positions and block allocation are right; the next step's input for it is gathered
+# on the device (worker/model_runner.py), and the core writes the real id in when the step resolves.
+PLACEHOLDER = -1
+
 
 class Sequence:
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams, request_id: str | None = None,
@@ -42,6 +47,7 @@ class Sequence:
         self.fork_from: Sequence | None = None  # n > 1: the sibling whose prompt KV this one shares (scheduler)
         # prompt_logprobs: entries for prompt tokens 1.. as chunks compute them (handed out with the first token)
         self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
+        self.needs_sync_step = sampling_params.needs_sync_step  # cached: the core checks it every step
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -52,7 +52,7 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         rows, ids, values = st.bias
         logits = logits.index_put((rows, ids), values, accumulate=True)
     if st.banned is not None:
-        logits = logits.index_put(st.banned, torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put(st.banned, logits.new_full((), float("-inf")))  # a fill: no host copy
     if st.seen is not None:
         penalty = st.repetition[:, None]
         logits = torch.where(st.seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)

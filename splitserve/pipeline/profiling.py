@@ -32,24 +32,25 @@ class StepProfiler:
     def __init__(self, maxlen: int = 4096):
         self.records: deque = deque(maxlen=maxlen)
         self.totals: dict[str, dict] = {}
-        self._pending = None
+        self._started = None
+        self._pending: deque = deque()  # launched, not yet collected: with async scheduling up to two
 
     def start(self) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        self._pending = (start, end)
+        self._started = (start, end)
 
     def stop(self, **step) -> None:
         """After the replay was launched; the record is read in `collect`, once the step has synced."""
-        start, end = self._pending
+        start, end = self._started
         end.record()
-        self._pending = (start, end, step)
+        self._pending.append((start, end, step))
 
     def collect(self) -> None:
-        if self._pending is None or len(self._pending) != 3:
+        """The oldest launched record: the runner calls this once per profiled step, as it resolves, in order."""
+        if not self._pending:
             return
-        start, end, step = self._pending
-        self._pending = None
+        start, end, step = self._pending.popleft()
         stages = step.pop("stage_events", None)
         record = dict(step, step_ms=start.elapsed_time(end))
         if stages:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,16 @@ def pipeline_path(attention_sm: int, ffn_sm: int | None = None) -> DecodePath:
     return DecodePath("pipeline", attention_sm, ffn_sm)
 
 
+class _Stage:
+    """Pinned host mirrors of the static inputs, so one step's inputs travel in three copies."""
+
+    def __init__(self, max_num_seqs: int, width: int):
+        self.i64 = torch.zeros(3, max_num_seqs, dtype=torch.int64).pin_memory()
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32).pin_memory()
+        self.tables = torch.zeros(max_num_seqs, width, dtype=torch.int32).pin_memory()
+        self.copied = torch.cuda.Event()  # recorded after this set's copies; never recorded: done
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -86,9 +97,10 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
         self.query_start = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
-        self.stage_i64 = torch.zeros(3, max_num_seqs, dtype=torch.int64).pin_memory()
-        self.stage_seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32).pin_memory()
-        self.stage_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32).pin_memory()
+        # Two sets of staging buffers, taken in turn: with async scheduling, step N + 1's inputs are written on
+        # the host while step N's copies may still wait in the stream; each set's event marks its copies done.
+        self.stages = [_Stage(max_num_seqs, width) for _ in range(2)]
+        self.turn = 0
         self.i64[2].fill_(-1)
         self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         mem0 = self.free_memory()
@@ -159,23 +171,31 @@ class DecodeGraphs:
 
     def _load(self, host: dict[str, np.ndarray], num_seqs: int, bucket: int) -> None:
         """Copy one step's inputs into the static buffers (padding rows: token 0, no KV write, empty context)."""
-        i64 = self.stage_i64.numpy()
+        stage = self.stages[self.turn]
+        self.turn ^= 1
+        stage.copied.synchronize()  # its copies were enqueued two steps ago: done already, in practice
+        i64 = stage.i64.numpy()
         i64[:, num_seqs:bucket] = ((0,), (0,), (-1,))
         i64[0, :num_seqs], i64[1, :num_seqs], i64[2, :num_seqs] = (
             host["input_ids"], host["positions"], host["slot_mapping"])
-        lens = self.stage_seq_lens.numpy()
+        lens = stage.seq_lens.numpy()
         lens[num_seqs:bucket] = 0
         lens[:num_seqs] = host["seq_lens"]
         tables = host["block_tables"]
         width = tables.shape[1]
-        self.stage_tables.numpy()[:num_seqs, :width] = tables
-        self.i64[:, :bucket].copy_(self.stage_i64[:, :bucket], non_blocking=True)
-        self.seq_lens[:bucket].copy_(self.stage_seq_lens[:bucket], non_blocking=True)
-        self.tables[:num_seqs, :width].copy_(self.stage_tables[:num_seqs, :width], non_blocking=True)
+        stage.tables.numpy()[:num_seqs, :width] = tables
+        self.i64[:, :bucket].copy_(stage.i64[:, :bucket], non_blocking=True)
+        self.seq_lens[:bucket].copy_(stage.seq_lens[:bucket], non_blocking=True)
+        self.tables[:num_seqs, :width].copy_(stage.tables[:num_seqs, :width], non_blocking=True)
+        stage.copied.record()
 
-    def replay(self, host: dict[str, np.ndarray], num_seqs: int, path: DecodePath, bucket: int) -> torch.Tensor:
-        """Run one decode step; returns the final hidden states of the `num_seqs` real rows."""
+    def replay(self, host: dict[str, np.ndarray], num_seqs: int, path: DecodePath, bucket: int,
+               fill_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run one decode step; returns the final hidden states of the `num_seqs` real rows. `fill_ids` writes
+        the input ids that are still on the device (async scheduling) into the static input buffer."""
         self._load(host, num_seqs, bucket)
+        if fill_ids is not None:
+            fill_ids(self.i64[0, :num_seqs])
         g = self._graph(path, bucket, int(host["seq_lens"].max()))
         if self.profiler is not None:
             self.profiler.start()

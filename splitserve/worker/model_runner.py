@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from splitserve.config import EngineConfig
 from splitserve.engine.scheduler import ScheduledBatch
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import PLACEHOLDER, Sequence
 from splitserve.layers.attention import AttentionMetadata, make_backend
 from splitserve.layers.sampler import SamplingTensors, sample, token_logprobs
 from splitserve.models.llama import CausalLM
@@ -38,6 +39,31 @@ class StepOutput(NamedTuple):
     logprobs: list[dict[int, Logprob] | None] | None  # per sampled token, where its request asks for them
     samples: np.ndarray  # [num seqs] bool: which sequences sampled
     prompt_logprobs: dict[int, list[dict[int, Logprob]]]  # seq_id -> entries this step computed
+
+
+class TopK(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is enqueued: `resolve` waits for it and reads its results on the host. Every
+    device-to-host copy it needs is enqueued at launch, so resolving never waits for a later step's work."""
+    batch: ScheduledBatch
+    samples: np.ndarray  # [num seqs] bool: which sequences sample
+    samplers: list[Sequence]  # those sequences, in batch order
+    tokens: torch.Tensor | None  # [len(samplers)] int64 on the device: the next step's inputs gather from it
+    rows: dict[int, int]  # seq_id -> its row of `tokens`
+    host: list  # host copies, readable once `event` has passed: tokens, then logprob info (chosen, rank, top)
+    logprob_ks: list[int | None] | None  # per sampler, where any row asks for logprobs
+    prompt_parts: list[tuple[int, list[int], tuple, int]]  # (seq_id, targets, host info, k) per slice
+    event: torch.cuda.Event | None  # after the copies (None on CPU: copies are done at once)
+    profiled: bool  # a decode-graph replay recorded a profiler record (collected at resolve)
+    # The engine core's: where each sampler's placeholder sits in its token_ids, and whether the next step
+    # must wait for this one (SamplingParams.needs_sync_step).
+    positions: list[int] = field(default_factory=list)
+    needs_sync: bool = False
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "half": torch.float16, "float": torch.float32}  # vLLM's aliases (EngineConfig normalises them too)
@@ -176,27 +202,53 @@ class ModelRunner:
         return int(budget) // self.kv_block_bytes()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
+        return self._upload(torch.from_numpy(array))
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor to the device without waiting: through pinned memory (the caching host allocator keeps
+        the pinned block until the copy has run)."""
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy enqueued now, readable once the step's event has passed (pinned: the copy is async)."""
+        if self.device.type != "cuda":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def _info_to_host(self, info) -> tuple:
+        chosen, rank, top = info
+        top = None if top is None else TopK(self._to_host(top.values), self._to_host(top.indices))
+        return self._to_host(chosen), self._to_host(rank), top
+
     # ---- one step ----
-    @torch.no_grad()
     def execute(self, batch: ScheduledBatch, fill_grammar_bitmask: Callable | None = None) -> StepOutput:
-        """Run one step: the sampled tokens of the sequences that sample (in batch order) and their logprobs.
+        """Run one step synchronously (start-up profiling, benchmarks, scripts)."""
+        return self.resolve(self.launch(batch, None, fill_grammar_bitmask))
+
+    @torch.no_grad()
+    def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None,
+               fill_grammar_bitmask: Callable | None = None) -> LaunchedStep:
+        """Enqueue one step on the device: inputs, forward, sampling, and the copies of its results into pinned
+        host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
+        (sampled by `prev`, not resolved yet) are gathered from `prev`'s token tensor on the device.
         `fill_grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None;
-        called once the forward pass is launched, so on CUDA the host fills it while the device computes."""
+        called once the forward pass is launched, so on CUDA the host fills it while the device computes (the
+        core resolves the step before a grammar row's next one: its matcher has seen every token)."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         host = prepare_inputs(batch, self.block_size)
+        fill = self._pending_inputs(batch, host, prev)
         num_seqs = len(batch)
         choice = None
         if batch.is_decode and self.graphs is not None:  # M2/M3: plain or pipelined, and on which split
             choice = self.graphs.choose(num_seqs, float(host["seq_lens"].mean()))
         if choice is not None:
-            hidden = self.graphs.replay(host, num_seqs, *choice)
+            hidden = self.graphs.replay(host, num_seqs, *choice, fill_ids=fill)
             self.last_decode_path = choice[0]
         else:
             meta = AttentionMetadata(
@@ -208,37 +260,79 @@ class ModelRunner:
                 query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
             if batch.is_decode:
                 self.last_decode_path = EAGER
-            hidden = self.model(self._to_device(host["input_ids"]), self._to_device(host["positions"]), meta)
-        prompt_logprobs = {}
+            input_ids = self._to_device(host["input_ids"])
+            if fill is not None:
+                fill(input_ids)
+            hidden = self.model(input_ids, self._to_device(host["positions"]), meta)
+        profiled = choice is not None and self.graphs.profiler is not None
+        prompt_parts = []
         if any(seq.prompt_logprobs is not None for seq in batch.seqs):
-            prompt_logprobs = self._prompt_logprobs(batch, hidden, host["query_start_loc"])
+            prompt_parts = self._prompt_logprobs(batch, hidden, host["query_start_loc"])
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
-        if not samplers:
-            return StepOutput([], None, host["samples"], prompt_logprobs)
-        if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
-            hidden = hidden[self._to_device(host["logits_indices"])]
-        logits = self.model.compute_logits(hidden)
-        st = self._sampling_tensors(samplers)
-        grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
-        if grammar is not None:
-            bitmask, rows = grammar
-            st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
-            st.grammar_rows = None if len(rows) == len(samplers) else rows
-        tokens, logprob_info = sample(logits, st)
-        tokens = tokens.tolist()  # syncs: the step's events can be read now
-        if self.graphs is not None and self.graphs.profiler is not None:
+        tokens, out, ks = None, [], None
+        if samplers:
+            if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
+                hidden = hidden[self._to_device(host["logits_indices"])]
+            logits = self.model.compute_logits(hidden)
+            st = self._sampling_tensors(samplers)
+            grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
+            if grammar is not None:
+                bitmask, rows = grammar
+                st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
+                st.grammar_rows = None if len(rows) == len(samplers) else rows
+            tokens, logprob_info = sample(logits, st)
+            out.append(self._to_host(tokens))
+            if logprob_info is not None:
+                out += self._info_to_host(logprob_info)
+                ks = [s.sampling_params.logprobs for s in samplers]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return LaunchedStep(batch, host["samples"], samplers, tokens, {s.seq_id: i for i, s in enumerate(samplers)},
+                            out, ks, prompt_parts, event, profiled)
+
+    def resolve(self, step: LaunchedStep) -> StepOutput:
+        """Wait for a launched step (its event only: later steps keep running) and read its results."""
+        if step.event is not None:
+            step.event.synchronize()
+        if step.profiled:
             self.graphs.profiler.collect()
-        logprobs = None
-        if logprob_info is not None:
-            logprobs = logprob_entries(tokens, logprob_info, [s.sampling_params.logprobs for s in samplers])
-        return StepOutput(tokens, logprobs, host["samples"], prompt_logprobs)
+        prompt_logprobs: dict[int, list[dict[int, Logprob]]] = {}
+        for seq_id, targets, info, k in step.prompt_parts:
+            prompt_logprobs.setdefault(seq_id, []).extend(logprob_entries(targets, info, [k] * len(targets)))
+        if not step.samplers:
+            return StepOutput([], None, step.samples, prompt_logprobs)
+        tokens = step.host[0].tolist()
+        logprobs = None if step.logprob_ks is None else logprob_entries(tokens, step.host[1:], step.logprob_ks)
+        return StepOutput(tokens, logprobs, step.samples, prompt_logprobs)
+
+    def _pending_inputs(self, batch: ScheduledBatch, host: dict[str, np.ndarray],
+                        prev: LaunchedStep | None) -> Callable[[torch.Tensor], None] | None:
+        """A function writing the placeholder input ids (tokens `prev` sampled, still on the device) into a
+        device tensor of the step's input ids, or None when every input id is on the host. A placeholder is
+        always its row's only new token (a decode), so its token index is the row's start."""
+        holes = np.flatnonzero(host["input_ids"] == PLACEHOLDER)
+        if holes.size == 0:
+            return None
+        if prev is None or prev.tokens is None:
+            raise RuntimeError("a placeholder input token without the step that samples it")
+        rows = np.searchsorted(host["query_start_loc"][1:], holes, side="right")
+        src = np.fromiter((prev.rows[batch.seqs[r].seq_id] for r in rows), dtype=np.int64, count=rows.size)
+        k = holes.size
+        if holes[-1] == k - 1 and src[-1] == k - 1 and np.array_equal(src, holes):  # steady decode: same rows
+            return lambda ids: ids[:k].copy_(prev.tokens[:k])
+        dst_dev, src_dev = self._to_device(holes), self._to_device(src)
+        return lambda ids: ids.index_copy_(0, dst_dev, prev.tokens.index_select(0, src_dev))
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor,
-                         query_start_loc: np.ndarray) -> dict[int, list[dict[int, Logprob]]]:
-        """{seq_id: entries} for the prompt tokens this step's chunk predicts (position p predicts token p + 1),
-        for the sequences that ask for prompt logprobs. Positions already done (a recompute after preemption)
-        are skipped. Logits are taken a slice at a time: a whole chunk's [T, V] would be gigabytes."""
-        out = {}
+                         query_start_loc: np.ndarray) -> list[tuple[int, list[int], tuple, int]]:
+        """(seq_id, target ids, host logprob info, k) per slice of the prompt tokens this step's chunk predicts
+        (position p predicts token p + 1), for the sequences that ask for prompt logprobs; `resolve` turns them
+        into entries. Positions already done (a recompute after preemption) are skipped: those resolved before
+        this sequence was scheduled again. Logits are taken a slice at a time: a whole chunk's [T, V] would be
+        gigabytes."""
+        out = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             k = seq.sampling_params.prompt_logprobs
             first = max(seq.num_computed_tokens, len(seq.prompt_logprobs or ()))
@@ -246,14 +340,12 @@ class ModelRunner:
             if k is None or first >= last:
                 continue
             row0 = int(query_start_loc[i]) - seq.num_computed_tokens
-            entries = []
             for lo in range(first, last, PROMPT_LOGPROBS_SLICE):
                 hi = min(lo + PROMPT_LOGPROBS_SLICE, last)
                 logprobs = self.model.compute_logits(hidden[row0 + lo:row0 + hi]).float().log_softmax(dim=-1)
-                targets = seq.token_ids[lo + 1:hi + 1]
+                targets = seq.token_ids[lo + 1:hi + 1]  # prompt tokens: never a placeholder
                 info = token_logprobs(logprobs, self._to_device(np.asarray(targets, dtype=np.int64)), k)
-                entries += logprob_entries(targets, info, [k] * len(targets))
-            out[seq.seq_id] = entries
+                out.append((seq.seq_id, targets, self._info_to_host(info), k))
         return out
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
@@ -263,14 +355,14 @@ class ModelRunner:
         if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
             return SamplingTensors(None, None, None, None, [], True, False, False, False,
                                    max(want) if want else None, **penalties)
-        dev = self.device
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
         generators = [s.generator for s in seqs]  # made when the request entered the core
+        up = self._upload  # pinned: a pageable host-to-device copy may wait for the stream
         return SamplingTensors(
-            temperature=temperature.to(dev), top_k=top_k.to(dev), top_p=top_p.to(dev), min_p=min_p.to(dev),
+            temperature=up(temperature), top_k=up(top_k), top_p=up(top_p), min_p=up(min_p),
             generators=generators, all_greedy=all(p.temperature == 0 for p in params),
             any_top_k=any(p.top_k > 0 for p in params), any_top_p=any(p.top_p < 1 for p in params),
             any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None, **penalties)
