@@ -35,9 +35,9 @@ def _watch(llm: LLM) -> dict:
         seen["finished"].update(request_ids)
         return abort(request_ids)
 
-    def counting_launch(batch, prev=None):
+    def counting_launch(batch, prev=None, *args):
         seen["device_inputs"] += any(s.token_ids[s.num_computed_tokens] == PLACEHOLDER for s in batch.seqs)
-        return launch(batch, prev)
+        return launch(batch, prev, *args)
 
     def checked_penalties(seqs):  # the synchronous fallback: penalties always see real token ids
         seen["penalty_placeholders"] += any(PLACEHOLDER in s.token_ids for s in seqs

@@ -28,9 +28,9 @@ def _count_computed_tokens(llm) -> list[int]:
     runner, counts = llm.engine.core.runner, []
     launch = runner.launch
 
-    def counting(batch, prev=None):
+    def counting(batch, *args):
         counts.append(batch.num_tokens)
-        return launch(batch, prev)
+        return launch(batch, *args)
 
     runner.launch = counting
     return counts
