@@ -217,7 +217,9 @@ class EngineCore:
             if pos + 1 - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or pos + 1 >= self.max_model_len:
                 # Its last token: never scheduled again. It stays in self.requests until the token resolves.
                 self.scheduler.finish(seq)
-        step.needs_sync = needs_sync
+        # A profiled replay's stage events live in its graph: the next replay would re-record them before this
+        # step's times are read, so a profiled step resolves before the next one launches.
+        step.needs_sync = needs_sync or step.profiled
         return step
 
     def _fill_grammar_bitmask(self, seqs: list[Sequence]):
