@@ -241,8 +241,8 @@ class SamplingParams:
 
     @property
     def needs_sync_step(self) -> bool:
-        """The next step's sampling needs this request's last sampled token on the host, so the core resolves a
-        step that sampled it before scheduling the next one (no async overlap for that batch). The one place
+        """The next step's sampling needs this request's last sampled token on the host, so the core resolves the
+        step that sampled it inside the next launch, after the forward is enqueued. The one place
         for this rule: repetition / frequency / presence penalties read the token ids; logit_bias is constant
         and min_tokens only counts tokens (placeholders count right), so those stay async. Structured output:
         the grammar must see token N before masking N + 1."""

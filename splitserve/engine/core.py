@@ -170,14 +170,15 @@ class EngineCore:
         input ids from N's token tensor on the device. Finishing on length is known at launch (such a sequence
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
-        Synchronous fallback, the one place: when step N sampled a sequence whose next sampling needs that
-        token on the host (`SamplingParams.needs_sync_step`), N resolves before N + 1 is scheduled."""
+        Where N + 1's sampling needs N's tokens on the host (`SamplingParams.needs_sync_step`: penalties,
+        grammars), N resolves inside N + 1's launch, after its forward is enqueued (`_launch`). A profiled
+        pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
         if self.pending is not None and self.pending.needs_sync:
             outputs += self._resolve()
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if batch.seqs else None
+        launched = self._launch(batch, outputs) if batch.seqs else None
         if launched is None and self.pending is None:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the KV cache")
@@ -197,7 +198,10 @@ class EngineCore:
             self.decode_time_s += elapsed
         return outputs
 
-    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+    def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
+        """Launch the batch. Where its sampling needs step N's tokens on the host (`needs_sync_step`: penalties
+        read token ids, a grammar must have seen them), N resolves inside the launch, once N + 1's forward is
+        enqueued: the host work still overlaps the device, and the sampling sees real tokens."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
@@ -205,21 +209,23 @@ class EngineCore:
         fill = None
         if self.structured is not None and any(seq.grammar is not None for seq in batch.seqs):
             fill = self._fill_grammar_bitmask
-        step = self.runner.launch(batch, self.pending, fill)
+        before_sampling = None
+        if self.pending is not None and any(seq.needs_sync_step for seq in batch.seqs):
+            before_sampling = lambda: outputs.extend(self._resolve())  # noqa: E731
+        step = self.runner.launch(batch, self.pending, fill, before_sampling)
         self.scheduler.advance(batch)
         self.num_steps += 1
-        needs_sync, positions = False, step.positions
+        positions = step.positions
         for seq in step.samplers:
             pos = seq.num_tokens
             positions.append(pos)
             seq.token_ids.append(PLACEHOLDER)
-            needs_sync |= seq.needs_sync_step
             if pos + 1 - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or pos + 1 >= self.max_model_len:
                 # Its last token: never scheduled again. It stays in self.requests until the token resolves.
                 self.scheduler.finish(seq)
         # A profiled replay's stage events live in its graph: the next replay would re-record them before this
         # step's times are read, so a profiled step resolves before the next one launches.
-        step.needs_sync = needs_sync or step.profiled
+        step.needs_sync = step.profiled
         return step
 
     def _fill_grammar_bitmask(self, seqs: list[Sequence]):

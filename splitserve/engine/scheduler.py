@@ -137,7 +137,8 @@ class Scheduler:
         """Publish full computed blocks for prefix caching. Only once the step before this batch has
         resolved: the batch's inputs may be that step's placeholder tokens, and a hash must never include one."""
         for seq in batch.seqs:
-            self.block_manager.register_full_blocks(seq)
+            if not seq.is_finished:  # a finished one gave its blocks back
+                self.block_manager.register_full_blocks(seq)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -60,8 +60,8 @@ class LaunchedStep:
     prompt_parts: list[tuple[int, list[int], tuple, int]]  # (seq_id, targets, host info, k) per slice
     event: torch.cuda.Event | None  # after the copies (None on CPU: copies are done at once)
     profiled: bool  # a decode-graph replay recorded a profiler record (collected at resolve)
-    # The engine core's: where each sampler's placeholder sits in its token_ids, and whether the next step
-    # must wait for this one (SamplingParams.needs_sync_step).
+    # The engine core's: where each sampler's placeholder sits in its token_ids, and whether this step must
+    # resolve before the next one launches (a profiled replay: its stage events live in the graph).
     positions: list[int] = field(default_factory=list)
     needs_sync: bool = False
 
@@ -231,13 +231,16 @@ class ModelRunner:
 
     @torch.no_grad()
     def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None,
-               fill_grammar_bitmask: Callable | None = None) -> LaunchedStep:
+               fill_grammar_bitmask: Callable | None = None,
+               before_sampling: Callable[[], None] | None = None) -> LaunchedStep:
         """Enqueue one step on the device: inputs, forward, sampling, and the copies of its results into pinned
         host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
         (sampled by `prev`, not resolved yet) are gathered from `prev`'s token tensor on the device.
         `fill_grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None;
         called once the forward pass is launched, so on CUDA the host fills it while the device computes (the
-        core resolves the step before a grammar row's next one: its matcher has seen every token)."""
+        core resolves the step before a grammar row's next one: its matcher has seen every token).
+        `before_sampling()`: called once the forward is enqueued, before the sampling inputs are built (the core
+        resolves `prev` there when the sampling needs its tokens on the host)."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -274,6 +277,8 @@ class ModelRunner:
             if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
                 hidden = hidden[self._to_device(host["logits_indices"])]
             logits = self.model.compute_logits(hidden)
+            if before_sampling is not None:
+                before_sampling()
             st = self._sampling_tensors(samplers)
             grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
             if grammar is not None:
