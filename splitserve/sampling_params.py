@@ -241,13 +241,11 @@ class SamplingParams:
 
     @property
     def needs_sync_step(self) -> bool:
-        """The next step's sampling needs this request's last sampled token on the host, so the core resolves the
-        step that sampled it inside the next launch, after the forward is enqueued. The one place
-        for this rule: repetition / frequency / presence penalties read the token ids; logit_bias is constant
-        and min_tokens only counts tokens (placeholders count right), so those stay async. Structured output:
-        the grammar must see token N before masking N + 1."""
-        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
-                or self.structured_outputs is not None)
+        """The next step's sampling needs this request's last sampled token on the host: a grammar must have
+        seen token N before it masks N + 1, so the core resolves step N inside N + 1's launch, once N + 1's
+        forward is enqueued. The one place for this rule. (Penalties do not need it: their counts take a
+        token still on the device from the previous step's tensor, worker/penalties.py.)"""
+        return self.structured_outputs is not None
 
     @property
     def greedy(self) -> bool:

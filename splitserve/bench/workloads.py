@@ -136,19 +136,21 @@ def _penalties(n: int, tokenizer) -> SamplingParams:
                           frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={11: 1.0, 13: -1.0, 198: 0.5})
 
 
-JSON_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 8}, "n": {"type": "integer"}},
+JSON_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}},
                "required": ["text", "n"]}
 
 
 def _json(n: int, tokenizer) -> SamplingParams:
     """A JSON schema whose output cannot end before max_tokens, so the output length stays fixed: a bias makes
     one letter the likeliest token inside the string (random weights would close it at a random point), and
-    minLength keeps a first token that opens the string (`"[` ...) from closing it at once (`""`); the grammar
-    masks every step all the same. The bias adds the logit_bias path (one index_put) to this mode."""
+    the tokens holding two quotes (`""`, ` "x"`: open and close at once) are banned; the grammar masks every
+    step all the same. The biases add the logit_bias path (one index_put) to this mode."""
     if tokenizer is None:
         raise ValueError("mode 'json' needs a tokenizer: give --tokenizer DIR with --shape, or a model folder")
     letter = tokenizer.encode("a", add_special_tokens=False)[0]
-    return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True, logit_bias={letter: 30.0},
+    bias = {i: -100.0 for i in range(len(tokenizer)) if tokenizer.decode([i]).count('"') >= 2}
+    return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True,
+                          logit_bias={**dict(list(bias.items())[:1023]), letter: 30.0},
                           structured_outputs=StructuredOutputsParams(json=JSON_SCHEMA))
 
 

@@ -279,7 +279,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
             if before_sampling is not None:
                 before_sampling()
-            st = self._sampling_tensors(samplers)
+            st = self._sampling_tensors(samplers, prev)
             grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
             if grammar is not None:
                 bitmask, rows = grammar
@@ -353,10 +353,10 @@ class ModelRunner:
                 out.append((seq.seq_id, targets, self._info_to_host(info), k))
         return out
 
-    def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+    def _sampling_tensors(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
         want = [p.logprobs for p in params if p.logprobs is not None]
-        penalties = self._penalty_tensors(seqs) if any(p.has_penalties for p in params) else {}
+        penalties = self._penalty_tensors(seqs, prev) if any(p.has_penalties for p in params) else {}
         if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
             return SamplingTensors(None, None, None, None, [], True, False, False, False,
                                    max(want) if want else None, **penalties)
@@ -372,7 +372,7 @@ class ModelRunner:
             any_top_k=any(p.top_k > 0 for p in params), any_top_p=any(p.top_p < 1 for p in params),
             any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None, **penalties)
 
-    def _penalty_tensors(self, seqs: list[Sequence]) -> dict:
+    def _penalty_tensors(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> dict:
         """The logit processors' inputs for this step. logit_bias and the min_tokens mask are small lists built
         here; the [B, V] seen / count tensors of the repetition, frequency and presence penalties come from the
         runner's PenaltyState (worker/penalties.py), which scatters only the tokens added since the last step
@@ -405,7 +405,8 @@ class ModelRunner:
             state = getattr(self, "penalty_state", None)
             if state is None:
                 state = self.penalty_state = PenaltyState(self.vocab_size, self.device)
-            seen, counts = state.rows_for(seqs, used, self._to_device)
+            pending = None if prev is None else (prev.tokens, prev.rows)
+            seen, counts = state.rows_for(seqs, used, self._to_device, pending)
             factors = self._to_device(np.array([[s.sampling_params.repetition_penalty for s in seqs],
                                                 [s.sampling_params.frequency_penalty for s in seqs],
                                                 [s.sampling_params.presence_penalty for s in seqs]],

@@ -15,6 +15,9 @@ sequence's token ids, and it is rebuilt from those ids whenever it cannot be sho
 - preemption (recompute) keeps the token ids, so the row stays valid; a row whose sequence is not in the
   current batch (finished, aborted, preempted, moved away) may be reclaimed when rows run out, and is
   rebuilt if that sequence comes back.
+Async scheduling: a sequence's last token may still be a placeholder (the previous step's sample, not on the
+host yet). Its row takes that token from the previous step's token tensor, on the device, so penalties never
+make the host wait.
 Row 0 stays all zero: batch rows without a count-based penalty read it.
 """
 
@@ -24,6 +27,8 @@ import weakref
 
 import numpy as np
 import torch
+
+from splitserve.engine.sequence import PLACEHOLDER
 
 
 class _Entry:
@@ -68,16 +73,19 @@ class PenaltyState:
             self._grow(max(need + 1, 2 * self.num_rows))
         return self.free.pop()
 
-    def rows_for(self, seqs: list, used: list[bool], to_device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_for(self, seqs: list, used: list[bool], to_device,
+                 pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Bring the rows of `seqs[i]` with `used[i]` up to date; returns ([B, V] seen, [B, V] counts) for the
         batch (row 0, all zero, for the others): a view of the slab when the rows are consecutive, else a
-        gather."""
+        gather. `pending`: the previous step's (sampled tokens on the device, seq_id -> its index), for a
+        last token that is still a placeholder."""
         V = self.vocab_size
         live = {id(s) for s, u in zip(seqs, used) if u}
         if self.num_rows < len(live) + 1:
             self._grow(len(live) + 1)
         rows = np.zeros(len(seqs), dtype=np.int64)
         seen_idx, count_idx, reset = [], [], []
+        device_rows, device_src = [], []  # placeholders: (row, index into the pending step's tokens)
         for i, (seq, u) in enumerate(zip(seqs, used)):
             if not u:
                 continue
@@ -89,7 +97,7 @@ class PenaltyState:
                 e = self.entries[key] = _Entry(seq, row)
                 reset.append(row)
             elif (n < e.num_done or e.num_prompt != seq.num_prompt_tokens
-                  or (e.num_done and ids[e.num_done - 1] != e.last)):
+                  or (e.num_done and e.last != PLACEHOLDER and ids[e.num_done - 1] != e.last)):
                 e.num_done, e.num_prompt = 0, seq.num_prompt_tokens
                 reset.append(e.row)
             rows[i] = e.row
@@ -98,14 +106,18 @@ class PenaltyState:
                 continue
             if start == 0:
                 self.rebuilds += 1
-            base = e.row * V
-            if n - start == 1:  # decode: one new token (in the output once the prompt is in)
-                flat = base + ids[-1]
+            base, real = e.row * V, n
+            if ids[-1] == PLACEHOLDER:  # sampled by the pending step: an output token, on the device only
+                device_rows.append(e.row)
+                device_src.append(pending[1][seq.seq_id])
+                real = n - 1
+            if real - start == 1:  # decode: one new token (in the output once the prompt is in)
+                flat = base + ids[real - 1]
                 seen_idx.append(flat)
                 if start >= e.num_prompt:
                     count_idx.append(flat)
-            else:
-                new = np.asarray(ids[start:], dtype=np.int64) + base
+            elif real > start:
+                new = np.asarray(ids[start:real], dtype=np.int64) + base
                 seen_idx.extend(new.tolist())
                 out_from = max(e.num_prompt - start, 0)
                 count_idx.extend(new[out_from:].tolist())
@@ -120,6 +132,11 @@ class PenaltyState:
             if count_idx:
                 c = packed[len(seen_idx):]
                 self.counts.view(-1).index_add_(0, c, torch.ones(c.shape, dtype=torch.float32, device=self.device))
+        if device_rows:
+            rows_src = to_device(np.asarray([device_rows, device_src], dtype=np.int64))
+            flat = rows_src[0] * V + pending[0][rows_src[1]]
+            self.seen.view(-1)[flat] = True
+            self.counts.view(-1).index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
         first = int(rows[0])
         if first > 0 and np.array_equal(rows, np.arange(first, first + len(rows))):
             return self.seen[first: first + len(rows)], self.counts[first: first + len(rows)]
