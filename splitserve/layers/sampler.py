@@ -49,8 +49,8 @@ class SamplingTensors:
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """The processed logits (a new tensor; `logits` is left as it is)."""
     if st.bias is not None:
-        rows, ids, values = st.bias
-        logits = logits.index_put((rows, ids), values, accumulate=True)
+        rows, ids, values = st.bias  # (row, id) pairs are unique: a gather and a plain scatter, no sort
+        logits = logits.index_put((rows, ids), logits[rows, ids] + values)
     if st.banned is not None:
         logits = logits.index_put(st.banned, logits.new_full((), float("-inf")))  # a fill: no host copy
     if st.seen is not None:

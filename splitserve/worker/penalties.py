@@ -124,18 +124,18 @@ class PenaltyState:
             e.num_done, e.last = n, ids[-1]
         if reset:
             r = to_device(np.asarray(reset, dtype=np.int64))
-            self.seen[r] = False
-            self.counts[r] = 0
+            self.seen.index_fill_(0, r, False)  # fills, not `[r] = 0`: a Python value set by index is copied
+            self.counts.index_fill_(0, r, 0.0)  # from pageable host memory, which waits for the whole stream
         if seen_idx:
             packed = to_device(np.asarray(seen_idx + count_idx, dtype=np.int64))
-            self.seen.view(-1)[packed[: len(seen_idx)]] = True
+            self.seen.view(-1).index_fill_(0, packed[: len(seen_idx)], True)
             if count_idx:
                 c = packed[len(seen_idx):]
                 self.counts.view(-1).index_add_(0, c, torch.ones(c.shape, dtype=torch.float32, device=self.device))
         if device_rows:
             rows_src = to_device(np.asarray([device_rows, device_src], dtype=np.int64))
             flat = rows_src[0] * V + pending[0][rows_src[1]]
-            self.seen.view(-1)[flat] = True
+            self.seen.view(-1).index_fill_(0, flat, True)
             self.counts.view(-1).index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
         first = int(rows[0])
         if first > 0 and np.array_equal(rows, np.arange(first, first + len(rows))):
