@@ -3,7 +3,7 @@
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
 them. Variants: off (the layout before), fused_qkv (q/k-norm + rotary + KV store in one kernel),
-single_split (one-split graphs for short contexts: no split-K merge launch), both, and off again last (the
+and off again last (the
 drift of the run). Each variant also counts the kernels one graph replay launches, per point.
 Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,18 +22,16 @@ from splitserve.bench import workloads
 from splitserve.bench.shapes import shape_folder
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
-# name -> (SPLITSERVE_FUSED_QKV, SPLITSERVE_SINGLE_SPLIT_GRAPHS)
-VARIANTS = [("off", False, False), ("fused_qkv", True, False), ("single_split", False, True),
-            ("both", True, True), ("off_again", False, False)]
+# name -> SPLITSERVE_FUSED_QKV (the one-split graphs were measured on 2026-11-30, gained nothing, and are gone)
+VARIANTS = [("off", False), ("fused_qkv", True), ("off_again", False)]
 
 
-def recapture(llm, fuse_qkv: bool, single_split: bool) -> None:
+def recapture(llm, fuse_qkv: bool) -> None:
     runner = llm.engine.core.runner
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()
     runner.model.layers[0].self_attn.attn.backend.fuse_qkv = fuse_qkv  # one backend object for all layers
-    os.environ["SPLITSERVE_SINGLE_SPLIT_GRAPHS"] = "1" if single_split else "0"
     cfg = runner.config
     runner.graphs = DecodeGraphs(runner.model, runner.device, cfg.max_num_seqs, runner.max_model_len,
                                  runner.block_size, runner.num_kv_blocks)
@@ -43,7 +40,7 @@ def recapture(llm, fuse_qkv: bool, single_split: bool) -> None:
 def kernels_per_replay(llm, batch: int, ctx: int) -> int:
     graphs = llm.engine.core.runner.graphs
     graphs.time(PLAIN, graphs.bucket_for(batch), ctx, iters=1)  # loads a fake batch of this context
-    graph = graphs._graph(PLAIN, graphs.bucket_for(batch), ctx + 1).graph
+    graph = graphs._graph(PLAIN, graphs.bucket_for(batch)).graph
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
@@ -65,8 +62,8 @@ def main() -> None:
     runner = llm.engine.core.runner
     result = {"shape": args.shape, "device": torch.cuda.get_device_name(runner.device), "torch": torch.__version__,
               "max_model_len": runner.max_model_len, "variants": {}}
-    for name, fuse_qkv, single_split in VARIANTS:
-        recapture(llm, fuse_qkv, single_split)
+    for name, fuse_qkv in VARIANTS:
+        recapture(llm, fuse_qkv)
         graphs = runner.graphs
         wanted, bandwidth = [], None
         for b, c in points:  # one point a call: the grid would also run every (batch, ctx) cross pair
@@ -76,8 +73,7 @@ def main() -> None:
                 p["kernels_per_replay"] = kernels_per_replay(llm, b, c)
             wanted.append(p)
             bandwidth = bandwidth or lat["copy_bandwidth_GBps"]
-        entry = {"fuse_qkv": fuse_qkv, "single_split": single_split, "copy_bandwidth_GBps": bandwidth,
-                 "single_split_buckets": sorted(graphs.single_split),
+        entry = {"fuse_qkv": fuse_qkv, "copy_bandwidth_GBps": bandwidth,
                  "graph_capture_s": graphs.capture_time_s, "points": wanted}
         if args.smallbatch:
             entry["smallbatch"] = workloads.smallbatch(llm)

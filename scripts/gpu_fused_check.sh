@@ -4,7 +4,7 @@
 #      torch reference), the attention and split-K kernels, fused-vs-unfused and one-split-vs-split graphs
 #      token-equal in fp32, graph == eager, fp32 greedy == HF exactly;
 #   2. A/B of the decode step, each switch alone, in one process per shape (scripts/gpu_fused_ab.py):
-#      off | fused_qkv | single_split | both | off_again; graph GPU ms, wall ms and kernels per replay.
+#      off | fused_qkv | off_again; graph GPU ms, wall ms and kernels per replay.
 #      Qwen3-8B: batch 1 ctx 1024 (P1), batch 256 ctx 2048 (P4), batch 1 ctx 128, batch 16 ctx 1024.
 #      Qwen3-0.6B: batch 64 ctx 1024 and 128, batch 4 ctx 128, and the 4 x 64 small-batch workload (P2).
 # Usage: OUT=folder [PART=all|tests|ab8b|ab06b] bash scripts/gpu_fused_check.sh

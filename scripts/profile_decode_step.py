@@ -34,7 +34,7 @@ def category(name: str) -> str:
 
 
 def kernel_times(graphs, path, bucket: int, replays: int = 3) -> dict:
-    graph = graphs._graph(path, bucket, graphs.max_model_len).graph  # the full-context graph
+    graph = graphs._graph(path, bucket).graph
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

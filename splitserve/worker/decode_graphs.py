@@ -1,11 +1,5 @@
 """Decode CUDA graphs: static inputs, one plain graph per batch bucket, pipelined graphs per (path, bucket).
 
-Split-K decode attention fixes its split count at capture from the longest context a graph will see
-(max_model_len), so a small bucket's plain graph splits, and launches a merge kernel in every layer, even
-when the batch's contexts are short. Such buckets also get a one-split graph, captured for contexts of at
-most SPLIT_MIN_KEYS (no split, no merge launch); replay takes it whenever the batch fits
-(SPLITSERVE_SINGLE_SPLIT_GRAPHS=0 turns this off, to measure it).
-
 One object owns capture, replay and timing, keyed by a typed `DecodePath`. The decode planner
 (pipeline/planner.py) times paths and captures pipelined graphs through it and then chooses per step;
 nothing else reaches inside.
@@ -13,7 +7,6 @@ nothing else reaches inside.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +78,6 @@ class DecodeGraphs:
         self.buckets = sorted({b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16))
                               | {max_num_seqs})
         self.plain: dict[int, _Graph] = {}
-        self.single_split: dict[int, _Graph] = {}  # bucket -> its graph for contexts <= SPLIT_MIN_KEYS
         self.pipelined: dict[tuple[DecodePath, int], _Graph] = {}
         self.planner = None  # pipeline.planner.DecodePlanner, once the pipeline is set up
         self.profiler = StepProfiler() if profiling else None
@@ -104,21 +96,14 @@ class DecodeGraphs:
         self.i64[2].fill_(-1)
         self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         mem0 = self.free_memory()
-        from splitserve.kernels.paged_attention import SPLIT_MIN_KEYS, decode_splits  # Triton: CUDA only
-
-        self.single_split_keys = SPLIT_MIN_KEYS
-        num_kv_heads = model.layers[0].self_attn.num_kv_heads
-        want_single = os.environ.get("SPLITSERVE_SINGLE_SPLIT_GRAPHS", "1") != "0"
         for bucket in reversed(self.buckets):  # largest first so smaller graphs reuse its pool memory
             self.plain[bucket] = self._capture(bucket)
-            if want_single and decode_splits(device, bucket * num_kv_heads, max_model_len) > 1:
-                self.single_split[bucket] = self._capture(bucket, max_seq_len=SPLIT_MIN_KEYS)
         self.memory_bytes = mem0 - self.free_memory()
 
     # ---- capture ----
-    def _capture(self, bucket: int, schedule=None, max_seq_len: int | None = None) -> _Graph:
+    def _capture(self, bucket: int, schedule=None) -> _Graph:
         t0 = time.perf_counter()
-        args = (self.i64[0, :bucket], self.i64[1, :bucket], self._meta(bucket, max_seq_len), schedule)
+        args = (self.i64[0, :bucket], self.i64[1, :bucket], self._meta(bucket), schedule)
         with torch.no_grad():
             self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels and sets up its workspaces)
             graph = torch.cuda.CUDAGraph()
@@ -142,19 +127,13 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         return torch.cuda.mem_get_info(self.device)[0]
 
-    def _meta(self, bucket: int, max_seq_len: int | None = None) -> AttentionMetadata:
-        """`max_seq_len`: the longest context the graph is for (it sets the split-K count); default all."""
+    def _meta(self, bucket: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.i64[2, :bucket], query_start_loc=self.query_start[: bucket + 1],
                                  seq_lens=self.seq_lens[:bucket], block_tables=self.tables[:bucket],
-                                 max_query_len=1, max_seq_len=max_seq_len or self.max_model_len)
+                                 max_query_len=1, max_seq_len=self.max_model_len)
 
-    def _graph(self, path: DecodePath, bucket: int, max_seq_len: int) -> _Graph:
-        """The graph for a batch whose longest sequence (cached + new token) has `max_seq_len` tokens."""
-        if path != PLAIN:
-            return self.pipelined[(path, bucket)]
-        if max_seq_len <= self.single_split_keys and bucket in self.single_split:
-            return self.single_split[bucket]
-        return self.plain[bucket]
+    def _graph(self, path: DecodePath, bucket: int) -> _Graph:
+        return self.plain[bucket] if path == PLAIN else self.pipelined[(path, bucket)]
 
     # ---- replay ----
     def bucket_for(self, num_seqs: int) -> int | None:
@@ -196,7 +175,7 @@ class DecodeGraphs:
         self._load(host, num_seqs, bucket)
         if fill_ids is not None:
             fill_ids(self.i64[0, :num_seqs])
-        g = self._graph(path, bucket, int(host["seq_lens"].max()))
+        g = self._graph(path, bucket)
         if self.profiler is not None:
             self.profiler.start()
         g.graph.replay()
@@ -216,7 +195,7 @@ class DecodeGraphs:
             raise ValueError(f"context {ctx} does not fit max_model_len {self.max_model_len}")
         host = prepare_inputs(fake_batch(bucket, ctx, self.block_size, self.num_kv_blocks), self.block_size)
         self._load(host, bucket, bucket)
-        graph = self._graph(path, bucket, ctx + 1).graph
+        graph = self._graph(path, bucket).graph
         graph.replay()
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
