@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's launch cuts on one GPU, in one call (<= 6 minutes on an H200):
 #   1. the GPU tests that touch them: the fused q/k-norm + rotary + KV store kernel (bf16/fp16/fp32 vs the
-#      torch reference), the attention and split-K kernels, fused-vs-unfused and one-split-vs-split graphs
+#      torch reference), the attention and split-K kernels, fused-vs-unfused graphs
 #      token-equal in fp32, graph == eager, fp32 greedy == HF exactly;
 #   2. A/B of the decode step, each switch alone, in one process per shape (scripts/gpu_fused_ab.py):
 #      off | fused_qkv | off_again; graph GPU ms, wall ms and kernels per replay.
