@@ -24,7 +24,7 @@ EOS = 2  # make_tiny_model's eos_token_id
 # ---- the sampler against plain math ----
 def _runner_stub(vocab: int):
     return types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
-                                 _to_device=torch.from_numpy)
+                                 _to_device=torch.from_numpy, penalty_state=None)
 
 
 def _oracle(logits: np.ndarray, seq: Sequence) -> np.ndarray:

@@ -402,7 +402,7 @@ class ModelRunner:
             out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
                              self._to_device(np.asarray(ban_ids, dtype=np.int64)))
         if any_rep or any_count:
-            state = getattr(self, "penalty_state", None)
+            state = self.penalty_state
             if state is None:
                 state = self.penalty_state = PenaltyState(self.vocab_size, self.device)
             pending = None if prev is None else (prev.tokens, prev.rows)
