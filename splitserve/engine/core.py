@@ -170,8 +170,9 @@ class EngineCore:
         input ids from N's token tensor on the device. Finishing on length is known at launch (such a sequence
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
-        Where N + 1's sampling needs N's tokens on the host (`SamplingParams.needs_sync_step`: penalties,
-        grammars), N resolves inside N + 1's launch, after its forward is enqueued (`_launch`). A profiled
+        Where N + 1's sampling needs N's tokens on the host (`SamplingParams.needs_sync_step`: a grammar), N
+        resolves inside N + 1's launch, after its forward is enqueued (`_launch`); penalties take a pending
+        token on the device and need nothing of the kind (worker/penalties.py). A profiled
         pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
@@ -199,9 +200,9 @@ class EngineCore:
         return outputs
 
     def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
-        """Launch the batch. Where its sampling needs step N's tokens on the host (`needs_sync_step`: penalties
-        read token ids, a grammar must have seen them), N resolves inside the launch, once N + 1's forward is
-        enqueued: the host work still overlaps the device, and the sampling sees real tokens."""
+        """Launch the batch. Where its sampling needs step N's tokens on the host (`needs_sync_step`: a grammar
+        must have seen them), N resolves inside the launch, once N + 1's forward is enqueued, so the matcher
+        and its mask see real tokens."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
