@@ -165,3 +165,13 @@ def test_string_prompt_without_tokenizer(make_tiny_model, tmp_path):
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate(["hello"], GREEDY, use_tqdm=False)
     assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_per_request(make_tiny_model):
+    """A text prompt whose token ids fall outside the model's vocabulary (a tokenizer that does not fit the
+    model) is a ValueError for that request, before any work; token-id prompts inside it still run."""
+    llm = LLM(make_tiny_model("qwen3", seed=4, vocab_size=256), device="cpu")
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        llm.generate(["zebra crossing"], SamplingParams(max_tokens=2), use_tqdm=False)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2 and llm.stats()["kv_used_blocks"] == 0

@@ -97,6 +97,9 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass prompts as token-id lists")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
+            if token_ids and max(token_ids) >= self.vocab_size:  # else the step would fail every request in it
+                raise ValueError(f"the tokenizer gave token id {max(token_ids)}, outside this model's vocabulary "
+                                 f"[0, {self.vocab_size}): the model folder's tokenizer does not fit its model")
         elif isinstance(prompt, (list, tuple)):
             token_ids = list(prompt)
             bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)
