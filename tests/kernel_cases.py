@@ -161,3 +161,32 @@ def check_qkv_fused(t, hq, hkv, d, bs, qk_norm, scaling, device="cpu", dtype=tor
     assert torch.allclose(k_cache, kc_ref, **tol), ("k cache", (k_cache - kc_ref).abs().max().item())
     assert torch.allclose(q, q_ref, **tol), ("q", (q.float() - q_ref.float()).abs().max().item())
     return (q.float() - q_ref.float()).abs().max().item()
+
+
+def check_count_penalties(device="cpu", seed=0):
+    """The one-pass repetition + frequency + presence kernel vs the sampler's torch reference (fp32), with
+    rows that use none, one or both; the input logits must be left as they are."""
+    from splitserve.kernels.penalties import apply_count_penalties_
+    from splitserve.layers.sampler import SamplingTensors, apply_penalties
+
+    g = torch.Generator().manual_seed(seed)
+    for b, v in ((3, 50), (5, 4099), (2, 2048)):
+        logits = (torch.randn(b, v, generator=g) * 4).to(device)
+        seen = (torch.rand(b, v, generator=g) < 0.3).to(device)
+        counts = torch.randint(0, 4, (b, v), generator=g).float().to(device)
+        rep = (torch.rand(b, generator=g) * 1.5 + 0.5).to(device)
+        rep[0] = 1.0
+        freq, pres = (torch.rand(b, generator=g) * 4 - 2).to(device), (torch.rand(b, generator=g) * 4 - 2).to(device)
+        for s_, c_ in ((seen, counts), (seen, None), (None, counts)):
+            st = SamplingTensors(None, None, None, None, [], True, False, False, False, None, any_penalty=True,
+                                 seen=s_, repetition=rep if s_ is not None else None, counts=c_,
+                                 frequency=freq if c_ is not None else None, presence=pres if c_ is not None else None)
+            ref = apply_penalties(logits.cpu(), SamplingTensors(**{k: (x.cpu() if torch.is_tensor(x) else x)
+                                                                   for k, x in vars(st).items()}))
+            before = logits.clone()
+            got = apply_count_penalties_(logits.clone(), s_, st.repetition, c_, st.frequency, st.presence)
+            assert torch.equal(logits, before), "the input logits changed"
+            assert not torch.equal(ref, logits.cpu()), "the reference changed nothing: the test would prove nothing"
+            # one rounding per op in both (an FMA on the GPU may round f * c once less: 1 ulp)
+            assert torch.allclose(got.cpu(), ref, rtol=1e-6, atol=1e-5), (b, v, (got.cpu() - ref).abs().max().item())
+    return "ok"

@@ -461,3 +461,9 @@ def test_structured_json_on_the_gpu(qwen3_06b, tmp_path):
         assert len(value["tags"]) <= 3 and set(value["tags"]) <= {"a", "b"}
     alone = llm.generate(["Hello"], plain, use_tqdm=False)[0].outputs[0].token_ids
     assert outs[32].outputs[0].token_ids == alone  # a plain row beside 32 grammar rows is untouched
+
+
+def test_count_penalties_kernel_matches_reference():
+    from kernel_cases import check_count_penalties
+
+    assert check_count_penalties(device="cuda") == "ok"

@@ -50,6 +50,12 @@ print("ok fp16", check_qkv_fused(*QKV_FUSED_CASES[2], dtype=torch.float16))
 """
 
 
+PENALTIES_SCRIPT = SHIM + r"""
+from kernel_cases import check_count_penalties
+print(check_count_penalties(), "count penalties")
+"""
+
+
 def _interpret(script: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
@@ -65,3 +71,7 @@ def test_triton_kernels_match_torch_reference_in_interpreter():
 def test_fused_qk_norm_rope_store_matches_torch_reference_in_interpreter():
     out = _interpret(QKV_FUSED_SCRIPT)
     assert out.count("ok") == 6, out
+
+
+def test_count_penalties_kernel_matches_torch_reference_in_interpreter():
+    assert "ok count penalties" in _interpret(PENALTIES_SCRIPT)
