@@ -30,7 +30,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     runner = types.SimpleNamespace(vocab_size=args.vocab, device=dev, eos_token_ids=(151645,),
-                                   _to_device=lambda a: torch.from_numpy(a).to(dev), penalty_state=None)
+                                   _to_device=lambda a: torch.from_numpy(a).to(dev), penalty_state=None,
+                                   _bias_cache=None)
+    runner._bias_tensors = lambda biased: ModelRunner._bias_tensors(runner, biased)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.5,
                             repetition_penalty=1.1, logit_bias={11: 1.0, 13: -1.0, 198: 0.5}, ignore_eos=True)

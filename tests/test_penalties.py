@@ -23,8 +23,10 @@ EOS = 2  # make_tiny_model's eos_token_id
 
 # ---- the sampler against plain math ----
 def _runner_stub(vocab: int):
-    return types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
-                                 _to_device=torch.from_numpy, penalty_state=None)
+    stub = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
+                                 _to_device=torch.from_numpy, penalty_state=None, _bias_cache=None)
+    stub._bias_tensors = lambda biased: ModelRunner._bias_tensors(stub, biased)
+    return stub
 
 
 def _oracle(logits: np.ndarray, seq: Sequence) -> np.ndarray:
@@ -247,3 +249,14 @@ def test_server_takes_the_fields_and_names_a_bad_one(server):
         status, got = http("POST", f"{server}/v1/{endpoint}", body)
         assert status == 400, (bad, got)
         assert field in got["error"]["message"], got
+
+
+def test_logit_bias_tensors_are_reused_only_while_the_batch_keeps_its_rows():
+    stub = _runner_stub(64)
+    a, b = (_seq([1, 2], [], logit_bias={5: 1.0, 6: -2.0}), _seq([3], [], logit_bias={7: 3.0}))
+    first = ModelRunner._penalty_tensors(stub, [a, b])["bias"]
+    assert ModelRunner._penalty_tensors(stub, [a, b])["bias"] is first  # same requests, same rows: reused
+    swapped = ModelRunner._penalty_tensors(stub, [b, a])["bias"]
+    assert swapped is not first and swapped[0].tolist() == [0, 1, 1] and swapped[1].tolist() == [7, 5, 6]
+    c = _seq([4], [], logit_bias={9: 1.0})  # a new request in a row: rebuilt
+    assert ModelRunner._penalty_tensors(stub, [a, c])["bias"][1].tolist() == [5, 6, 9]

@@ -24,6 +24,7 @@ from splitserve.models.llama import CausalLM
 from splitserve.models.loader import load_weights
 from splitserve.models.registry import arch_flags
 from splitserve.outputs import Logprob
+from splitserve.sampling_params import SamplingParams
 from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
@@ -150,6 +151,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.last_decode_path: DecodePath | None = None
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
+        self._bias_cache: tuple | None = None  # (key, params kept alive, device tensors): see _bias_tensors
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
@@ -379,14 +381,12 @@ class ModelRunner:
         and rebuilds a sequence's row from its token ids whenever it cannot show the row is current (new
         sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it."""
         out: dict = {"any_penalty": True}
-        rows, ids, values, ban_rows, ban_ids = [], [], [], [], []
+        ban_rows, ban_ids, biased = [], [], []
         used, any_rep, any_count = [], False, False
         for r, seq in enumerate(seqs):
             p = seq.sampling_params
             if p.logit_bias:
-                rows += [r] * len(p.logit_bias)
-                ids += p.logit_bias.keys()
-                values += p.logit_bias.values()
+                biased.append((r, p))
             if seq.num_output_tokens < p.min_tokens and seq.grammar is None:  # a grammar says where EOS may go
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
@@ -394,10 +394,8 @@ class ModelRunner:
             rep, count = p.repetition_penalty != 1, p.frequency_penalty != 0 or p.presence_penalty != 0
             any_rep, any_count = any_rep or rep, any_count or count
             used.append(rep or count)
-        if rows:
-            out["bias"] = (self._to_device(np.asarray(rows, dtype=np.int64)),
-                           self._to_device(np.asarray(ids, dtype=np.int64)),
-                           self._to_device(np.asarray(values, dtype=np.float32)))
+        if biased:
+            out["bias"] = self._bias_tensors(biased)
         if ban_rows:
             out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
                              self._to_device(np.asarray(ban_ids, dtype=np.int64)))
@@ -416,6 +414,24 @@ class ModelRunner:
             if any_count:
                 out["counts"], out["frequency"], out["presence"] = counts, factors[1], factors[2]
         return out
+
+    def _bias_tensors(self, biased: list[tuple[int, SamplingParams]]) -> tuple:
+        """(rows, token ids, biases) on the device for the (batch row, params) pairs with a logit_bias, reused
+        while the batch keeps the same requests in the same rows: a request's bias is constant, and up to
+        1,024 entries per row would otherwise be a long Python list to build every step."""
+        key = [(r, id(p)) for r, p in biased]
+        cached = self._bias_cache
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        rows, ids, values = [], [], []
+        for r, p in biased:
+            rows += [r] * len(p.logit_bias)
+            ids += p.logit_bias.keys()
+            values += p.logit_bias.values()
+        tensors = (self._to_device(np.asarray(rows, dtype=np.int64)), self._to_device(np.asarray(ids, dtype=np.int64)),
+                   self._to_device(np.asarray(values, dtype=np.float32)))
+        self._bias_cache = (key, [p for _, p in biased], tensors)  # the params stay alive: their ids stay theirs
+        return tensors
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
