@@ -137,6 +137,7 @@ def test_sampling_bench_modes_and_ratios(tmp_path, make_tiny_model):
     assert res.returncode == 0, res.stderr
     data = json.loads(next(out.glob("*.json")).read_text())
     assert list(data["modes"]) == ["plain", "json"] and data["modes"]["json"]["decode_tok_s"] > 0
+    assert data["modes"]["json"]["fixed_length"]  # the schema cannot close before max_tokens: a fair ratio
 
 
 @pytest.mark.parametrize("mode,message", [("json", "needs a tokenizer"), ("bogus", "unknown sampling mode")])

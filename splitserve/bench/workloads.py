@@ -136,22 +136,20 @@ def _penalties(n: int, tokenizer) -> SamplingParams:
                           frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={11: 1.0, 13: -1.0, 198: 0.5})
 
 
-JSON_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}},
-               "required": ["text", "n"]}
+def json_schema(min_items: int) -> dict:
+    """An array of objects (a string and an integer each) that cannot close before `min_items` items, each at
+    least one token: with min_items >= max_tokens the output keeps its fixed length, on random weights too,
+    with no bias, while the grammar masks every step."""
+    item = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"]}
+    return {"type": "array", "items": item, "minItems": min_items}
 
 
 def _json(n: int, tokenizer) -> SamplingParams:
-    """A JSON schema whose output cannot end before max_tokens, so the output length stays fixed: a bias makes
-    one letter the likeliest token inside the string (random weights would close it at a random point), and
-    the tokens holding two quotes (`""`, ` "x"`: open and close at once) are banned; the grammar masks every
-    step all the same. The biases add the logit_bias path (one index_put) to this mode."""
     if tokenizer is None:
         raise ValueError("mode 'json' needs a tokenizer: give --tokenizer DIR with --shape, or a model folder")
-    letter = tokenizer.encode("a", add_special_tokens=False)[0]
-    bias = {i: -100.0 for i in range(len(tokenizer)) if tokenizer.decode([i]).count('"') >= 2}
     return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=n, ignore_eos=True,
-                          logit_bias={**dict(list(bias.items())[:1023]), letter: 30.0},
-                          structured_outputs=StructuredOutputsParams(json=JSON_SCHEMA))
+                          structured_outputs=StructuredOutputsParams(json=json_schema(n)))
 
 
 # The modes `bench sampling` runs: name -> SamplingParams for a fixed output length (no EOS).
