@@ -15,7 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from test_server import MAX_MODEL_LEN, _free_port, running_server
+from test_server import MAX_MODEL_LEN, _free_port, running_server, sse_chunks
 
 KEY = "clé-ключ-🔑"
 AUTH = b"Bearer " + KEY.encode()
@@ -95,15 +95,7 @@ def stream_text(port: int, body: dict) -> str:
                      {"Authorization": AUTH, "Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
-        text = []
-        for line in resp:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            text += [c["text"] for c in chunk["choices"]]
-        return "".join(text)
+        return "".join(c["text"] for chunk in sse_chunks(resp) for c in chunk["choices"])
     finally:
         conn.close()
 

@@ -48,6 +48,17 @@ def http(method: str, url: str, body=None, key: str | None = API_KEY, raw: bytes
         return status, payload
 
 
+def sse_chunks(lines):
+    """The JSON chunks of a server-sent-event stream (byte lines), up to [DONE]; an error chunk fails."""
+    for line in lines:
+        line = line.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        assert "error" not in chunk, chunk
+        yield chunk
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(make_tiny_model):
     return make_tiny_model("llama", seed=3, num_hidden_layers=2)

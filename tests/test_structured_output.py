@@ -195,18 +195,13 @@ def _stream(url: str, body: dict) -> tuple[str, str | None]:
     """POST with stream=true; returns (the text of the deltas joined, the last finish_reason)."""
     import urllib.request
 
-    from test_server import API_KEY
+    from test_server import API_KEY, sse_chunks
 
     req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     text, finish = [], None
     with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
+        for chunk in sse_chunks(resp):
             for choice in chunk["choices"]:
                 text.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
                 finish = choice["finish_reason"] or finish
