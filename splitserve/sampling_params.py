@@ -240,13 +240,5 @@ class SamplingParams:
                 or self.min_tokens > 0 or self.logit_bias is not None)
 
     @property
-    def needs_sync_step(self) -> bool:
-        """The next step's sampling needs this request's last sampled token on the host: a grammar must have
-        seen token N before it masks N + 1, so the core resolves step N inside N + 1's launch, once N + 1's
-        forward is enqueued. The one place for this rule. (Penalties do not need it: their counts take a
-        token still on the device from the previous step's tensor, worker/penalties.py.)"""
-        return self.structured_outputs is not None
-
-    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

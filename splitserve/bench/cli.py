@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
     kwargs = engine_kwargs(args)
     model = args.model
     if args.shape:
-        model = shape_folder(args.shape, getattr(args, "tokenizer", None))
+        model = shape_folder(args.shape, args.tokenizer)
         kwargs.setdefault("load_format", "dummy")
     if args.workload == "sampling":
         kwargs.setdefault("max_num_seqs", args.sampling_batch)

@@ -170,9 +170,9 @@ class EngineCore:
         input ids from N's token tensor on the device. Finishing on length is known at launch (such a sequence
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
-        Where N + 1's sampling needs N's tokens on the host (`SamplingParams.needs_sync_step`: a grammar), N
-        resolves inside N + 1's launch, after its forward is enqueued (`_launch`); penalties take a pending
-        token on the device and need nothing of the kind (worker/penalties.py). A profiled
+        A grammar row's mask for N + 1 needs N's tokens on the host: N then resolves inside N + 1's launch,
+        after its forward is enqueued (`_launch`); penalties take a pending token on the device and need
+        nothing of the kind (worker/penalties.py). A profiled
         pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
@@ -200,20 +200,18 @@ class EngineCore:
         return outputs
 
     def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
-        """Launch the batch. Where its sampling needs step N's tokens on the host (`needs_sync_step`: a grammar
-        must have seen them), N resolves inside the launch, once N + 1's forward is enqueued, so the matcher
-        and its mask see real tokens."""
+        """Launch the batch. With grammar rows in it, step N resolves inside the launch, once N + 1's forward
+        is enqueued and before the masks are filled: a matcher must have seen token N before it masks N + 1."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-        fill = None
+        grammar_bitmask = None
         if self.structured is not None and any(seq.grammar is not None for seq in batch.seqs):
-            fill = self._fill_grammar_bitmask
-        before_sampling = None
-        if self.pending is not None and any(seq.needs_sync_step for seq in batch.seqs):
-            before_sampling = lambda: outputs.extend(self._resolve())  # noqa: E731
-        step = self.runner.launch(batch, self.pending, fill, before_sampling)
+            def grammar_bitmask(samplers: list[Sequence]):
+                outputs.extend(self._resolve())  # no-op when nothing is pending
+                return self.structured.fill_bitmask([seq.grammar for seq in samplers])
+        step = self.runner.launch(batch, self.pending, grammar_bitmask)
         self.scheduler.advance(batch)
         self.num_steps += 1
         positions = step.positions
@@ -228,9 +226,6 @@ class EngineCore:
         # step's times are read, so a profiled step resolves before the next one launches.
         step.needs_sync = step.profiled
         return step
-
-    def _fill_grammar_bitmask(self, seqs: list[Sequence]):
-        return self.structured.fill_bitmask([seq.grammar for seq in seqs])
 
     def _resolve(self) -> list[CoreOutput]:
         """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""

@@ -47,7 +47,6 @@ class Sequence:
         self.fork_from: Sequence | None = None  # n > 1: the sibling whose prompt KV this one shares (scheduler)
         # prompt_logprobs: entries for prompt tokens 1.. as chunks compute them (handed out with the first token)
         self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
-        self.needs_sync_step = sampling_params.needs_sync_step  # cached: the core checks it every step
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -227,22 +227,19 @@ class ModelRunner:
         return self._to_host(chosen), self._to_host(rank), top
 
     # ---- one step ----
-    def execute(self, batch: ScheduledBatch, fill_grammar_bitmask: Callable | None = None) -> StepOutput:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one step synchronously (start-up profiling, benchmarks, scripts)."""
-        return self.resolve(self.launch(batch, None, fill_grammar_bitmask))
+        return self.resolve(self.launch(batch))
 
     @torch.no_grad()
     def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None,
-               fill_grammar_bitmask: Callable | None = None,
-               before_sampling: Callable[[], None] | None = None) -> LaunchedStep:
+               grammar_bitmask: Callable[[list[Sequence]], tuple | None] | None = None) -> LaunchedStep:
         """Enqueue one step on the device: inputs, forward, sampling, and the copies of its results into pinned
         host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
         (sampled by `prev`, not resolved yet) are gathered from `prev`'s token tensor on the device.
-        `fill_grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None;
-        called once the forward pass is launched, so on CUDA the host fills it while the device computes (the
-        core resolves the step before a grammar row's next one: its matcher has seen every token).
-        `before_sampling()`: called once the forward is enqueued, before the sampling inputs are built (the core
-        resolves `prev` there when the sampling needs its tokens on the host)."""
+        `grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None; called
+        once the forward is enqueued and before the sampling inputs are built, so the host fills it while the
+        device computes (the core resolves `prev` in it first: a matcher must have seen every token)."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -279,10 +276,8 @@ class ModelRunner:
             if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
                 hidden = hidden[self._to_device(host["logits_indices"])]
             logits = self.model.compute_logits(hidden)
-            if before_sampling is not None:
-                before_sampling()
+            grammar = grammar_bitmask(samplers) if grammar_bitmask is not None else None
             st = self._sampling_tensors(samplers, prev)
-            grammar = fill_grammar_bitmask(samplers) if fill_grammar_bitmask is not None else None
             if grammar is not None:
                 bitmask, rows = grammar
                 st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
