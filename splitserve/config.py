@@ -50,6 +50,12 @@ class EngineConfig:
     # Schedule and launch step N + 1 before reading step N's tokens back (vLLM v1's default). None: on where
     # supported (the in-process core; PD workers step synchronously).
     async_scheduling: bool | None = None
+    # Issue 13: prefill ‖ decode on one GPU over one KV cache. Each step schedules a decode batch (1 token per
+    # running sequence whose prompt is done) and a prefill batch (prompt chunks) as two launches ("lanes").
+    # Until the GPU part lands (green-context partitions) the lanes run one after the other, synchronously.
+    enable_pd_multiplex: bool = False
+    pd_decode_sm: int | None = None  # SMs of the decode partition (multiple of 8); None: the planner (GPU part)
+    pd_itl_target_ms: float | None = None  # decode step target the split keeps; None: from calibration
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args) -> EngineConfig:
@@ -104,10 +110,36 @@ class EngineConfig:
         check_sm_count("decode_ffn_sm", self.decode_ffn_sm)
         if (self.decode_attention_sm is not None or self.decode_ffn_sm is not None) and not self.enable_decode_pipeline:
             raise ValueError("decode_attention_sm / decode_ffn_sm need enable_decode_pipeline=True")
+        self._check_pd_multiplex()
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _check_pd_multiplex(self) -> None:
+        import math
+
+        from splitserve.pipeline.green import check_sm_count
+
+        if not isinstance(self.enable_pd_multiplex, bool):
+            raise ValueError(f"enable_pd_multiplex must be True or False, got {self.enable_pd_multiplex!r}")
+        check_sm_count("pd_decode_sm", self.pd_decode_sm)
+        if self.pd_itl_target_ms is not None:
+            value = self.pd_itl_target_ms
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"pd_itl_target_ms must be a finite number of milliseconds > 0, got {value!r}")
+        if (self.pd_decode_sm is not None or self.pd_itl_target_ms is not None) and not self.enable_pd_multiplex:
+            raise ValueError("pd_decode_sm / pd_itl_target_ms need enable_pd_multiplex=True")
+        if self.enable_pd_multiplex and self.enable_two_gpu_pd:
+            # Supportable later (prefill GPU + a split decode GPU), but the decode worker has no lanes yet.
+            raise ValueError("enable_pd_multiplex and enable_two_gpu_pd cannot be combined: the two-GPU split "
+                             "already runs prefill and decode apart; use one of them")
+        if self.enable_pd_multiplex and self.enable_decode_pipeline:
+            raise ValueError("enable_pd_multiplex and enable_decode_pipeline cannot be combined: both split the "
+                             "GPU's SMs into green-context partitions; use one of them")
+        # enforce_eager is accepted: on CPU it changes nothing; on a GPU the partitioned decode needs CUDA
+        # graphs, so the mode falls back to the sequential lanes with a WARNING (engine/core.py).
 
 
 @dataclass(frozen=True)

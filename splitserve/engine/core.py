@@ -16,7 +16,7 @@ from collections.abc import Callable
 from splitserve.config import EngineConfig, ModelSpec
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
-from splitserve.engine.scheduler import ScheduledBatch, Scheduler
+from splitserve.engine.scheduler import DECODE_LANE, PREFILL_LANE, ScheduledBatch, Scheduler, split_lanes
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from splitserve.engine.structured_output import StructuredOutputManager
 from splitserve.outputs import Logprob
@@ -49,7 +49,8 @@ class EngineCore:
         self.max_model_len = fit_max_model_len(model, self.runner.num_kv_blocks * config.kvcache_block_size)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
+                                   multiplex=config.enable_pd_multiplex)
         self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
         self.requests: dict[str, Sequence] = {}
         self.structured: StructuredOutputManager | None = None  # made by the first structured request
@@ -57,12 +58,38 @@ class EngineCore:
         self.vocab_size = model.hf_config.vocab_size
         self.runner.eos_token_ids = tuple(model.eos_token_ids)  # min_tokens masks them in the sampler
         # None: on (the in-process core, CUDA or CPU: same code; the CPU just has nothing to overlap).
-        self.async_scheduling = config.async_scheduling is not False
+        self.async_scheduling = config.async_scheduling is not False and not config.enable_pd_multiplex
+        self.pd_multiplex = self._setup_pd_multiplex()
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
         self.startup_time_s = time.perf_counter() - t0
+
+    def _setup_pd_multiplex(self) -> dict:
+        """Issue 13's mode and why it runs the way it does. Today the lanes always run one after the other: on
+        CPU (no green contexts) by design, on a GPU because the partitions are the next step. Said once."""
+        config = self.config
+        status = {"requested": config.enable_pd_multiplex, "mode": "off", "concurrent": False,
+                  "reason": "not requested"}
+        if not config.enable_pd_multiplex:
+            return status
+        from splitserve.pipeline import green
+
+        device = self.runner.device
+        ok, reason = green.capability(device)
+        if ok and config.enforce_eager:
+            reason = "enforce_eager=True, and the decode partition runs only as CUDA graphs"
+        elif ok:
+            reason = "prefill/decode green-context partitions are not built yet (issue 13, GPU part)"
+        asked_async = " (async_scheduling=True is ignored)" if config.async_scheduling else ""
+        logger.warning("PD multiplexing requested but prefill and decode do not run concurrently: %s; each step "
+                       "runs its decode batch, then its prefill batch, on the whole device, synchronously%s",
+                       reason, asked_async)
+        status.update(mode="sequential", reason=reason, async_scheduling=False, lanes=[DECODE_LANE, PREFILL_LANE],
+                      decode_sm=config.pd_decode_sm, itl_target_ms=config.pd_itl_target_ms,
+                      decode_launches=0, prefill_launches=0, decode_lane_time_s=0.0, prefill_lane_time_s=0.0)
+        return status
 
     # ---- requests ----
     def add(self, request: CoreRequest) -> None:
@@ -179,6 +206,10 @@ class EngineCore:
         if self.pending is not None and self.pending.needs_sync:
             outputs += self._resolve()
         batch = self.scheduler.schedule()
+        if batch.seqs:
+            self.num_steps += 1
+        if self.scheduler.multiplex:
+            return self._step_lanes(batch, outputs)
         launched = self._launch(batch, outputs) if batch.seqs else None
         if launched is None and self.pending is None:
             if self.scheduler.has_unfinished():
@@ -199,6 +230,39 @@ class EngineCore:
             self.decode_time_s += elapsed
         return outputs
 
+    def _step_lanes(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> list[CoreOutput]:
+        """PD multiplexing (issue 13): the step's decode batch and prefill batch (scheduler.split_lanes) as two
+        launches over the one KV cache, both launched, then both resolved, decode lane first. Synchronous: with
+        async scheduling a lane's next step would read placeholder tokens from both lanes' pending steps (a
+        sequence finishing its prefill moves to the decode lane), which one `prev` cannot express yet.
+        The seam for the GPU part: each lane's launch goes to its own green-context partition and stream here."""
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
+            if self.compiling and not outputs:
+                self.structured.wait([seq.grammar for seq, _ in self.compiling], 0.01)
+            return outputs
+        status = self.pd_multiplex
+        launched = []
+        for lane_batch in split_lanes(batch):
+            t0 = time.perf_counter()
+            step = self._launch(lane_batch, outputs)
+            self.scheduler.register_blocks(step.batch)  # synchronous: its inputs are real tokens
+            launched.append((step, time.perf_counter() - t0))
+        for step, elapsed in launched:
+            lane = step.batch.lane
+            t0 = time.perf_counter()
+            self.pending = step
+            outputs += self._resolve()
+            elapsed += time.perf_counter() - t0
+            status[f"{lane}_launches"] += 1
+            status[f"{lane}_lane_time_s"] += elapsed
+            if lane == DECODE_LANE:
+                self.decode_time_s += elapsed
+            else:
+                self.prefill_time_s += elapsed
+        return outputs
+
     def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
         """Launch the batch. With grammar rows in it, step N resolves inside the launch, once N + 1's forward
         is enqueued and before the masks are filled: a matcher must have seen token N before it masks N + 1."""
@@ -213,7 +277,6 @@ class EngineCore:
                 return self.structured.fill_bitmask([seq.grammar for seq in samplers])
         step = self.runner.launch(batch, self.pending, grammar_bitmask)
         self.scheduler.advance(batch)
-        self.num_steps += 1
         positions = step.positions
         for seq in step.samplers:
             pos = seq.num_tokens
@@ -289,7 +352,7 @@ class EngineCore:
             "kv_cache_tokens": bm.num_blocks * bm.block_size, "kv_usage": gauges.kv_usage,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens, "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "num_preemptions": gauges.num_preemptions, "num_steps": self.num_steps,
-            "async_scheduling": self.async_scheduling,
+            "async_scheduling": self.async_scheduling, "pd_multiplex": dict(self.pd_multiplex),
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": gauges.running, "waiting": gauges.waiting, "max_model_len": self.max_model_len,
             "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),

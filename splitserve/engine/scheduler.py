@@ -7,6 +7,11 @@ sequence is preempted (its blocks freed, to be recomputed later) — nothing is 
 
 The completions of an n > 1 request share their prompt's KV: the first one prefills the prompt, the others
 wait for it (while it is being prefilled) and then fork its blocks, computing only the prompt's last token.
+
+PD multiplexing (issue 13, `multiplex=True`): the same admission, preemption, prefix caching and forks, but
+decode rows (a running sequence whose prompt is done: 1 token) no longer take from the token budget, which is
+the prefill chunks' alone, and `split_lanes` cuts the step into a decode batch and a prefill batch over the one
+KV cache. A sequence whose prefill samples its first token in step N is a decode row from step N + 1.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, dest): before the step (forks)
+    lane: str = "mixed"  # PD multiplexing: DECODE_LANE or PREFILL_LANE (split_lanes); else one mixed batch
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -41,8 +47,32 @@ class ScheduledBatch:
         return [s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)]
 
 
+DECODE_LANE, PREFILL_LANE = "decode", "prefill"
+
+
+def is_decode_row(seq: Sequence, num_new_tokens: int) -> bool:
+    """One new token after a computed prompt (also a recomputed one after preemption, once its KV is back)."""
+    return num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
+def split_lanes(batch: ScheduledBatch) -> list[ScheduledBatch]:
+    """A scheduled step as one batch per lane (`ScheduledBatch.lane`), decode lane first; an empty lane is
+    left out. Block copies (forks) go with the prefill lane: a forked sequence still computes its prompt's
+    last token."""
+    decode = ScheduledBatch([], [], lane=DECODE_LANE)
+    prefill = ScheduledBatch([], [], list(batch.block_copies), lane=PREFILL_LANE)
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        lane = decode if is_decode_row(seq, n) else prefill
+        lane.seqs.append(seq)
+        lane.num_new_tokens.append(n)
+    assert prefill.seqs or not batch.block_copies, "a block copy without its forked sequence"
+    return [b for b in (decode, prefill) if b.seqs]
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
+                 multiplex: bool = False):
+        self.multiplex = multiplex  # decode rows outside the token budget (see split_lanes)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
@@ -76,9 +106,14 @@ class Scheduler:
         preempted = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and (budget > 0 or self.multiplex):
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            decode = self.multiplex and is_decode_row(seq, remaining)
+            if not decode and budget <= 0:  # multiplex: no budget left for this prefill; decodes still go
+                i += 1
+                continue
+            n = 1 if decode else min(remaining, budget)
             while not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]  # lowest priority: admitted last, not scheduled yet this step
                 self._preempt(victim)
@@ -90,7 +125,8 @@ class Scheduler:
             bm.allocate(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
-            budget -= n
+            if not decode:
+                budget -= n
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
