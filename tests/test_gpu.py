@@ -467,3 +467,97 @@ def test_count_penalties_kernel_matches_reference():
     from kernel_cases import check_count_penalties
 
     assert check_count_penalties(device="cuda") == "ok"
+
+
+# ---- PD multiplexing (issue 13): prefill beside decode on one GPU ----
+
+@pytest.fixture(scope="module")
+def qwen3_06b_peaked(tmp_path_factory):
+    """Qwen3-0.6B shape whose untied lm_head is scaled up: peaked logits, so a bf16 greedy comparison tests the
+    engine rather than near-ties between random tokens."""
+    import transformers
+
+    torch.manual_seed(1)
+    cfg = transformers.Qwen3Config(**{**QWEN3_06B, "tie_word_embeddings": False})
+    model = transformers.Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    path = str(tmp_path_factory.mktemp("qwen3-0.6b-peaked"))
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _pd_workload(llm, prompts_long, prompts_short, params):
+    """Short prompts start decoding; the long ones arrive a few steps later, so their prefill runs beside them."""
+    engine = llm.engine
+    short = [engine.add_request(p, params) for p in prompts_short]
+    for _ in range(4):
+        engine.step()
+    long = [engine.add_request(p, params) for p in prompts_long]
+    while engine.has_unfinished_requests():
+        engine.step()
+    reqs = short + long
+    out = [r.output_token_ids for r in reqs]
+    for r in reqs:
+        engine.release(r)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b_peaked, dtype):
+    """Outputs equal the colocated engine's (greedy, 40 steps; fp32 and bf16), the decode steps ran on their
+    partition's graphs while a prefill batch was still running on the device (observed: a decode step resolved
+    while the prefill's event had not passed), and every block comes back."""
+    shorts = random_prompts(24, 20, 200, seed=4, vocab=151936)
+    longs = random_prompts(4, 2500, 3500, seed=5, vocab=151936)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(max_model_len=4096, gpu_memory_utilization=0.45, dtype=dtype, max_num_seqs=64,
+              max_num_batched_tokens=4096)
+    colocated = LLM(qwen3_06b_peaked, **kw)
+    want = _pd_workload(colocated, longs, shorts, params)
+    del colocated
+    torch.cuda.empty_cache()
+    llm = LLM(qwen3_06b_peaked, enable_pd_multiplex=True, pd_decode_sm=48, **kw)
+    got = _pd_workload(llm, longs, shorts, params)
+    mode = llm.stats()["pd_multiplex"]
+    assert mode["mode"] == "concurrent" and mode["decode_sm"] == 48, mode
+    assert got == want
+    assert mode["decode_steps_beside_prefill"] > 0 and mode["decode_done_while_prefill_ran"] > 0, mode
+    assert llm.stats()["kv_used_blocks"] == 0
+    graphs = llm.engine.core.runner.graphs
+    parts = {(p.name, b) for p, b in graphs.pipelined}
+    assert parts == {("partition:48", b) for b in graphs.buckets}  # every bucket, on the decode partition
+
+
+def test_pd_multiplex_calibrates_caches_and_falls_back(qwen3_06b, caplog, monkeypatch, tmp_path):
+    """No split given: candidate decode partitions are timed beside a prefill, the plan is printed and cached
+    (the next engine reads it), only the chosen partitions keep graphs. enforce_eager: colocated, one WARNING."""
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    kw = dict(max_model_len=2048, gpu_memory_utilization=0.45, max_num_seqs=64, enable_pd_multiplex=True,
+              max_num_batched_tokens=2048)
+    with caplog.at_level("INFO", logger="splitserve"):
+        llm = LLM(qwen3_06b, **kw)
+    mode = llm.stats()["pd_multiplex"]
+    assert mode["mode"] == "concurrent" and mode["plan_cached"] is False and os.path.exists(mode["plan_file"])
+    assert mode["plan"] in "\n".join(r.getMessage() for r in caplog.records)
+    kept = {p.attention_sm for p, _ in llm.engine.core.runner.graphs.pipelined}
+    assert kept == set(mode["decode_sm_used"]) and kept <= set(mode["candidate_decode_sm"])
+    out = llm.generate(random_prompts(8, 100, 1500, seed=2, vocab=151936),
+                       SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in out)
+    del llm
+    torch.cuda.empty_cache()
+    again = LLM(qwen3_06b, **kw)
+    assert again.stats()["pd_multiplex"]["plan_cached"] is True
+    assert again.stats()["pd_multiplex"]["plan"] == mode["plan"]
+    del again
+    torch.cuda.empty_cache()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitserve"):
+        eager = LLM(qwen3_06b, enforce_eager=True, **kw)
+    said = [r.getMessage() for r in caplog.records if "PD multiplexing" in r.getMessage()]
+    assert len(said) == 1 and "enforce_eager" in said[0] and "colocated" in said[0]
+    assert eager.stats()["pd_multiplex"]["mode"] == "colocated"
+    assert not eager.engine.core.scheduler.multiplex
+    with pytest.raises(ValueError, match="pd_decode_sm"):
+        LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.3, enable_pd_multiplex=True, pd_decode_sm=136)

@@ -1,9 +1,11 @@
 """PD multiplexing (issue 13) on CPU: the two-lane scheduler run sequentially against the colocated engine.
 
-Each step yields a decode batch and a prefill batch from one KV cache; the outputs must be token-identical
-(fp32) to the colocated engine's, whatever the mix (chunked prefill, prefix hits, preemption, aborts, seeds,
-n > 1). Every launch is watched: a decode-lane batch holds only 1-token rows whose prompt is done, a prefill
-row never sits in it, and a sequence whose prefill samples its first token is in the next step's decode lane."""
+A multiplexed step is a prefill batch (prompt chunks that stop short of each prompt's last token, never
+sampling) and a decode batch (every row that samples, 1 token each) over one KV cache. The outputs must be
+token-identical (fp32) to the colocated engine's, whatever the mix (chunked prefill, prefix hits, preemption,
+aborts, seeds, n > 1). Every launch is watched: a decode-lane row samples one token, a prefill-lane row never
+samples, no sequence is in both lanes of a step, and a sequence whose prompt is computed but its last token
+is in the next step's decode lane."""
 
 from __future__ import annotations
 
@@ -15,33 +17,35 @@ from conftest import random_prompts
 
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
-from splitserve.engine.scheduler import DECODE_LANE, PREFILL_LANE, is_decode_row
+from splitserve.engine.scheduler import DECODE_LANE, PREFILL_LANE
 from splitserve.engine.sequence import PLACEHOLDER
 
 
 def _watch(llm: LLM) -> dict:
     core, runner = llm.engine.core, llm.engine.core.runner
-    seen = {"finished": set(), "launches": [], "lanes": set(), "both_lanes_steps": 0}
+    seen = {"finished": set(), "launches": [], "lanes": set(), "both_lanes_steps": 0, "step": 0}
     step, launch, abort = core.step, runner.launch, core.abort
 
     def spy_launch(batch, prev=None, *args):
-        rows = [(s.seq_id, n, is_decode_row(s, n), s.num_computed_tokens + n == s.num_tokens)
+        rows = [(s.seq_id, n, s.num_computed_tokens + n == s.num_tokens, s.num_computed_tokens + n == s.num_tokens - 1)
                 for s, n in zip(batch.seqs, batch.num_new_tokens)]
-        seen["launches"].append((core.num_steps, batch.lane, rows))
+        seen["launches"].append((seen["step"], batch.lane, rows))
         seen["lanes"].add(batch.lane)
         if batch.lane == DECODE_LANE:
-            for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                assert n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens, "prefill in the decode lane"
-            assert not batch.block_copies
+            assert all(n == 1 and samples for _, n, samples, _ in rows), "a decode-lane row that is not 1 sampled token"
         elif batch.lane == PREFILL_LANE:
-            assert not any(d for _, _, d, _ in rows), "a decode row in the prefill lane"
+            assert not any(samples for _, _, samples, _ in rows), "a prefill-lane row that samples"
+            assert not batch.block_copies
         return launch(batch, prev, *args)
 
     def checked_step():
         before = len(seen["launches"])
         outputs = step()
         lanes = [lane for _, lane, _ in seen["launches"][before:]]
-        seen["both_lanes_steps"] += lanes == [DECODE_LANE, PREFILL_LANE]
+        seen["both_lanes_steps"] += lanes == [PREFILL_LANE, DECODE_LANE]
+        ids = [r[0] for _, _, rows in seen["launches"][before:] for r in rows]
+        assert len(ids) == len(set(ids)), "a sequence in both lanes of one step"
+        seen["step"] += 1
         for out in outputs:
             assert out.request_id not in seen["finished"], f"{out.request_id}: a token after its finish or abort"
             assert all(t >= 0 and t != PLACEHOLDER for t in out.new_token_ids)
@@ -91,7 +95,8 @@ def _same(pair, prompts, params) -> list:
 
 
 def _check_admission(seen: dict) -> None:
-    """A prefill row that sampled its first token in step k is a decode row in step k + 1 (unless it ended)."""
+    """A prefill chunk that leaves only its prompt's last token in step k: that token is a decode row in step
+    k + 1 (on CPU the prefill batch is done when the next step starts), unless the sequence ended meanwhile."""
     by_step: dict[int, dict[str, set]] = {}
     for step, lane, rows in seen["launches"]:
         by_step.setdefault(step, {}).setdefault(lane, set()).update(r[0] for r in rows)
@@ -99,9 +104,9 @@ def _check_admission(seen: dict) -> None:
     for step, lane, rows in seen["launches"]:
         if lane != PREFILL_LANE or step + 1 not in by_step:
             continue
-        for seq_id, _, _, samples in rows:
+        for seq_id, _, _, leaves_last in rows:
             nxt = by_step[step + 1]
-            if samples and (seq_id in nxt.get(DECODE_LANE, set()) or seq_id in nxt.get(PREFILL_LANE, set())):
+            if leaves_last and any(seq_id in ids for ids in nxt.values()):
                 assert seq_id in nxt.get(DECODE_LANE, set()), f"seq {seq_id}: prefilled, not in the next decode lane"
                 moved += 1
     assert moved > 0
@@ -137,16 +142,17 @@ def test_good_config_values():
 
 def test_mode_is_said_once_and_reported(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="splitserve"):
-        llm = LLM(tiny_dir, enable_pd_multiplex=True, async_scheduling=True, num_kv_blocks=64,
-                  kvcache_block_size=8)
+        llm = LLM(tiny_dir, enable_pd_multiplex=True, num_kv_blocks=64, kvcache_block_size=8,
+                  max_num_batched_tokens=16)
         llm.generate(random_prompts(3, 5, 40, seed=9), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     said = [r for r in caplog.records if "PD multiplexing" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
-    assert "CPU" in said[0].getMessage() and "async_scheduling=True is ignored" in said[0].getMessage()
+    assert "CPU" in said[0].getMessage() and "do not run concurrently" in said[0].getMessage()
     stats = llm.stats()
     mode = stats["pd_multiplex"]
     assert mode["requested"] and mode["mode"] == "sequential" and not mode["concurrent"] and "CPU" in mode["reason"]
-    assert mode["decode_launches"] > 0 and mode["prefill_launches"] > 0 and not stats["async_scheduling"]
+    assert mode["prefill_launches"] > 0 and mode["decode_steps_alone"] > 0 and stats["async_scheduling"]
+    assert mode["decode_done_while_prefill_ran"] == 0  # one after the other on CPU
     off = _make(tiny_dir, False).stats()["pd_multiplex"]
     assert off["mode"] == "off" and not off["requested"]
 
@@ -212,3 +218,59 @@ def test_n_forks_and_eos(pair):
               SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True, logprobs=1),
               SamplingParams(temperature=1.0, seed=3, max_tokens=30, logit_bias={2: 6.0})]  # ends on EOS early
     _same(pair, prompts, params)
+
+
+def _slow_prefill(llm: LLM, steps: int) -> dict:
+    """Make each prefill batch look busy on the device for `steps` queries (a GPU prefill runs beside several
+    decode steps; on CPU it is done at once), and check at every launch that no busy sequence is in it."""
+    core = llm.engine.core
+    queries: dict[int, int] = {}
+    state = {"held": True}
+
+    def is_done(step) -> bool:
+        queries[id(step)] = queries.get(id(step), 0) + 1
+        return not state["held"] or queries[id(step)] > steps
+
+    spy = core.runner.launch
+
+    def launch(batch, prev=None, *args):
+        assert not {s.seq_id for s in batch.seqs} & core.scheduler.busy, "a busy sequence launched again"
+        return spy(batch, prev, *args)
+
+    core.lanes.is_done, core.runner.launch = is_done, launch
+    return state
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_prefill_beside_several_decode_steps(tiny_dir, steps):
+    """Prefill batches that stay busy for several decode steps, under KV pressure (preemption): same tokens."""
+    pair = [_make(tiny_dir, m, num_kv_blocks=24, max_num_batched_tokens=24) for m in (True, False)]
+    _slow_prefill(pair[0], steps)
+    prompts = random_prompts(6, 10, 70, seed=15)
+    params = [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=20, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1) for i in range(6)]
+    _same(pair, prompts, params)
+    mode = pair[0].stats()["pd_multiplex"]
+    assert mode["decode_steps_beside_prefill"] > 0 and pair[0].stats()["num_preemptions"] > 0
+
+
+def test_abort_while_its_prefill_runs(tiny_dir):
+    """An aborted sequence's blocks stay out of the free list while its prefill batch may still write them."""
+    llm = _make(tiny_dir, True, num_kv_blocks=32, max_num_batched_tokens=64)
+    state = _slow_prefill(llm, 3)
+    engine, core = llm.engine, llm.engine.core
+    running = engine.add_request(random_prompts(1, 8, 8, seed=1)[0], SamplingParams(temperature=0, max_tokens=12))
+    for _ in range(3):
+        engine.step()  # its prompt is done: it is a decode row now
+    victim = engine.add_request(random_prompts(1, 50, 50, seed=2)[0], SamplingParams(temperature=0, max_tokens=4))
+    engine.step()  # the victim's prefill batch is launched and stays busy
+    seq = core.requests[victim.request_id]
+    assert core.prefill_pending is not None and seq.seq_id in core.scheduler.busy
+    blocks = list(seq.block_table)
+    assert engine.abort(victim.request_id)
+    assert blocks and not set(blocks) & set(core.block_manager.free), "blocks freed under a running prefill"
+    state["held"] = False
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert running.finish_reason == "length" and victim.finish_reason == "abort"
+    assert llm.stats()["kv_used_blocks"] == 0 and core.prefill_pending is None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from splitserve.config import EngineConfig, ModelSpec
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
-from splitserve.engine.scheduler import DECODE_LANE, PREFILL_LANE, ScheduledBatch, Scheduler, split_lanes
+from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, split_lanes
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from splitserve.engine.structured_output import StructuredOutputManager
 from splitserve.outputs import Logprob
@@ -39,57 +39,35 @@ def fit_max_model_len(model: ModelSpec, capacity: int) -> int:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: ModelSpec):
+        from splitserve.pipeline.pd_multiplex import check_decode_sm, setup_pd_multiplex
         from splitserve.pipeline.setup import check_split, setup_decode_pipeline
 
         t0 = time.perf_counter()
         self.config, self.model = config, model
         attention_sm = check_split(config, resolve_device(config.device))  # before any memory is taken
+        check_decode_sm(config, resolve_device(config.device))
         weights = None if config.load_format == "dummy" else model.path
         self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights)
         self.max_model_len = fit_max_model_len(model, self.runner.num_kv_blocks * config.kvcache_block_size)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
-                                   multiplex=config.enable_pd_multiplex)
         self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
+        self.lanes, self.pd_multiplex = setup_pd_multiplex(self.runner, config)  # lanes None: one mixed batch
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
+                                   multiplex=self.lanes is not None)
         self.requests: dict[str, Sequence] = {}
         self.structured: StructuredOutputManager | None = None  # made by the first structured request
         self.compiling: list[tuple[Sequence, Callable[[Sequence], None]]] = []  # (sequence, its admission)
         self.vocab_size = model.hf_config.vocab_size
         self.runner.eos_token_ids = tuple(model.eos_token_ids)  # min_tokens masks them in the sampler
         # None: on (the in-process core, CUDA or CPU: same code; the CPU just has nothing to overlap).
-        self.async_scheduling = config.async_scheduling is not False and not config.enable_pd_multiplex
-        self.pd_multiplex = self._setup_pd_multiplex()
+        self.async_scheduling = config.async_scheduling is not False
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
+        self.prefill_pending: LaunchedStep | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
         self.startup_time_s = time.perf_counter() - t0
-
-    def _setup_pd_multiplex(self) -> dict:
-        """Issue 13's mode and why it runs the way it does. Today the lanes always run one after the other: on
-        CPU (no green contexts) by design, on a GPU because the partitions are the next step. Said once."""
-        config = self.config
-        status = {"requested": config.enable_pd_multiplex, "mode": "off", "concurrent": False,
-                  "reason": "not requested"}
-        if not config.enable_pd_multiplex:
-            return status
-        from splitserve.pipeline import green
-
-        device = self.runner.device
-        ok, reason = green.capability(device)
-        if ok and config.enforce_eager:
-            reason = "enforce_eager=True, and the decode partition runs only as CUDA graphs"
-        elif ok:
-            reason = "prefill/decode green-context partitions are not built yet (issue 13, GPU part)"
-        asked_async = " (async_scheduling=True is ignored)" if config.async_scheduling else ""
-        logger.warning("PD multiplexing requested but prefill and decode do not run concurrently: %s; each step "
-                       "runs its decode batch, then its prefill batch, on the whole device, synchronously%s",
-                       reason, asked_async)
-        status.update(mode="sequential", reason=reason, async_scheduling=False, lanes=[DECODE_LANE, PREFILL_LANE],
-                      decode_sm=config.pd_decode_sm, itl_target_ms=config.pd_itl_target_ms,
-                      decode_launches=0, prefill_launches=0, decode_lane_time_s=0.0, prefill_lane_time_s=0.0)
-        return status
 
     # ---- requests ----
     def add(self, request: CoreRequest) -> None:
@@ -161,8 +139,8 @@ class EngineCore:
             self._resolve()  # flush: every token it holds belongs to a request that has ended
 
     def has_unfinished(self) -> bool:
-        """Requests to schedule, or a pending step holding a token still to deliver."""
-        if self.scheduler.has_unfinished() or self.compiling:
+        """Requests to schedule, a prefill batch still running, or a pending step holding a token to deliver."""
+        if self.scheduler.has_unfinished() or self.compiling or self.prefill_pending is not None:
             return True
         return self.pending is not None and any(self.requests.get(s.request_id) is s for s in self.pending.samplers)
 
@@ -205,13 +183,12 @@ class EngineCore:
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
         if self.pending is not None and self.pending.needs_sync:
             outputs += self._resolve()
-        batch = self.scheduler.schedule()
-        if batch.seqs:
-            self.num_steps += 1
-        if self.scheduler.multiplex:
-            return self._step_lanes(batch, outputs)
+        batch = self._schedule_lanes() if self.lanes is not None else self.scheduler.schedule()
         launched = self._launch(batch, outputs) if batch.seqs else None
         if launched is None and self.pending is None:
+            if self.prefill_pending is not None:  # only a prefill batch is running: wait for it, then go on
+                self._finish_prefill()
+                return outputs
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the KV cache")
             if self.compiling and not outputs:
@@ -230,38 +207,40 @@ class EngineCore:
             self.decode_time_s += elapsed
         return outputs
 
-    def _step_lanes(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> list[CoreOutput]:
-        """PD multiplexing (issue 13): the step's decode batch and prefill batch (scheduler.split_lanes) as two
-        launches over the one KV cache, both launched, then both resolved, decode lane first. Synchronous: with
-        async scheduling a lane's next step would read placeholder tokens from both lanes' pending steps (a
-        sequence finishing its prefill moves to the decode lane), which one `prev` cannot express yet.
-        The seam for the GPU part: each lane's launch goes to its own green-context partition and stream here."""
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress: no request fits the KV cache")
-            if self.compiling and not outputs:
-                self.structured.wait([seq.grammar for seq, _ in self.compiling], 0.01)
-            return outputs
-        status = self.pd_multiplex
-        launched = []
-        for lane_batch in split_lanes(batch):
-            t0 = time.perf_counter()
-            step = self._launch(lane_batch, outputs)
-            self.scheduler.register_blocks(step.batch)  # synchronous: its inputs are real tokens
-            launched.append((step, time.perf_counter() - t0))
-        for step, elapsed in launched:
-            lane = step.batch.lane
-            t0 = time.perf_counter()
-            self.pending = step
-            outputs += self._resolve()
-            elapsed += time.perf_counter() - t0
-            status[f"{lane}_launches"] += 1
-            status[f"{lane}_lane_time_s"] += elapsed
-            if lane == DECODE_LANE:
-                self.decode_time_s += elapsed
-            else:
-                self.prefill_time_s += elapsed
-        return outputs
+    # ---- PD multiplexing (issue 13): a prefill lane beside the decode lane ----
+    def _schedule_lanes(self) -> ScheduledBatch:
+        """Finish the running prefill batch if the device is done with it, schedule, launch the prefill part (if
+        no prefill batch runs) on the prefill partition, and return the decode part: `step` runs it as usual.
+        A prefill batch runs on beside as many decode steps as it takes; its sequences wait meanwhile."""
+        lanes = self.lanes
+        if self.prefill_pending is not None and lanes.is_done(self.prefill_pending):
+            self._finish_prefill()
+        running = self.prefill_pending is not None
+        batch = self.scheduler.schedule(prefill=not running)
+        decode = ScheduledBatch([], [], lane=DECODE_LANE)
+        for part in split_lanes(batch):
+            if part.lane == DECODE_LANE:
+                decode = part
+                continue
+            prev_tokens = None if self.pending is None else self.pending.tokens
+            with lanes.prefill_stream(len(decode), prev_tokens):
+                self.prefill_pending = self._launch(part, [])  # samples nothing, so no output
+            self.scheduler.prefill_launched(part)
+        if self.runner.graphs is not None:
+            self.runner.graphs.split_path = lanes.decode_path()
+        if decode.seqs:
+            lanes.count_decode(self.prefill_pending is not None)
+        return decode
+
+    def _finish_prefill(self) -> None:
+        """The prefill batch is done (waits for it if not): prompt logprobs in, its blocks published for prefix
+        caching, its sequences schedulable again (as decode rows once their prompt is computed but the last
+        token, which the decode lane computes and samples from)."""
+        step, self.prefill_pending = self.prefill_pending, None
+        self._resolve_step(step)
+        self.scheduler.prefill_done()
+        self.scheduler.register_blocks(step.batch)
+        self.lanes.prefill_done()
 
     def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
         """Launch the batch. With grammar rows in it, step N resolves inside the launch, once N + 1's forward
@@ -277,6 +256,7 @@ class EngineCore:
                 return self.structured.fill_bitmask([seq.grammar for seq in samplers])
         step = self.runner.launch(batch, self.pending, grammar_bitmask)
         self.scheduler.advance(batch)
+        self.num_steps += 1
         positions = step.positions
         for seq in step.samplers:
             pos = seq.num_tokens
@@ -295,6 +275,12 @@ class EngineCore:
         step, self.pending = self.pending, None
         if step is None:
             return []
+        outputs = self._resolve_step(step)
+        if self.prefill_pending is not None and not self.lanes.is_done(self.prefill_pending):
+            self.pd_multiplex["decode_done_while_prefill_ran"] += 1  # seen: the lanes overlap on the device
+        return outputs
+
+    def _resolve_step(self, step: LaunchedStep) -> list[CoreOutput]:
         result = self.runner.resolve(step)
         if result.prompt_logprobs:
             for seq in step.batch.seqs:

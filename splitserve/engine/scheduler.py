@@ -8,10 +8,13 @@ sequence is preempted (its blocks freed, to be recomputed later) — nothing is 
 The completions of an n > 1 request share their prompt's KV: the first one prefills the prompt, the others
 wait for it (while it is being prefilled) and then fork its blocks, computing only the prompt's last token.
 
-PD multiplexing (issue 13, `multiplex=True`): the same admission, preemption, prefix caching and forks, but
-decode rows (a running sequence whose prompt is done: 1 token) no longer take from the token budget, which is
-the prefill chunks' alone, and `split_lanes` cuts the step into a decode batch and a prefill batch over the one
-KV cache. A sequence whose prefill samples its first token in step N is a decode row from step N + 1.
+PD multiplexing (issue 13, `multiplex=True`): the same admission, preemption, prefix caching and forks, cut
+into two lanes over the one KV cache (`split_lanes`). The prefill lane computes prompt chunks up to, not
+including, each prompt's last token, and never samples; every row that samples is a 1-token decode row (a
+running decode, or a prompt's last token). Decode rows take nothing from the token budget, which is the
+prefill chunks' alone. A prefill batch may still be running while later decode steps are scheduled: its
+sequences are `busy` until the core reports it done (`prefill_done`); they are neither scheduled nor preempted
+meanwhile, and no new prefill is scheduled (`schedule(prefill=False)`).
 """
 
 from __future__ import annotations
@@ -50,29 +53,26 @@ class ScheduledBatch:
 DECODE_LANE, PREFILL_LANE = "decode", "prefill"
 
 
-def is_decode_row(seq: Sequence, num_new_tokens: int) -> bool:
-    """One new token after a computed prompt (also a recomputed one after preemption, once its KV is back)."""
-    return num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
-
-
 def split_lanes(batch: ScheduledBatch) -> list[ScheduledBatch]:
-    """A scheduled step as one batch per lane (`ScheduledBatch.lane`), decode lane first; an empty lane is
-    left out. Block copies (forks) go with the prefill lane: a forked sequence still computes its prompt's
-    last token."""
-    decode = ScheduledBatch([], [], lane=DECODE_LANE)
-    prefill = ScheduledBatch([], [], list(batch.block_copies), lane=PREFILL_LANE)
-    for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        lane = decode if is_decode_row(seq, n) else prefill
+    """A multiplexed step as one batch per lane (`ScheduledBatch.lane`), decode lane first; an empty lane is
+    left out. The decode lane holds the rows that sample (1 token each), the prefill lane the rest; block copies
+    (forks) go with the decode lane, where a forked sequence computes its prompt's last token."""
+    decode = ScheduledBatch([], [], list(batch.block_copies), lane=DECODE_LANE)
+    prefill = ScheduledBatch([], [], lane=PREFILL_LANE)
+    for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples()):
+        assert n == 1 or not samples, "a multiplexed prefill row that samples"
+        lane = decode if samples else prefill
         lane.seqs.append(seq)
         lane.num_new_tokens.append(n)
-    assert prefill.seqs or not batch.block_copies, "a block copy without its forked sequence"
     return [b for b in (decode, prefill) if b.seqs]
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
                  multiplex: bool = False):
-        self.multiplex = multiplex  # decode rows outside the token budget (see split_lanes)
+        self.multiplex = multiplex  # two lanes (see split_lanes)
+        self.busy: set[int] = set()  # multiplex: seq ids of the prefill batch still running
+        self.finished_busy: list[Sequence] = []  # ended while busy: blocks freed once the prefill is done
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
@@ -97,7 +97,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, prefill: bool = True) -> ScheduledBatch:
+        """The next step's rows. Multiplexed, `prefill=False` (a prefill batch is still running) schedules the
+        decode rows only."""
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
@@ -108,14 +110,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and (budget > 0 or self.multiplex):
             seq = self.running[i]
-            remaining = seq.num_tokens - seq.num_computed_tokens
-            decode = self.multiplex and is_decode_row(seq, remaining)
-            if not decode and budget <= 0:  # multiplex: no budget left for this prefill; decodes still go
+            n = self._new_tokens(seq, budget if prefill else 0)
+            if n == 0:  # multiplex: busy, or a prompt chunk with no room this step
                 i += 1
                 continue
-            n = 1 if decode else min(remaining, budget)
             while not bm.can_allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]  # lowest priority: admitted last, not scheduled yet this step
+                # lowest priority: admitted last, not scheduled yet this step (and not busy)
+                victim = next(s for s in reversed(self.running) if s.seq_id not in self.busy)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -125,22 +126,21 @@ class Scheduler:
             bm.allocate(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
-            if not decode:
-                budget -= n
+            budget -= self._charge(seq, n)
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while prefill and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             copy = None
             if not seq.block_table:
                 source = seq.fork_from
                 if source is not None and source.status == SequenceStatus.RUNNING:
-                    if not bm.can_fork(seq, source):
+                    if not bm.can_fork(seq, source) or source.seq_id in self.busy:
                         break  # its sibling is still prefilling the prompt (or no block for the copy): wait
                     copy = bm.fork(seq, source)
                 elif seq.sampling_params.prompt_logprobs is None:  # those need every prompt token computed
                     bm.match_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._new_tokens(seq, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 bm.free_sequence(seq)  # give back prefix-cache hits and forked blocks; retried next step
                 break
@@ -152,8 +152,32 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
-            budget -= n
+            budget -= self._charge(seq, n)
         return ScheduledBatch(seqs, counts, copies)
+
+    def _new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens to compute for `seq` this step. Multiplexed: 1 for its last pending token (a decode row, out of
+        the budget), else a prompt chunk that stops short of the last token; 0 while it is busy."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if not self.multiplex:
+            return min(remaining, budget)
+        if seq.seq_id in self.busy:
+            return 0
+        return 1 if remaining == 1 else min(remaining - 1, budget)
+
+    def _charge(self, seq: Sequence, n: int) -> int:
+        """Tokens taken from the budget: all, but a multiplexed decode row's (its last pending token)."""
+        return 0 if self.multiplex and n == seq.num_tokens - seq.num_computed_tokens else n
+
+    def prefill_launched(self, batch: ScheduledBatch) -> None:
+        self.busy = {seq.seq_id for seq in batch.seqs}
+
+    def prefill_done(self) -> None:
+        """The running prefill batch is done on the device: its blocks may go to others now."""
+        self.busy = set()
+        for seq in self.finished_busy:
+            self.block_manager.free_sequence(seq)
+        self.finished_busy = []
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -182,4 +206,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.free_sequence(seq)
+        if seq.seq_id in self.busy:  # the prefill stream may still write its blocks: no one else may get them yet
+            self.finished_busy.append(seq)
+        else:
+            self.block_manager.free_sequence(seq)

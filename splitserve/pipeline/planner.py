@@ -170,6 +170,13 @@ class DecodePlanner:
 
 # ---- building a planner on the decode graphs (GPU) ----
 
+def model_shape(hf_config) -> dict:
+    """The model fields a measured plan depends on (random weights of a shape time like real ones)."""
+    return {k: getattr(hf_config, k, None) for k in (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size")}
+
+
 def plan_key(graphs, model_shape: dict, dtype: str, splits: list[int], anchors: list[int],
              ctx_points: list[int]) -> dict:
     """Everything a measured plan depends on."""
@@ -185,11 +192,11 @@ def plan_key(graphs, model_shape: dict, dtype: str, splits: list[int], anchors: 
             "ctx_points": ctx_points, "max_model_len": graphs.max_model_len}
 
 
-def plan_cache_path(key: dict) -> str:
+def plan_cache_path(key: dict, prefix: str = "decode-plan") -> str:
     from splitserve.models.loader import cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), "plans", f"decode-plan-{digest}.json")
+    return os.path.join(cache_dir(), "plans", f"{prefix}-{digest}.json")
 
 
 def pingpong_on(partition, profiling: bool):

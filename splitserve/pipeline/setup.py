@@ -61,10 +61,8 @@ def setup_decode_pipeline(runner, config: EngineConfig, attention_sm: int | None
             for sm in [attention_sm] if attention_sm else planner.candidate_splits(total):
                 part = green.split(runner.device, sm)
                 partitions[pipeline_path(part.attention_sm, part.ffn_sm)] = part
-            shape = {k: getattr(runner.hf_config, k, None) for k in (
-                "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size")}
-            graphs.planner, report = planner.build_planner(graphs, partitions, shape, str(runner.dtype))
+            graphs.planner, report = planner.build_planner(graphs, partitions, planner.model_shape(runner.hf_config),
+                                                           str(runner.dtype))
             status.update(report)
         except RuntimeError as e:  # the driver refused a partition or a capture: plain graphs still run
             graphs.planner, graphs.pipelined = None, {}

@@ -1,4 +1,5 @@
-"""Decode CUDA graphs: static inputs, one plain graph per batch bucket, pipelined graphs per (path, bucket).
+"""Decode CUDA graphs: static inputs, one plain graph per batch bucket, pipelined graphs per (path, bucket), and
+the plain graphs captured again on the decode partition of a prefill ‖ decode split (pipeline/pd_multiplex.py).
 
 One object owns capture, replay and timing, keyed by a typed `DecodePath`. The decode planner
 (pipeline/planner.py) times paths and captures pipelined graphs through it and then chooses per step;
@@ -21,26 +22,28 @@ from splitserve.worker.inputs import fake_batch, prepare_inputs
 
 @dataclass(frozen=True)
 class DecodePath:
-    """How a decode step runs: eagerly, as the plain CUDA graph, or pipelined on an SM split."""
-    kind: str  # "eager" | "plain" | "pipeline"
-    attention_sm: int | None = None  # the split's real sizes (pipeline only)
+    """How a decode step runs: eagerly, as the plain CUDA graph, pipelined on an SM split, or as the plain graph on
+    the decode partition of a prefill ‖ decode split (attention_sm: that partition's SMs)."""
+    kind: str  # "eager" | "plain" | "pipeline" | "partition"
+    attention_sm: int | None = None  # the split's real sizes (pipeline, partition)
     ffn_sm: int | None = field(default=None, compare=False)  # the rest of the GPU: implied by attention_sm
 
     @classmethod
     def parse(cls, name: str) -> DecodePath:
         kind, _, sm = name.partition(":")
-        if kind not in ("eager", "plain", "pipeline") or (kind == "pipeline") != sm.isdigit():
+        split = kind in ("pipeline", "partition")
+        if kind not in ("eager", "plain", "pipeline", "partition") or split != sm.isdigit():
             raise ValueError(f"not a decode path: {name!r}")
         return cls(kind, int(sm) if sm else None)
 
     @property
     def name(self) -> str:
         """Stable text form (plan files, profiles): "eager", "plain", "pipeline:<attention SMs>"."""
-        return f"pipeline:{self.attention_sm}" if self.kind == "pipeline" else self.kind
+        return f"{self.kind}:{self.attention_sm}" if self.attention_sm is not None else self.kind
 
     @property
     def stats_name(self) -> str:
-        return {"plain": "cuda_graph"}.get(self.kind, self.kind)
+        return {"plain": "cuda_graph", "partition": "cuda_graph_pd_partition"}.get(self.kind, self.kind)
 
     def __str__(self) -> str:
         return self.name
@@ -78,8 +81,9 @@ class DecodeGraphs:
         self.buckets = sorted({b for b in (1, 2, 4, 8) if b < max_num_seqs} | set(range(16, max_num_seqs, 16))
                               | {max_num_seqs})
         self.plain: dict[int, _Graph] = {}
-        self.pipelined: dict[tuple[DecodePath, int], _Graph] = {}
+        self.pipelined: dict[tuple[DecodePath, int], _Graph] = {}  # every graph but the plain ones
         self.planner = None  # pipeline.planner.DecodePlanner, once the pipeline is set up
+        self.split_path: DecodePath | None = None  # PD multiplexing: the partition graphs to replay meanwhile
         self.profiler = StepProfiler() if profiling else None
         self.last_path: DecodePath | None = None
         self.capture_time_s = 0.0
@@ -101,13 +105,16 @@ class DecodeGraphs:
         self.memory_bytes = mem0 - self.free_memory()
 
     # ---- capture ----
-    def _capture(self, bucket: int, schedule=None) -> _Graph:
+    def _capture(self, bucket: int, schedule=None, stream: torch.cuda.Stream | None = None) -> _Graph:
         t0 = time.perf_counter()
         args = (self.i64[0, :bucket], self.i64[1, :bucket], self._meta(bucket), schedule)
         with torch.no_grad():
-            self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels and sets up its workspaces)
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # a None stream: the current one
+                self.model(*args)  # warm up (Triton compiles, cuBLAS picks kernels and sets up its workspaces)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 output = self.model(*args)
         torch.cuda.synchronize(self.device)
         self.capture_time_s += time.perf_counter() - t0
@@ -118,6 +125,15 @@ class DecodeGraphs:
         split) as one graph: it forks onto the partitions' streams and joins back, and keeps the partition
         it was captured on. With profiling, the schedule's events time every stage on each replay."""
         self.pipelined[(path, bucket)] = self._capture(bucket, schedule)
+
+    def capture_on(self, path: DecodePath, bucket: int, stream: torch.cuda.Stream) -> None:
+        """The plain decode step for `bucket` rows captured on `stream` (a green-context partition's): it keeps
+        that partition's SMs wherever it is replayed."""
+        self.pipelined[(path, bucket)] = self._capture(bucket, stream=stream)
+
+    def drop(self, path: DecodePath) -> None:
+        for key in [k for k in self.pipelined if k[0] == path]:
+            del self.pipelined[key]
 
     def keep_pipelined(self, keep: set[tuple[DecodePath, int]]) -> None:
         for key in [k for k in self.pipelined if k not in keep]:
@@ -144,6 +160,8 @@ class DecodeGraphs:
         bucket = self.bucket_for(num_seqs)
         if bucket is None:
             return None
+        if self.split_path is not None:
+            return self.split_path, bucket
         if self.planner is None:
             return PLAIN, bucket
         return self.planner.choose(num_seqs, bucket, mean_ctx)

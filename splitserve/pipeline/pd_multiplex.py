@@ -1,0 +1,275 @@
+"""Prefill ‖ decode on one GPU (issue 13): the lanes' streams, the SM split, its calibrated plan, and why.
+
+The engine core (engine/core.py) runs a multiplexed step as two launches over one KV cache: a prefill batch
+(prompt chunks, never sampling) and a decode batch (every row that samples, 1 token each). Here:
+- `PDLanes.prefill_stream` is where a prefill batch is launched: the prefill side of a green-context split
+  of the GPU, chosen for the decode batch at hand. The prefill stream first waits for the work already
+  enqueued on the decode stream (the blocks it is about to write may have been freed by a step still running
+  there), then runs beside the decode steps that follow, for as many steps as it takes.
+- While a prefill batch runs, decode steps replay CUDA graphs captured on the decode side of the same split
+  (a graph keeps the partition it was captured on, GPU-FACTS.md), so they keep their pace on their SMs;
+  with no prefill running they replay the plain graphs over the whole GPU.
+- The split follows the load: at start-up each candidate decode partition is timed at a few batch sizes
+  while a prefill runs on the rest (the plan, cached as JSON like the decode plan); a prefill launch takes the
+  fewest decode SMs that keep the decode step within the target (`pd_itl_target_ms`, default
+  DEFAULT_TARGET_FACTOR × the idle step at that batch). A split holds for a whole prefill batch (no two
+  splits ever overlap), so re-choosing per prefill batch is the hysteresis; a change is logged.
+On CPU the lanes run one after the other (no streams; the same scheduler), which is what CI tests. On a GPU
+without green contexts (old driver, MIG, no cuda-bindings) or without CUDA graphs (`enforce_eager`) the
+mode is off and the requests run colocated with chunked prefill; one WARNING says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from splitserve.config import EngineConfig
+from splitserve.worker.decode_graphs import PLAIN, DecodePath
+
+logger = logging.getLogger("splitserve")
+
+DEFAULT_TARGET_FACTOR = 1.5  # default decode-step target beside a prefill: this × the idle step (same batch)
+PLAN_VERSION = 1
+
+
+def partition_path(decode_sm: int) -> DecodePath:
+    return DecodePath("partition", decode_sm)
+
+
+@dataclass
+class PDPlan:
+    """Decode step times (ms) at batch anchors: alone on the whole GPU, and per candidate decode partition while
+    a prefill runs on the rest; and the split each anchor gets under the target."""
+    anchors: list[int]
+    ctx: int
+    prefill_tokens: int
+    idle_ms: list[float]
+    beside_prefill_ms: dict[str, list[float]]  # str(decode SMs) -> per anchor
+    prefill_sms: dict[str, int]  # str(decode SMs) -> the rest, as the driver made it
+    overlapped: dict[str, list[bool]]  # whether the prefill was still running when the timing ended
+    key: dict = field(default_factory=dict)
+    calibration_s: float = 0.0
+
+    def choice(self, anchor_index: int, target_ms: float | None) -> tuple[int, float, bool]:
+        """(decode SMs, target ms, met) at one anchor: the fewest SMs within the target, else the most."""
+        target = target_ms if target_ms is not None else DEFAULT_TARGET_FACTOR * self.idle_ms[anchor_index]
+        sizes = sorted(int(s) for s in self.beside_prefill_ms)
+        for sm in sizes:
+            if self.beside_prefill_ms[str(sm)][anchor_index] <= target:
+                return sm, target, True
+        return sizes[-1], target, False
+
+    def table(self, target_ms: float | None) -> str:
+        sizes = sorted(int(s) for s in self.beside_prefill_ms)
+        head = "batch | idle ms | " + " | ".join(f"{s} SMs" for s in sizes) + " | target ms | decode SMs"
+        lines = [head, "-" * len(head)]
+        for i, anchor in enumerate(self.anchors):
+            sm, target, met = self.choice(i, target_ms)
+            cells = " | ".join(f"{self.beside_prefill_ms[str(s)][i]:.2f}" for s in sizes)
+            lines.append(f"{anchor} | {self.idle_ms[i]:.2f} | {cells} | {target:.2f} | {sm}"
+                         + ("" if met else " (target missed: the most SMs)"))
+        return "\n".join(lines)
+
+
+class PDLanes:
+    """The multiplexed core's streams and split. `partitions` is empty on CPU (lanes run one after the other)."""
+
+    def __init__(self, status: dict, partitions: dict | None = None, plan: PDPlan | None = None,
+                 target_ms: float | None = None):
+        self.status = status
+        self.partitions = partitions or {}  # decode SMs -> green.SMPartition (group: decode, rest: prefill)
+        self.plan, self.target_ms = plan, target_ms
+        self.decode_sm: int | None = None  # the split of the running prefill batch (None: none running)
+        self.last_decode_sm: int | None = None
+        self.prefill_started = 0.0
+
+    @property
+    def concurrent(self) -> bool:
+        return bool(self.partitions)
+
+    def choose_split(self, num_decode: int) -> int:
+        """Decode SMs for a prefill batch launched beside a decode batch of `num_decode` rows."""
+        if len(self.partitions) == 1 or self.plan is None:
+            return next(iter(self.partitions))
+        anchors = self.plan.anchors
+        i = next((k for k, a in enumerate(anchors) if a >= num_decode), len(anchors) - 1)
+        return self.plan.choice(i, self.target_ms)[0]
+
+    @contextlib.contextmanager
+    def prefill_stream(self, num_decode: int, prev_tokens: torch.Tensor | None):
+        """Launch a prefill batch inside: on the prefill partition of the split chosen for `num_decode`."""
+        st = self.status
+        st["prefill_launches"] += 1
+        self.prefill_started = time.perf_counter()
+        if not self.partitions:
+            yield
+            return
+        sm = self.choose_split(num_decode)
+        if sm != self.last_decode_sm:
+            if self.last_decode_sm is not None:
+                st["split_switches"] += 1
+                logger.info("PD multiplexing: decode partition %d -> %d SMs (decode batch %d)",
+                            self.last_decode_sm, sm, num_decode)
+            self.last_decode_sm = sm
+        self.decode_sm = st["decode_sm"] = sm
+        st["prefill_sm"] = self.partitions[sm].ffn_sm
+        stream = self.partitions[sm].ffn_stream
+        stream.wait_stream(torch.cuda.current_stream())  # blocks it writes may be freed by a step still running
+        if prev_tokens is not None:
+            prev_tokens.record_stream(stream)  # a recomputed placeholder is gathered from them on this stream
+        with torch.cuda.stream(stream):
+            yield
+
+    def is_done(self, step) -> bool:
+        return step.event is None or step.event.query()
+
+    def prefill_done(self) -> None:
+        self.status["prefill_lane_time_s"] += time.perf_counter() - self.prefill_started
+        self.decode_sm = None
+
+    def decode_path(self) -> DecodePath | None:
+        """The graphs a decode step replays now: the decode partition's while a prefill runs, else plain."""
+        return None if self.decode_sm is None else partition_path(self.decode_sm)
+
+    def count_decode(self, prefill_running: bool) -> None:
+        self.status["decode_steps_beside_prefill" if prefill_running else "decode_steps_alone"] += 1
+
+
+def check_decode_sm(config: EngineConfig, device: torch.device) -> None:
+    """pd_decode_sm against this GPU's SM count, before any memory is taken."""
+    from splitserve.pipeline import green
+
+    if not config.enable_pd_multiplex or config.pd_decode_sm is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if config.pd_decode_sm > total - green.SM_GRANULARITY:
+        raise ValueError(f"pd_decode_sm = {config.pd_decode_sm} leaves under {green.SM_GRANULARITY} of the "
+                         f"{total} SMs of this GPU for prefill")
+
+
+def _status(config: EngineConfig) -> dict:
+    return {"requested": config.enable_pd_multiplex, "mode": "off", "concurrent": False, "reason": "not requested"}
+
+
+def setup_pd_multiplex(runner, config: EngineConfig) -> tuple[PDLanes | None, dict]:
+    """The lanes for an engine core, or None (mode off: not requested, or colocated as the fallback), and the
+    mode's status. Says once, as a WARNING, when the mode does not run concurrently, and why."""
+    from splitserve.pipeline import green
+
+    status = _status(config)
+    if not config.enable_pd_multiplex:
+        return None, status
+    status.update(decode_sm=config.pd_decode_sm, prefill_sm=None, itl_target_ms=config.pd_itl_target_ms,
+                  prefill_launches=0, decode_steps_beside_prefill=0, decode_steps_alone=0,
+                  decode_done_while_prefill_ran=0, split_switches=0, prefill_lane_time_s=0.0)
+    device = runner.device
+    if device.type == "cpu":
+        status.update(mode="sequential", reason="CPU device: green contexts need a CUDA GPU")
+        logger.warning("PD multiplexing requested but prefill and decode do not run concurrently: %s; the prefill "
+                       "lane and the decode lane run one after the other (same scheduler)", status["reason"])
+        return PDLanes(status), status
+    ok, reason = green.capability(device)
+    if ok and runner.graphs is None:
+        ok, reason = False, "enforce_eager=True, and the decode partition runs only as CUDA graphs"
+    if ok:
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        try:
+            return _concurrent_lanes(runner, config, status, total), status
+        except RuntimeError as e:  # the driver refused a partition or a capture: colocated still runs
+            ok, reason = False, f"setting up the partitions failed: {e}"
+    status.update(mode="colocated", reason=reason)
+    logger.warning("PD multiplexing requested but unavailable: %s; the requests run colocated with chunked "
+                   "prefill (max_num_batched_tokens=%d)", reason, config.max_num_batched_tokens)
+    return None, status
+
+
+def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) -> PDLanes:
+    from splitserve.pipeline import green, planner
+
+    graphs = runner.graphs
+    sizes = [config.pd_decode_sm] if config.pd_decode_sm else planner.candidate_splits(total)
+    t0 = time.perf_counter()
+    mem0 = graphs.free_memory()
+    partitions = {}
+    for sm in sizes:
+        part = green.split(runner.device, sm)
+        partitions[part.attention_sm] = part  # the driver's real size (group: decode, rest: prefill)
+    for sm, part in partitions.items():
+        for bucket in reversed(graphs.buckets):
+            graphs.capture_on(partition_path(sm), bucket, part.attention_stream)
+    plan, cached, plan_file = None, False, None
+    if len(partitions) > 1:
+        plan, cached, plan_file = _plan(runner, partitions, config.max_num_batched_tokens)
+        used = {plan.choice(i, config.pd_itl_target_ms)[0] for i in range(len(plan.anchors))}
+        for sm in [s for s in partitions if s not in used]:
+            graphs.drop(partition_path(sm))
+            del partitions[sm]
+    status.update(mode="concurrent", concurrent=True,
+                  reason="green-context partitions: prefill beside decode; decode on the whole GPU when no "
+                         "prefill runs", candidate_decode_sm=sorted(int(s) for s in sizes),
+                  decode_sm_used=sorted(partitions), setup_s=round(time.perf_counter() - t0, 2),
+                  graph_memory_bytes=mem0 - graphs.free_memory(), plan_file=plan_file, plan_cached=cached,
+                  plan=plan.table(config.pd_itl_target_ms) if plan else None,
+                  default_target_factor=DEFAULT_TARGET_FACTOR)
+    logger.info("PD multiplexing: decode partitions %s SMs (prefill: the rest)%s", sorted(partitions),
+                "" if plan is None else f"; plan ({'cached' if cached else 'calibrated'}):\n{status['plan']}")
+    return PDLanes(status, partitions, plan, config.pd_itl_target_ms)
+
+
+def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
+    from splitserve.pipeline import planner
+
+    graphs = runner.graphs
+    anchors = [b for b in graphs.buckets if b in (1, 8, 32, 64, 128, 256, 512)] or [graphs.buckets[-1]]
+    ctx = min(1024, graphs.max_model_len - 2)
+    tokens = min(chunk, graphs.max_model_len - 1)
+    key = planner.plan_key(graphs, planner.model_shape(runner.hf_config), str(runner.dtype), sorted(partitions),
+                           anchors, [ctx])
+    key.update(kind="pd-multiplex", prefill_tokens=tokens)
+    path = planner.plan_cache_path(key, "pd-plan")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.pop("version", None) == PLAN_VERSION and data.get("key") == key:
+                return PDPlan(**data), True, path
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            logger.warning("PD plan cache %s unreadable (%s); calibrating again", path, e)
+    plan = calibrate(runner, partitions, anchors, ctx, tokens)
+    plan.key = key
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"version": PLAN_VERSION, **asdict(plan)}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return plan, False, path
+
+
+def calibrate(runner, partitions: dict, anchors: list[int], ctx: int, tokens: int, iters: int = 5) -> PDPlan:
+    """Per anchor: the plain graph's step alone, and each partition's graph while fake prefills of `tokens`
+    tokens run on the rest (three back to back, so that they outlast the timed replays; `overlapped` says
+    whether they did). Start-up only: the fake batches write into the KV cache."""
+    from splitserve.worker.inputs import fake_batch
+
+    graphs = runner.graphs
+    t0 = time.perf_counter()
+    idle = [graphs.time(PLAIN, a, ctx, iters) for a in anchors]
+    beside, overlapped, rest = {}, {}, {}
+    prefill = fake_batch(1, 0, runner.block_size, runner.num_kv_blocks, num_new_tokens=tokens, token_id=0)
+    for sm, part in partitions.items():
+        beside[str(sm)], overlapped[str(sm)], rest[str(sm)] = [], [], part.ffn_sm
+        for anchor in anchors:
+            part.ffn_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(part.ffn_stream):
+                for _ in range(3):
+                    step = runner.launch(prefill)
+            beside[str(sm)].append(graphs.time(partition_path(sm), anchor, ctx, iters))
+            overlapped[str(sm)].append(not step.event.query())
+            step.event.synchronize()
+    return PDPlan(anchors, ctx, tokens, idle, beside, rest, overlapped, calibration_s=time.perf_counter() - t0)
