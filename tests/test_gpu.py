@@ -494,8 +494,10 @@ def _pd_workload(llm, prompts_long, prompts_short, params):
     for _ in range(4):
         engine.step()
     long = [engine.add_request(p, params) for p in prompts_long]
+    llm.decode_sm_seen = set()  # the /metrics gauge after each step
     while engine.has_unfinished_requests():
         engine.step()
+        llm.decode_sm_seen.add(engine.core.gauges().pd_decode_sm)
     reqs = short + long
     out = [r.output_token_ids for r in reqs]
     for r in reqs:
@@ -505,7 +507,7 @@ def _pd_workload(llm, prompts_long, prompts_short, params):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b_peaked, dtype):
-    """Outputs equal the colocated engine's (greedy, 40 steps; fp32 and bf16), the decode steps ran on their
+    """Outputs equal the colocated engine's (greedy: 40 steps in fp32, 32 in bf16), the decode steps ran on their
     partition's graphs while a prefill batch was still running on the device (observed: a decode step resolved
     while the prefill's event had not passed), and every block comes back."""
     shorts = random_prompts(24, 20, 200, seed=4, vocab=151936)
@@ -521,8 +523,10 @@ def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b_peaked, dtype):
     got = _pd_workload(llm, longs, shorts, params)
     mode = llm.stats()["pd_multiplex"]
     assert mode["mode"] == "concurrent" and mode["decode_sm"] == 48, mode
-    assert got == want
+    steps = 40 if dtype == "float32" else 32  # the issue's bar for bf16: greedy equal over >= 32 steps
+    assert [g[:steps] for g in got] == [w[:steps] for w in want]
     assert mode["decode_steps_beside_prefill"] > 0 and mode["decode_done_while_prefill_ran"] > 0, mode
+    assert llm.decode_sm_seen == {48, None}  # the partition while a prefill ran, the whole GPU otherwise
     assert llm.stats()["kv_used_blocks"] == 0
     graphs = llm.engine.core.runner.graphs
     parts = {(p.name, b) for p, b in graphs.pipelined}

@@ -326,8 +326,10 @@ class EngineCore:
     # ---- reporting ----
     def gauges(self) -> CoreGauges:
         bm, path = self.block_manager, self.runner.last_decode_path or (PLAIN if self.runner.graphs else EAGER)
+        split = path.kind == "pipeline"
         return CoreGauges(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage(),
-                          self.scheduler.num_preemptions, path.stats_name, path.attention_sm, path.ffn_sm)
+                          self.scheduler.num_preemptions, path.stats_name, path.attention_sm if split else None,
+                          path.ffn_sm if split else None, path.attention_sm if path.kind == "partition" else None)
 
     def stats(self) -> dict:
         bm, runner, graphs = self.block_manager, self.runner, self.runner.graphs

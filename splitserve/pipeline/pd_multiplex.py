@@ -9,6 +9,8 @@ The engine core (engine/core.py) runs a multiplexed step as two launches over on
 - While a prefill batch runs, decode steps replay CUDA graphs captured on the decode side of the same split
   (a graph keeps the partition it was captured on, GPU-FACTS.md), so they keep their pace on their SMs;
   with no prefill running they replay the plain graphs over the whole GPU.
+- A prefill batch launched while no decode runs takes the whole GPU (an ordinary stream): there is no pace to
+  keep; decode steps that start before it is done (its own prompts' first tokens) share the GPU with it.
 - The split follows the load: at start-up each candidate decode partition is timed at a few batch sizes
   while a prefill runs on the rest (the plan, cached as JSON like the decode plan); a prefill launch takes the
   fewest decode SMs that keep the decode step within the target (`pd_itl_target_ms`, default
@@ -35,7 +37,10 @@ from splitserve.worker.decode_graphs import PLAIN, DecodePath
 
 logger = logging.getLogger("splitserve")
 
-DEFAULT_TARGET_FACTOR = 1.5  # default decode-step target beside a prefill: this × the idle step (same batch)
+# Default decode-step target beside a prefill: this × the idle step at the same batch. A chunked-prefill stall
+# costs decode 10-30 idle steps (docs/PD-MULTIPLEX.md); 2× keeps far below that while prefill keeps 3/4 of the
+# SMs at small batch (H200 plan: 32 decode SMs up to batch 32, 48 above).
+DEFAULT_TARGET_FACTOR = 2.0
 PLAN_VERSION = 1
 
 
@@ -89,6 +94,7 @@ class PDLanes:
         self.decode_sm: int | None = None  # the split of the running prefill batch (None: none running)
         self.last_decode_sm: int | None = None
         self.prefill_started = 0.0
+        self.whole_gpu_stream = torch.cuda.Stream() if self.partitions else None
 
     @property
     def concurrent(self) -> bool:
@@ -110,6 +116,14 @@ class PDLanes:
         self.prefill_started = time.perf_counter()
         if not self.partitions:
             yield
+            return
+        if num_decode == 0:  # nothing to keep pace with: the whole GPU (decode steps that start meanwhile share it)
+            st["prefill_launches_whole_gpu"] += 1
+            self.decode_sm = None
+            stream = self.whole_gpu_stream
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                yield
             return
         sm = self.choose_split(num_decode)
         if sm != self.last_decode_sm:
@@ -167,7 +181,7 @@ def setup_pd_multiplex(runner, config: EngineConfig) -> tuple[PDLanes | None, di
     if not config.enable_pd_multiplex:
         return None, status
     status.update(decode_sm=config.pd_decode_sm, prefill_sm=None, itl_target_ms=config.pd_itl_target_ms,
-                  prefill_launches=0, decode_steps_beside_prefill=0, decode_steps_alone=0,
+                  prefill_launches=0, prefill_launches_whole_gpu=0, decode_steps_beside_prefill=0, decode_steps_alone=0,
                   decode_done_while_prefill_ran=0, split_switches=0, prefill_lane_time_s=0.0)
     device = runner.device
     if device.type == "cpu":
