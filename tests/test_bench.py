@@ -52,6 +52,75 @@ def test_pd_serving_simulation_harness(tmp_path):
     assert "P7" in data["goals"] and any(f.endswith(".png") for f in files)
 
 
+def test_pdmux_serving_simulation_harness(tmp_path):
+    """Issue 13's one-GPU bench on CPU: pdmux and two colocated chunk sizes, two rates, time-boxed runs. Every
+    setup sees the same arrivals; every gap of every measured request is counted; goals are judged."""
+    data, files = run_bench(tmp_path, "pdmux", "--request-rates", "15", "30", "--duration-s", "1", "--warmup-s",
+                            "0.2", "--drain-s", "0.3", "--input-range", "8", "40", "--output-range", "3", "9",
+                            "--colocated-chunks", "16", "64")
+    setups = data["setups"]
+    assert list(setups) == ["pdmux", "colocated-16", "colocated-64"], setups
+    assert [setups[n]["max_num_batched_tokens"] for n in setups] == [8192, 16, 64]
+    assert setups["pdmux"]["pd_multiplex"]["requested"] and not setups["colocated-16"]["pd_multiplex"]["requested"]
+    arrivals = {}
+    for s in setups.values():
+        assert [r["request_rate"] for r in s["runs"]] == [15.0, 30.0]
+        for r in s["runs"]:
+            rows = r["requests"]
+            assert r["measured_requests"] == len(rows) > 0
+            assert all(0.2 <= q["arrival_s"] < 0.7 for q in rows)
+            left = r["left_out"]
+            assert left["warmup_arrivals"] + left["drain_arrivals"] + len(rows) == r["arrivals"]
+            # every gap: token timestamps and token counts come from different places
+            assert r["itl_s"]["n"] == sum(max(0, q["output_len"] - 1) for q in rows) > 0
+            assert r["itl_s"]["p99.9"] >= r["itl_s"]["p99"] >= r["itl_s"]["p50"] > 0
+            assert r["ttft_s"]["p99"] >= r["ttft_s"]["p50"] > 0 and r["request_itl_p99_s"]["n"] > 0
+            assert r["output_tok_s"] > 0 and 0 <= r["goodput_request_s"] * 0.5 <= len(rows) + 1e-9
+            arrivals.setdefault(r["request_rate"], []).append([(q["arrival_s"], q["prompt_len"]) for q in rows])
+    assert all(a == runs[0] for runs in arrivals.values() for a in runs)  # same requests at the same times
+    g = data["goals"]
+    assert g["P9"]["met"] in (True, False) and g["P9"]["rate"] in (15.0, 30.0)
+    assert g["P9"]["best_colocated"] in ("colocated-16", "colocated-64") and g["P10"]["met"] in (True, False)
+    assert data["device"] == "cpu" and {f.rsplit(".", 1)[1] for f in files} == {"json", "md", "png"}
+
+
+def test_pdmux_goals_pick_the_rate_and_survive_missing_setups():
+    from splitserve.bench.pdmux import goals
+
+    def run(rate, tok_s, goodput, itl_p99, ttft_p99):
+        return {"request_rate": rate, "output_tok_s": tok_s, "goodput_request_s": goodput,
+                "itl_s": {"p99": itl_p99}, "ttft_s": {"p99": ttft_p99}}
+
+    colo = {"runs": [run(2, 500, 1.0, 0.05, 1.0), run(4, 900, 1.5, 0.08, 1.5), run(8, 1000, 0.5, 0.3, 9.0)]}
+    weak = {"runs": [run(2, 400, 0.8, 0.02, 3.0), run(4, 600, 0.2, 0.02, 8.0), run(8, 650, 0.0, 0.02, 20.0)]}
+    mux = {"runs": [run(2, 500, 1.9, 0.02, 1.1), run(4, 880, 3.0, 0.03, 1.8), run(8, 990, 2.5, 0.04, 4.0)]}
+    r = {"setups": {"colocated-2048": colo, "colocated-512": weak, "pdmux": mux}}
+    g = goals(r)
+    p9 = g["P9"]
+    assert p9["best_colocated"] == "colocated-2048" and p9["rate"] == 4  # 900 ≥ 0.8 × 1000, 500 is not
+    assert p9["itl_p99_ratio"] == 0.03 / 0.08 and p9["ttft_p99_ratio"] == 1.8 / 1.5
+    assert p9["output_tok_s_ratio"] == 880 / 900 and p9["met"]  # 0.375 ≤ 0.4, 1.2 ≤ 1.25, 0.98 ≥ 0.9
+    assert p9["vs_each_colocated"]["colocated-512"]["itl_p99_ratio"] == 0.03 / 0.02
+    mux["runs"][1]["ttft_s"]["p99"] = 1.9  # 1.27× the best colocated's
+    assert goals(r)["P9"]["met"] is False
+    assert g["P10"]["goodput_ratio"] == 3.0 / 1.5 and g["P10"]["met"]
+    assert g["P10"]["per_rate_ratio"]["8"] == 2.5 / 0.5
+    for missing in ("pdmux", "colocated-2048"):
+        r2 = {"setups": {k: v for k, v in r["setups"].items() if k != missing}}
+        if missing == "colocated-2048":
+            r2["setups"]["colocated-512"] = {"error": "OutOfMemoryError"}
+        assert {k: v["met"] for k, v in goals(r2).items()} == {"P9": None, "P10": None}
+
+
+@pytest.mark.parametrize("flags,message", [(["--request-rates", "2", "inf"], "finite"),
+                                           (["--setups", "colocated-100"], "unknown setup")])
+def test_pdmux_bench_refuses_bad_flags_before_any_run(tmp_path, flags, message):
+    res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "pdmux", *flags, "--shape", "tiny",
+                          "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_pipeline_bench_needs_green_contexts_and_says_so(tmp_path):
     res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "pipeline", "--shapes", "tiny", "--device",
                           "cpu", "--batch-sizes", "16", "--context-lens", "64", "--out", str(tmp_path)],

@@ -13,10 +13,11 @@ def add_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="benchmarks: latency | throughput | smallbatch | serve (load on a running server) | "
                                 "pd (M1 serving simulation: colocated vs data-parallel vs prefill/decode split) | "
+                                "pdmux (issue 13, one GPU: colocated with chunked prefill vs PD multiplexing) | "
                                 "pipeline (M2/M3: plain decode graph vs pipelined splits vs the planner) | "
                                 "sampling (decode tok/s with penalties etc. against plain sampling)")
-    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd", "pipeline",
-                                            "sampling"])
+    bench.add_argument("workload", choices=["latency", "throughput", "smallbatch", "serve", "pd", "pdmux",
+                                            "pipeline", "sampling"])
     bench.add_argument("--shape", default=None, help="random weights of a named shape: qwen3-0.6b | qwen3-8b | "
                                                      "llama3-8b (instead of --model)")
     bench.add_argument("--compare", nargs="+", choices=["hf", "hf-compiled"], default=[],
@@ -33,21 +34,35 @@ def add_parser(sub, add_engine_args) -> None:
     bench.add_argument("--context-lens", type=int, nargs="+", default=None,
                        help="latency: 256 1024 2048 8192; pipeline: 256 512 1024 2048 4096")
     bench.add_argument("--num-requests", type=int, default=256)
-    bench.add_argument("--input-range", type=int, nargs=2, default=[100, 1024])
-    bench.add_argument("--output-range", type=int, nargs=2, default=[100, 1024])
+    bench.add_argument("--input-range", type=int, nargs=2, default=None, help="default: 100 1024; pdmux: 512 4096")
+    bench.add_argument("--output-range", type=int, nargs=2, default=None, help="default: 100 1024; pdmux: 64 512")
     bench.add_argument("--hf-requests", type=int, default=256, help="requests HF runs in the throughput compare")
     serve = bench.add_argument_group("serve (online load against a running `splitserve serve`)")
     serve.add_argument("--url", default="http://127.0.0.1:8000")
-    serve.add_argument("--request-rates", type=float, nargs="+", default=[1, 4, 16, float("inf")],
-                       help="requests/s (Poisson arrivals); inf sends all at once")
+    serve.add_argument("--request-rates", type=float, nargs="+", default=None,
+                       help="requests/s (Poisson arrivals); inf sends all at once (default: 1 4 16 inf; "
+                            "pdmux: 2 4, finite only)")
     serve.add_argument("--max-concurrency", type=int, default=None)
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--served-model-name", default=None, help="default: the server's first model")
     serve.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on time to first token (s)")
     serve.add_argument("--slo-tpot", type=float, default=0.05, help="goodput SLO on time per output token (s)")
     serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
-    serve.add_argument("--setups", nargs="+", default=["colocated", "data_parallel", "pd"],
-                       choices=["colocated", "data_parallel", "pd"], help="pd workload: which setups to run")
+    serve.add_argument("--setups", nargs="+", default=None,
+                       help="which setups to run; pd: colocated data_parallel pd (default: all); pdmux: pdmux "
+                            "colocated-N for N in --colocated-chunks, 'colocated' for all of those (default: all)")
+    mux = bench.add_argument_group("pdmux (one GPU: time-boxed runs per rate, every inter-token gap)")
+    mux.add_argument("--colocated-chunks", type=int, nargs="+", default=[512, 2048, 8192],
+                     help="max_num_batched_tokens of the colocated setups; the pdmux setup takes "
+                          "--max-num-batched-tokens (default 8192) as its prefill chunk budget")
+    mux.add_argument("--duration-s", type=float, default=40.0, help="time box per rate: arrivals come until then, "
+                                                                    "then what is left is aborted")
+    mux.add_argument("--warmup-s", type=float, default=8.0, help="arrivals before this are load, not measured")
+    mux.add_argument("--drain-s", type=float, default=None,
+                     help="arrivals in the last DRAIN_S seconds are load, not measured (default: slo-ttft + output "
+                          "max × slo-itl, the longest a request within the SLO takes)")
+    mux.add_argument("--slo-itl", type=float, default=0.030,
+                     help="goodput SLO on each request's own p99 inter-token gap (s)")
     pipe = bench.add_argument_group("pipeline (decode pipeline on green-context SM splits)")
     pipe.add_argument("--shapes", nargs="+", default=None, help="default: qwen3-8b qwen3-0.6b")
     pipe.add_argument("--splits", type=int, nargs="+", default=None,
@@ -68,6 +83,8 @@ def add_parser(sub, add_engine_args) -> None:
     bench.set_defaults(func=run)
 
 
+_DEFAULT_RANGES = {"pdmux": ([512, 4096], [64, 512])}
+_DEFAULT_RATES = {"pdmux": [2.0, 4.0]}
 _DEFAULT_GRID = {"latency": ([1, 16, 64, 256, 1024], [256, 1024, 2048, 8192]),
                  "pipeline": ([16, 64, 256, 512, 1024], [256, 512, 1024, 2048, 4096])}
 
@@ -81,12 +98,17 @@ def run(args: argparse.Namespace) -> None:
     batches, ctxs = _DEFAULT_GRID.get(args.workload, _DEFAULT_GRID["latency"])
     args.batch_sizes = args.batch_sizes or batches
     args.context_lens = args.context_lens or ctxs
+    ins, outs = _DEFAULT_RANGES.get(args.workload, ([100, 1024], [100, 1024]))
+    args.input_range, args.output_range = args.input_range or ins, args.output_range or outs
+    args.request_rates = args.request_rates or _DEFAULT_RATES.get(args.workload, [1, 4, 16, float("inf")])
     if args.workload == "serve":
         return _run_serve(args)
     if args.workload == "pipeline":
         return _run_pipeline(args)
     if args.workload == "pd":
         return _run_pd(args)
+    if args.workload == "pdmux":
+        return _run_pdmux(args)
     if args.workload == "sampling":
         try:
             workloads.check_sampling_modes(args.modes)
@@ -153,6 +175,7 @@ def _run_pd(args: argparse.Namespace) -> None:
     from splitserve.bench.pd import pd_bench
 
     args.enable_prefix_caching = False if args.enable_prefix_caching is None else args.enable_prefix_caching
+    args.setups = _check_setups("pd", args.setups, ["colocated", "data_parallel", "pd"])
     result = pd_bench(args)
     devices = result["devices"]
     result.update({"date": datetime.date.today().isoformat(), "model": args.shape or args.model or "default",
@@ -160,6 +183,47 @@ def _run_pd(args: argparse.Namespace) -> None:
                    "device": " + ".join(torch.cuda.get_device_name(d) if d.startswith("cuda") else d
                                         for d in devices)})
     name = args.name or f"pd-{result['model']}"
+    for path in report.write(result, args.out, name):
+        print(path)
+    print(report.markdown(result))
+
+
+def _check_setups(workload: str, asked: list[str] | None, known: list[str], groups: dict | None = None) -> list[str]:
+    """The setups to run, in the order asked (default: all known); a group name stands for its members."""
+    out = []
+    for name in asked or known:
+        for member in (groups or {}).get(name, [name]):
+            if member not in known:
+                raise SystemExit(f"splitserve bench {workload}: unknown setup {member!r}; known: {', '.join(known)}")
+            out += [member] if member not in out else []
+    return out
+
+
+def _run_pdmux(args: argparse.Namespace) -> None:
+    from splitserve.bench import report
+    from splitserve.bench.pdmux import COLOCATED, default_drain_s, pdmux_bench, setup_names
+
+    known = setup_names(args.colocated_chunks)
+    args.setups = _check_setups("pdmux", args.setups, known, {"colocated": [n for n in known
+                                                                             if n.startswith(COLOCATED)]})
+    problems = []
+    if any(not (0 < r < float("inf")) for r in args.request_rates):
+        problems.append("--request-rates must be finite and > 0 (each rate is a time-boxed Poisson run)")
+    if args.drain_s is None:
+        args.drain_s = default_drain_s(args.slo_ttft, args.slo_itl, args.output_range[1])
+    if not 0 <= args.warmup_s < args.duration_s - args.drain_s or args.drain_s < 0:
+        problems.append(f"no measured window: --warmup-s {args.warmup_s:g} must be below --duration-s "
+                        f"{args.duration_s:g} minus --drain-s {args.drain_s:g}")
+    if problems:
+        raise SystemExit("splitserve bench pdmux: " + "; ".join(problems))
+    # the same prompts come back at every rate: prefix hits would make the later rates cheap
+    args.enable_prefix_caching = False if args.enable_prefix_caching is None else args.enable_prefix_caching
+    name = args.name or f"pdmux-{args.shape or args.model or 'default'}".replace("/", "_")
+
+    def save(result: dict) -> None:
+        report.write(result, args.out, name)
+
+    result = pdmux_bench(args, save)
     for path in report.write(result, args.out, name):
         print(path)
     print(report.markdown(result))

@@ -31,29 +31,49 @@ def make_requests(n: int, in_range, out_range, vocab: int, seed: int = 0):
     return [(rng.integers(10, vocab - 10, k).tolist(), int(m)) for k, m in zip(ins, outs)]
 
 
-def drive(engine, requests, offsets: list[float], start_wall: float | None = None) -> list[RequestRecord]:
-    """Feed requests at their arrival offsets, step until all finish; TTFT counts from the scheduled arrival."""
+UNFINISHED = "unfinished: aborted at the end of the time box"
+
+
+def drive(engine, requests, offsets: list[float], start_wall: float | None = None, stop_at: float | None = None,
+          timeline: bool = False) -> list[RequestRecord]:
+    """Feed requests at their arrival offsets, step until all finish; TTFT counts from the scheduled arrival.
+
+    stop_at (seconds after the start) time-boxes the run: stepping stops there, requests still running are
+    aborted (record error UNFINISHED, with the tokens they got) and those due later are never sent, so an
+    overloaded rate costs no more time than any other. timeline: records keep the arrival and each output
+    token's visible time (seconds after the start), for every inter-token gap."""
     start_wall = start_wall or time.time()
+    horizon = math.inf if stop_at is None else stop_at
     seqs, i, n = [], 0, len(requests)
     while i < n or engine.has_unfinished_requests():
         now = time.time() - start_wall
-        while i < n and offsets[i] <= now:
+        while i < n and offsets[i] <= min(now, horizon):  # those due before a stop are sent (and aborted)
             prompt, out_len = requests[i]
             seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))
             seq.metrics.arrival_time = start_wall + offsets[i]
             seqs.append(seq)
             i += 1
+        if now >= horizon:
+            break
         if engine.has_unfinished_requests():
             engine.step()
         elif i < n:
-            time.sleep(max(0.0, min(0.01, offsets[i] - (time.time() - start_wall))))
+            time.sleep(max(0.0, min(0.01, offsets[i] - (time.time() - start_wall), horizon - now)))
+    unfinished = {seq.request_id for seq in seqs if not seq.is_finished}
+    for request_id in unfinished:
+        engine.abort(request_id)
     records = []
-    for seq in seqs:
+    for offset, seq in zip(offsets, seqs):
         m = seq.metrics
         k = seq.num_output_tokens
         ttft = None if m.first_token_time is None else m.first_token_time - m.arrival_time
         tpot = (m.last_token_time - m.first_token_time) / (k - 1) if k > 1 else None
-        records.append(RequestRecord(seq.num_prompt_tokens, k, ttft, tpot, m.last_token_time - m.arrival_time))
+        e2e = None if m.last_token_time is None else m.last_token_time - m.arrival_time
+        rec = RequestRecord(seq.num_prompt_tokens, k, ttft, tpot, e2e,
+                            UNFINISHED if seq.request_id in unfinished else None)
+        if timeline:
+            rec.arrival_s, rec.token_s = offset, [t - start_wall for t in m.token_times]
+        records.append(rec)
         engine.release(seq)
     return records
 

@@ -25,6 +25,10 @@ def markdown(r: dict) -> str:
         from splitserve.bench.pipeline import markdown as pipeline_markdown
 
         return pipeline_markdown(r)
+    if r["workload"] == "pdmux":
+        from splitserve.bench.pdmux import markdown as pdmux_markdown
+
+        return pdmux_markdown(r)
     head = f"# {r['workload']} — {r.get('model')} on {r.get('device')} (torch {r.get('torch')}, {r.get('date')})\n\n"
     if "runs" in r or "setups" in r:
         return head + serving_table(r) + pd_notes(r)
@@ -164,6 +168,10 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if r["workload"] == "pdmux":
+        from splitserve.bench.pdmux import plot as plot_pdmux
+
+        return plot_pdmux(r, path, plt)
     if "runs" in r or "setups" in r:
         return _plot_serving(r, path, plt)
     if r["workload"] == "pipeline":

@@ -20,6 +20,9 @@ class RequestRecord:
     tpot_s: float | None  # (last token - first token) / (output_len - 1)
     e2e_s: float | None
     error: str | None = None
+    # in-process simulations with a timeline (pd.drive): seconds after the run's start
+    arrival_s: float | None = None
+    token_s: list[float] | None = None  # when each output token became visible: every inter-token gap
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
