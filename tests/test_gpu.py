@@ -1,5 +1,6 @@
 """GPU tests (marker `gpu`): run on an H100/H200 machine with `pytest -m gpu`, never in CI."""
 
+import math
 import os
 
 import pytest
@@ -489,28 +490,27 @@ def _pd_workload(llm, prompts_long, prompts_short, params):
     return out
 
 
-def _first_divergence_is_a_tie(got, want, steps: int, max_gap: float) -> bool:
-    """Greedy outputs (token ids, logprobs) equal over `steps` tokens, or, where they first differ, both tokens
-    are the reference's top two with logprobs within `max_gap` (bf16: another kernel order may flip a near-tie;
-    a real error picks a token far below the top)."""
+def _first_divergence(got, want, steps: int) -> tuple[int, float] | None:
+    """Greedy outputs (token ids, logprobs): None if equal over `steps` tokens, else (step, how far below the
+    reference's top logprob the token taken there lies; inf if it is not in the reference's top 5)."""
     (g_ids, _), (w_ids, w_lps) = got, want
     n = min(steps, len(g_ids), len(w_ids))
     first = next((i for i in range(n) if g_ids[i] != w_ids[i]), None)
     if first is None:
-        return True
-    top = sorted(w_lps[first].items(), key=lambda kv: -kv[1].logprob)[:2]
-    return {t for t, _ in top} == {g_ids[first], w_ids[first]} and top[0][1].logprob - top[1][1].logprob < max_gap
+        return None
+    ref = {t: lp.logprob for t, lp in w_lps[first].items()}
+    return first, max(ref.values()) - ref.get(g_ids[first], -math.inf)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b, dtype):
-    """Outputs equal the colocated engine's (greedy: 40 steps exactly in fp32; in bf16 32 steps, a flip of a
-    near-tie between the reference's top two allowed), the decode steps ran on their partition's graphs while a
-    prefill batch was still running on the device (observed: a decode step resolved while the prefill's event
-    had not passed), and every block comes back."""
+    """Outputs equal the colocated engine's (greedy: 40 steps exactly in fp32; in bf16 32 steps, where a flip
+    of a near-tie, within 0.1 of the reference's top logprob, is allowed in a quarter of the requests), the
+    decode steps ran on their partition's graphs while a prefill batch was still running on the device
+    (observed: a decode step resolved while the prefill's event had not passed), and every block comes back."""
     shorts = random_prompts(24, 20, 200, seed=4, vocab=151936)
     longs = random_prompts(4, 2500, 3500, seed=5, vocab=151936)
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=5)
     kw = dict(max_model_len=4096, gpu_memory_utilization=0.45, dtype=dtype, max_num_seqs=64,
               max_num_batched_tokens=4096)
     colocated = LLM(qwen3_06b, **kw)
@@ -524,9 +524,10 @@ def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b, dtype):
     if dtype == "float32":
         assert [g[0] for g in got] == [w[0] for w in want]
     else:
-        ties = [i for i, (g, w) in enumerate(zip(got, want)) if g[0][:32] != w[0][:32]]
-        assert all(_first_divergence_is_a_tie(got[i], want[i], 32, 0.05) for i in ties), ties
-        assert len(ties) <= len(want) // 4, ties  # flips are rare, not the rule
+        # Where another kernel order (graphs vs the mixed batch's eager step) flips a near-tie, the token taken
+        # must lie within bf16 noise of the reference's best; a real error lands far below it.
+        flips = {i: d for i, (g, w) in enumerate(zip(got, want)) if (d := _first_divergence(g, w, 32)) is not None}
+        assert all(gap < 0.1 for _, gap in flips.values()) and len(flips) <= len(want) // 4, flips
     assert mode["decode_steps_beside_prefill"] > 0 and mode["decode_done_while_prefill_ran"] > 0, mode
     assert llm.decode_sm_seen == {48, None}  # the partition while a prefill ran, the whole GPU otherwise
     assert llm.stats()["kv_used_blocks"] == 0

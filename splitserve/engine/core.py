@@ -39,15 +39,17 @@ def fit_max_model_len(model: ModelSpec, capacity: int) -> int:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: ModelSpec):
-        from splitserve.pipeline.pd_multiplex import check_decode_sm, setup_pd_multiplex
+        from splitserve.pipeline.pd_multiplex import activation_pools, check_decode_sm, setup_pd_multiplex
         from splitserve.pipeline.setup import check_split, setup_decode_pipeline
 
         t0 = time.perf_counter()
         self.config, self.model = config, model
         attention_sm = check_split(config, resolve_device(config.device))  # before any memory is taken
-        check_decode_sm(config, resolve_device(config.device))
+        device = resolve_device(config.device)
+        check_decode_sm(config, device)
         weights = None if config.load_format == "dummy" else model.path
-        self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights)
+        self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights,
+                                  activation_pools(config, device))
         self.max_model_len = fit_max_model_len(model, self.runner.num_kv_blocks * config.kvcache_block_size)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)

@@ -168,6 +168,19 @@ def check_decode_sm(config: EngineConfig, device: torch.device) -> None:
                          f"{total} SMs of this GPU for prefill")
 
 
+def activation_pools(config: EngineConfig, device: torch.device) -> int:
+    """Streams that may hold a prefill's activations at once: the decode stream, and with concurrent lanes each
+    candidate split's prefill stream and the whole-GPU one (the caching allocator keeps a pool per stream, and a
+    stream short of memory makes it free cached blocks, which waits for every stream: a decode stall)."""
+    from splitserve.pipeline import planner
+
+    if not config.enable_pd_multiplex or device.type != "cuda" or config.enforce_eager:
+        return 1
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1 if config.pd_decode_sm else len(planner.candidate_splits(total))
+    return 2 + splits
+
+
 def _status(config: EngineConfig) -> dict:
     return {"requested": config.enable_pd_multiplex, "mode": "off", "concurrent": False, "reason": "not requested"}
 
@@ -225,6 +238,7 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
         for sm in [s for s in partitions if s not in used]:
             graphs.drop(partition_path(sm))
             del partitions[sm]
+    torch.cuda.empty_cache()  # the calibration's and the dropped partitions' cached blocks
     status.update(mode="concurrent", concurrent=True,
                   reason="green-context partitions: prefill beside decode; decode on the whole GPU when no "
                          "prefill runs", candidate_decode_sm=sorted(int(s) for s in sizes),

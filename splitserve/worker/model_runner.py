@@ -126,9 +126,12 @@ def build_model(hf_config, device: torch.device, dtype: torch.dtype, max_positio
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, max_model_len: int, folder: str | None):
+    def __init__(self, config: EngineConfig, hf_config, max_model_len: int, folder: str | None,
+                 activation_pools: int = 1):
         """`max_model_len`: the longest sequence to build for (rotary tables, block tables); `folder`: the
-        weights, or None for random weights."""
+        weights, or None for random weights; `activation_pools`: how many streams may each hold a prefill's
+        activations at once (the caching allocator keeps one pool per stream), reserved before the KV cache."""
+        self.activation_pools = activation_pools
         self.config = config
         self.hf_config = hf_config
         self.max_model_len = max_model_len
@@ -192,9 +195,11 @@ class ModelRunner:
         self._bind_kv_cache(scratch)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
         self.execute(fake_batch(1, 0, self.block_size, blocks, num_new_tokens=num_tokens, token_id=0))
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        activations = torch.cuda.max_memory_allocated(self.device) - base
+        peak = base - scratch.numel() * scratch.element_size() + activations * self.activation_pools
         del scratch
         self._bind_kv_cache(None)
         torch.cuda.empty_cache()

@@ -1,0 +1,87 @@
+"""Where do PD multiplexing's rare long inter-token gaps come from? Drive the Qwen3-8B shape at a Poisson rate
+(bench pdmux's requests) with the engine's methods wrapped in timers; print every engine step longer than
+--slow-ms with what it did (decode rows, prefill launched / waited for, host time in each part, the split)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import torch
+
+from splitserve import LLM
+from splitserve.bench.pd import drive, make_requests, warm_up
+from splitserve.bench.pdmux import arrivals_in_box
+from splitserve.bench.shapes import shape_folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-8b")
+    ap.add_argument("--rate", type=float, default=9.0)
+    ap.add_argument("--duration-s", type=float, default=20.0)
+    ap.add_argument("--slow-ms", type=float, default=60.0)
+    ap.add_argument("--out", default="stalls.json")
+    args = ap.parse_args()
+    llm = LLM(shape_folder(args.shape), load_format="dummy", max_model_len=4624, enable_pd_multiplex=True,
+              enable_prefix_caching=False)
+    engine, core = llm.engine, llm.engine.core
+    vocab = engine.model.hf_config.vocab_size
+    warm_up(engine, vocab)
+    parts: dict[str, float] = {}
+
+    def timed(obj, name):
+        fn = getattr(obj, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                parts[name] = parts.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+        setattr(obj, name, wrapper)
+
+    for name in ("_finish_prefill", "_resolve", "_launch", "_admit_compiled"):
+        timed(core, name)
+    timed(core.runner, "resolve")
+    timed(core.scheduler, "schedule")
+    step = engine.step
+    slow, count, t_start = [], [0], time.perf_counter()
+
+    def traced_step():
+        parts.clear()
+        pending_before = core.prefill_pending is not None
+        t0 = time.perf_counter()
+        out = step()
+        ms = (time.perf_counter() - t0) * 1e3
+        count[0] += 1
+        if ms > args.slow_ms:
+            slow.append({
+                "t_s": round(t0 - t_start, 3), "step_ms": round(ms, 1),
+                "parts_ms": {k: round(v, 1) for k, v in parts.items()}, "prefill_pending_before": pending_before,
+                "prefill_pending_after": core.prefill_pending is not None, "running": len(core.scheduler.running),
+                "waiting": len(core.scheduler.waiting), "decode_sm": core.lanes.decode_sm,
+                "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1)})
+            print(json.dumps(slow[-1]), flush=True)
+        return out
+
+    engine.step = traced_step
+    requests = make_requests(400, (512, 4096), (64, 512), vocab, seed=0)
+    offsets = arrivals_in_box(args.rate, args.duration_s, seed=1)
+    t0 = time.perf_counter()
+    drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
+    result = {"steps": count[0], "slow": slow, "wall_s": time.perf_counter() - t0,
+              "pd_multiplex": {k: v for k, v in llm.stats()["pd_multiplex"].items() if k != "plan"},
+              "memory_stats": {k: v for k, v in torch.cuda.memory_stats().items() if k.startswith(
+                  ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync"))}}
+    print(json.dumps({k: v for k, v in result.items() if k != "slow"}), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
