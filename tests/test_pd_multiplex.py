@@ -24,9 +24,9 @@ from splitserve.engine.sequence import PLACEHOLDER
 def _watch(llm: LLM) -> dict:
     core, runner = llm.engine.core, llm.engine.core.runner
     seen = {"finished": set(), "launches": [], "lanes": set(), "both_lanes_steps": 0, "step": 0}
-    step, launch, abort = core.step, runner.launch, core.abort
+    step, launch, pieces, abort = core.step, runner.launch, runner.launch_in_pieces, core.abort
 
-    def spy_launch(batch, prev=None, *args):
+    def record(batch):
         rows = [(s.seq_id, n, s.num_computed_tokens + n == s.num_tokens, s.num_computed_tokens + n == s.num_tokens - 1)
                 for s, n in zip(batch.seqs, batch.num_new_tokens)]
         seen["launches"].append((seen["step"], batch.lane, rows))
@@ -36,7 +36,16 @@ def _watch(llm: LLM) -> dict:
         elif batch.lane == PREFILL_LANE:
             assert not any(samples for _, _, samples, _ in rows), "a prefill-lane row that samples"
             assert not batch.block_copies
+
+    def spy_launch(batch, prev=None, *args):
+        assert batch.lane != PREFILL_LANE, "the prefill lane is launched in pieces"
+        record(batch)
         return launch(batch, prev, *args)
+
+    def spy_pieces(batch, prev, layers):
+        assert batch.lane == PREFILL_LANE
+        record(batch)
+        return pieces(batch, prev, layers)
 
     def checked_step():
         before = len(seen["launches"])
@@ -57,7 +66,7 @@ def _watch(llm: LLM) -> dict:
         seen["finished"].update(request_ids)
         return abort(request_ids)
 
-    runner.launch, core.step, core.abort = spy_launch, checked_step, watched_abort
+    runner.launch, runner.launch_in_pieces, core.step, core.abort = spy_launch, spy_pieces, checked_step, watched_abort
     return seen
 
 
@@ -231,20 +240,29 @@ def _slow_prefill(llm: LLM, steps: int) -> dict:
         queries[id(step)] = queries.get(id(step), 0) + 1
         return not state["held"] or queries[id(step)] > steps
 
-    spy = core.runner.launch
+    spies = core.runner.launch, core.runner.launch_in_pieces
 
-    def launch(batch, prev=None, *args):
+    def launch(batch, *args):
         assert not {s.seq_id for s in batch.seqs} & core.scheduler.busy, "a busy sequence launched again"
-        return spy(batch, prev, *args)
+        return spies[0](batch, *args)
 
-    core.lanes.is_done, core.runner.launch = is_done, launch
+    def pieces(batch, *args):
+        assert not {s.seq_id for s in batch.seqs} & core.scheduler.busy, "a busy sequence launched again"
+        return spies[1](batch, *args)
+
+    core.lanes.is_done, core.runner.launch, core.runner.launch_in_pieces = is_done, launch, pieces
     return state
 
 
 @pytest.mark.parametrize("steps", [2, 5])
-def test_prefill_beside_several_decode_steps(tiny_dir, steps):
-    """Prefill batches that stay busy for several decode steps, under KV pressure (preemption): same tokens."""
+def test_prefill_beside_several_decode_steps(tiny_dir, steps, monkeypatch):
+    """Prefill batches that stay busy for several decode steps, enqueued one layer per piece, under KV pressure
+    (preemption): same tokens."""
+    import splitserve.engine.core
+
+    monkeypatch.setattr(splitserve.engine.core, "PREFILL_LAYERS_PER_PIECE", 1)
     pair = [_make(tiny_dir, m, num_kv_blocks=24, max_num_batched_tokens=24) for m in (True, False)]
+    assert pair[0].engine.core.runner.num_layers > 1  # so the batch really goes in several pieces
     _slow_prefill(pair[0], steps)
     prompts = random_prompts(6, 10, 70, seed=15)
     params = [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=20, ignore_eos=True) if i % 2 else
@@ -274,3 +292,36 @@ def test_abort_while_its_prefill_runs(tiny_dir):
         engine.step()
     assert running.finish_reason == "length" and victim.finish_reason == "abort"
     assert llm.stats()["kv_used_blocks"] == 0 and core.prefill_pending is None
+
+
+def test_prefill_run_keeps_at_most_two_pieces_queued():
+    """PrefillRun.feed enqueues a piece only while fewer than two are not done on the device; finish enqueues
+    the rest. A fake runner's pieces: events whose done flag the test flips."""
+    from splitserve.pipeline.pd_multiplex import PrefillRun
+    from splitserve.worker.model_runner import LaunchedStep
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def query(self):
+            return self.done
+
+    events, last = [Event() for _ in range(5)], LaunchedStep(None, None, [], None, {}, [], None, [], None, False)
+    enqueued = []
+
+    def pieces():
+        for e in events:
+            enqueued.append(e)
+            yield e
+        yield last
+
+    run = PrefillRun(None, pieces(), None)
+    run.feed()
+    assert enqueued == events[:2] and run.step is None
+    run.feed()
+    assert enqueued == events[:2]  # neither is done: nothing more
+    events[0].done = True
+    run.feed()
+    assert enqueued == events[:3] and not run.done()
+    assert run.finish() is last and enqueued == events and run.done()

@@ -20,6 +20,13 @@ from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, 
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from splitserve.engine.structured_output import StructuredOutputManager
 from splitserve.outputs import Logprob
+from splitserve.pipeline.pd_multiplex import (
+    PREFILL_LAYERS_PER_PIECE,
+    PrefillRun,
+    activation_pools,
+    check_decode_sm,
+    setup_pd_multiplex,
+)
 from splitserve.worker.decode_graphs import EAGER, PLAIN
 from splitserve.worker.model_runner import LaunchedStep, ModelRunner, make_generator, resolve_device
 
@@ -39,7 +46,6 @@ def fit_max_model_len(model: ModelSpec, capacity: int) -> int:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: ModelSpec):
-        from splitserve.pipeline.pd_multiplex import activation_pools, check_decode_sm, setup_pd_multiplex
         from splitserve.pipeline.setup import check_split, setup_decode_pipeline
 
         t0 = time.perf_counter()
@@ -65,7 +71,7 @@ class EngineCore:
         # None: on (the in-process core, CUDA or CPU: same code; the CPU just has nothing to overlap).
         self.async_scheduling = config.async_scheduling is not False
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
-        self.prefill_pending: LaunchedStep | None = None  # PD multiplexing: the prefill batch still running
+        self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
         self.decode_time_s = 0.0
@@ -211,37 +217,49 @@ class EngineCore:
 
     # ---- PD multiplexing (issue 13): a prefill lane beside the decode lane ----
     def _schedule_lanes(self) -> ScheduledBatch:
-        """Finish the running prefill batch if the device is done with it, schedule, launch the prefill part (if
-        no prefill batch runs) on the prefill partition, and return the decode part: `step` runs it as usual.
-        A prefill batch runs on beside as many decode steps as it takes; its sequences wait meanwhile."""
-        lanes = self.lanes
-        if self.prefill_pending is not None and lanes.is_done(self.prefill_pending):
-            self._finish_prefill()
-        running = self.prefill_pending is not None
-        batch = self.scheduler.schedule(prefill=not running)
+        """Feed the running prefill batch its next pieces and finish it if the device is done with it, schedule,
+        launch the prefill part (if no prefill batch runs) on the prefill partition, and return the decode part:
+        `step` runs it as usual. A prefill batch runs on beside as many decode steps as it takes; its sequences
+        wait meanwhile."""
+        lanes, run = self.lanes, self.prefill_pending
+        if run is not None:
+            run.feed()
+            if lanes.is_done(run):
+                self._finish_prefill()
+        batch = self.scheduler.schedule(prefill=self.prefill_pending is None)
         decode = ScheduledBatch([], [], lane=DECODE_LANE)
         for part in split_lanes(batch):
             if part.lane == DECODE_LANE:
                 decode = part
-                continue
-            prev_tokens = None if self.pending is None else self.pending.tokens
-            with lanes.prefill_stream(len(decode), prev_tokens):
-                self.prefill_pending = self._launch(part, [])  # samples nothing, so no output
-            self.scheduler.prefill_launched(part)
+            else:
+                self._launch_prefill(part, len(decode))
         if self.runner.graphs is not None:
             self.runner.graphs.split_path = lanes.decode_path()
         if decode.seqs:
             lanes.count_decode(self.prefill_pending is not None)
         return decode
 
+    def _launch_prefill(self, batch: ScheduledBatch, num_decode: int) -> None:
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now
+        stream = self.lanes.start_prefill(num_decode, None if self.pending is None else self.pending.tokens)
+        pieces = self.runner.launch_in_pieces(batch, self.pending, PREFILL_LAYERS_PER_PIECE)
+        self.prefill_pending = PrefillRun(batch, pieces, stream)
+        self.prefill_pending.feed()  # its inputs are read now: `self.pending` is still the step they may need
+        self.scheduler.advance(batch)
+        self.scheduler.prefill_launched(batch)
+        self.num_steps += 1
+
     def _finish_prefill(self) -> None:
         """The prefill batch is done (waits for it if not): prompt logprobs in, its blocks published for prefix
         caching, its sequences schedulable again (as decode rows once their prompt is computed but the last
         token, which the decode lane computes and samples from)."""
-        step, self.prefill_pending = self.prefill_pending, None
-        self._resolve_step(step)
+        run, self.prefill_pending = self.prefill_pending, None
+        self._resolve_step(run.finish())
         self.scheduler.prefill_done()
-        self.scheduler.register_blocks(step.batch)
+        self.scheduler.register_blocks(run.batch)
         self.lanes.prefill_done()
 
     def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:

@@ -121,12 +121,18 @@ class CausalLM(nn.Module):
                 schedule: StageSchedule | None = None) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         if schedule is None:
-            for layer in self.layers:
-                hidden, residual = layer(positions, hidden, residual, meta)
+            hidden, residual = self.run_layers(0, len(self.layers), positions, hidden, residual, meta)
         else:
             hidden, residual = schedule(self.stages(), positions, hidden, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def run_layers(self, start: int, end: int, positions: torch.Tensor, hidden: torch.Tensor,
+                   residual: torch.Tensor | None, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers [start, end) of `forward` (the PD-multiplex prefill lane launches a few at a time)."""
+        for layer in self.layers[start:end]:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return hidden, residual
 
     def stages(self) -> list[Stage]:
         """The layers as stages, in the order `forward` runs them."""

@@ -2,10 +2,13 @@
 
 The engine core (engine/core.py) runs a multiplexed step as two launches over one KV cache: a prefill batch
 (prompt chunks, never sampling) and a decode batch (every row that samples, 1 token each). Here:
-- `PDLanes.prefill_stream` is where a prefill batch is launched: the prefill side of a green-context split
-  of the GPU, chosen for the decode batch at hand. The prefill stream first waits for the work already
-  enqueued on the decode stream (the blocks it is about to write may have been freed by a step still running
-  there), then runs beside the decode steps that follow, for as many steps as it takes.
+- `PDLanes.start_prefill` picks where a prefill batch runs: the prefill side of a green-context split of the
+  GPU, chosen for the decode batch at hand. The prefill stream first waits for the work already enqueued on
+  the decode stream (the blocks it is about to write may have been freed by a step still running there), then
+  runs beside the decode steps that follow, for as many steps as it takes.
+- The batch is enqueued a few layers at a time (`PrefillRun`, fed once per core step): a whole Qwen3-8B
+  prefill enqueued at once filled the stream's launch queue, and the host blocked in that launch for up to
+  0.95 s, every decode with it (H200, scripts/pdmux_stall_probe.py).
 - While a prefill batch runs, decode steps replay CUDA graphs captured on the decode side of the same split
   (a graph keeps the partition it was captured on, GPU-FACTS.md), so they keep their pace on their SMs;
   with no prefill running they replay the plain graphs over the whole GPU.
@@ -23,17 +26,20 @@ mode is off and the requests run colocated with chunked prefill; one WARNING say
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import math
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from splitserve.config import EngineConfig
 from splitserve.worker.decode_graphs import PLAIN, DecodePath
+from splitserve.worker.model_runner import LaunchedStep
 
 logger = logging.getLogger("splitserve")
 
@@ -41,6 +47,7 @@ logger = logging.getLogger("splitserve")
 # costs decode 10-30 idle steps (docs/PD-MULTIPLEX.md); 2× keeps far below that while prefill keeps 3/4 of the
 # SMs at small batch (H200 plan: 32 decode SMs up to batch 32, 48 above).
 DEFAULT_TARGET_FACTOR = 2.0
+PREFILL_LAYERS_PER_PIECE = 4  # layers of a prefill batch enqueued at once (~60 kernels: far below a full queue)
 PLAN_VERSION = 1
 
 
@@ -83,6 +90,41 @@ class PDPlan:
         return "\n".join(lines)
 
 
+class PrefillRun:
+    """A prefill batch on its way through the device: its pieces (runner.launch_in_pieces: a few layers each),
+    the events of the pieces enqueued and not yet seen done, and its LaunchedStep once the last is enqueued.
+    `feed` keeps at most MAX_PIECES_IN_FLIGHT pieces queued (the prefill never starves while the core steps
+    every few milliseconds, and no launch blocks the host on a full launch queue)."""
+
+    MAX_PIECES_IN_FLIGHT = 2
+
+    def __init__(self, batch, pieces: Iterator, stream: torch.cuda.Stream | None):
+        self.batch, self.pieces, self.stream = batch, pieces, stream
+        self.in_flight: deque = deque()
+        self.step = None  # the LaunchedStep, once every piece is enqueued
+
+    def feed(self, max_in_flight: int | float = MAX_PIECES_IN_FLIGHT) -> None:
+        with torch.cuda.stream(self.stream):  # None: the current stream (CPU: nothing to choose)
+            while self.step is None:
+                while self.in_flight and (self.in_flight[0] is None or self.in_flight[0].query()):
+                    self.in_flight.popleft()
+                if len(self.in_flight) >= max_in_flight:
+                    return
+                piece = next(self.pieces)
+                if isinstance(piece, LaunchedStep):
+                    self.step = piece
+                else:
+                    self.in_flight.append(piece)
+
+    def done(self) -> bool:
+        return self.step is not None and (self.step.event is None or self.step.event.query())
+
+    def finish(self) -> LaunchedStep:
+        """Every piece enqueued (the caller then waits for the step: nothing else is left to run)."""
+        self.feed(math.inf)
+        return self.step
+
+
 class PDLanes:
     """The multiplexed core's streams and split. `partitions` is empty on CPU (lanes run one after the other)."""
 
@@ -108,41 +150,37 @@ class PDLanes:
         i = next((k for k, a in enumerate(anchors) if a >= num_decode), len(anchors) - 1)
         return self.plan.choice(i, self.target_ms)[0]
 
-    @contextlib.contextmanager
-    def prefill_stream(self, num_decode: int, prev_tokens: torch.Tensor | None):
-        """Launch a prefill batch inside: on the prefill partition of the split chosen for `num_decode`."""
+    def start_prefill(self, num_decode: int, prev_tokens: torch.Tensor | None) -> torch.cuda.Stream | None:
+        """The stream of a prefill batch launched beside a decode batch of `num_decode` rows (None on CPU): the
+        prefill side of the split chosen for it, or the whole GPU when no decode runs. It first waits for the
+        work already enqueued on the decode stream (blocks it writes may have been freed by a step still
+        running there)."""
         st = self.status
         st["prefill_launches"] += 1
         self.prefill_started = time.perf_counter()
         if not self.partitions:
-            yield
-            return
+            return None
         if num_decode == 0:  # nothing to keep pace with: the whole GPU (decode steps that start meanwhile share it)
             st["prefill_launches_whole_gpu"] += 1
-            self.decode_sm = None
-            stream = self.whole_gpu_stream
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                yield
-            return
-        sm = self.choose_split(num_decode)
-        if sm != self.last_decode_sm:
-            if self.last_decode_sm is not None:
-                st["split_switches"] += 1
-                logger.info("PD multiplexing: decode partition %d -> %d SMs (decode batch %d)",
-                            self.last_decode_sm, sm, num_decode)
-            self.last_decode_sm = sm
-        self.decode_sm = st["decode_sm"] = sm
-        st["prefill_sm"] = self.partitions[sm].ffn_sm
-        stream = self.partitions[sm].ffn_stream
-        stream.wait_stream(torch.cuda.current_stream())  # blocks it writes may be freed by a step still running
+            self.decode_sm, stream = None, self.whole_gpu_stream
+        else:
+            sm = self.choose_split(num_decode)
+            if sm != self.last_decode_sm:
+                if self.last_decode_sm is not None:
+                    st["split_switches"] += 1
+                    logger.info("PD multiplexing: decode partition %d -> %d SMs (decode batch %d)",
+                                self.last_decode_sm, sm, num_decode)
+                self.last_decode_sm = sm
+            self.decode_sm = st["decode_sm"] = sm
+            st["prefill_sm"] = self.partitions[sm].ffn_sm
+            stream = self.partitions[sm].ffn_stream
+        stream.wait_stream(torch.cuda.current_stream())
         if prev_tokens is not None:
             prev_tokens.record_stream(stream)  # a recomputed placeholder is gathered from them on this stream
-        with torch.cuda.stream(stream):
-            yield
+        return stream
 
-    def is_done(self, step) -> bool:
-        return step.event is None or step.event.query()
+    def is_done(self, run: PrefillRun) -> bool:
+        return run.done()
 
     def prefill_done(self) -> None:
         self.status["prefill_lane_time_s"] += time.perf_counter() - self.prefill_started

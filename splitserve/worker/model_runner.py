@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -258,19 +258,9 @@ class ModelRunner:
             hidden = self.graphs.replay(host, num_seqs, *choice, fill_ids=fill)
             self.last_decode_path = choice[0]
         else:
-            meta = AttentionMetadata(
-                slot_mapping=self._to_device(host["slot_mapping"]),
-                query_start_loc=self._to_device(host["query_start_loc"]),
-                seq_lens=self._to_device(host["seq_lens"]),
-                block_tables=self._to_device(host["block_tables"]),
-                max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
-                query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
             if batch.is_decode:
                 self.last_decode_path = EAGER
-            input_ids = self._to_device(host["input_ids"])
-            if fill is not None:
-                fill(input_ids)
-            hidden = self.model(input_ids, self._to_device(host["positions"]), meta)
+            hidden = self.model(*self._eager_inputs(batch, host, fill))
         profiled = choice is not None and self.graphs.profiler is not None
         prompt_parts = []
         if any(seq.prompt_logprobs is not None for seq in batch.seqs):
@@ -292,12 +282,53 @@ class ModelRunner:
             if logprob_info is not None:
                 out += self._info_to_host(logprob_info)
                 ks = [s.sampling_params.logprobs for s in samplers]
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        event = self._record_event()
         return LaunchedStep(batch, host["samples"], samplers, tokens, {s.seq_id: i for i, s in enumerate(samplers)},
                             out, ks, prompt_parts, event, profiled)
+
+    def _eager_inputs(self, batch: ScheduledBatch, host: dict[str, np.ndarray], fill: Callable[[torch.Tensor], None]
+                      | None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input ids, positions, attention metadata) on the device for an eager forward."""
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(host["slot_mapping"]),
+            query_start_loc=self._to_device(host["query_start_loc"]),
+            seq_lens=self._to_device(host["seq_lens"]),
+            block_tables=self._to_device(host["block_tables"]),
+            max_query_len=int(max(batch.num_new_tokens)), max_seq_len=int(host["seq_lens"].max()),
+            query_start_loc_cpu=host["query_start_loc"].tolist(), seq_lens_cpu=host["seq_lens"].tolist())
+        input_ids = self._to_device(host["input_ids"])
+        if fill is not None:
+            fill(input_ids)
+        return input_ids, self._to_device(host["positions"]), meta
+
+    @torch.no_grad()
+    def launch_in_pieces(self, batch: ScheduledBatch, prev: LaunchedStep | None,
+                         layers_per_piece: int) -> Iterator[torch.cuda.Event | LaunchedStep | None]:
+        """A batch that samples nothing (the PD-multiplex prefill lane), enqueued a few layers per `next()`: each
+        yields the event after its piece (None on CPU), the last one the LaunchedStep. A whole long prefill
+        enqueued at once fills the stream's launch queue, and the host then blocks in a launch until the device
+        has worked most of it off; a piece at a time, the core's decode steps go on meanwhile."""
+        assert not batch.block_copies and not any(batch.samples()), "launch_in_pieces: a batch that samples"
+        host = prepare_inputs(batch, self.block_size)
+        input_ids, positions, meta = self._eager_inputs(batch, host, self._pending_inputs(batch, host, prev))
+        hidden, residual = self.model.embed_tokens(input_ids), None
+        for start in range(0, self.num_layers, layers_per_piece):
+            hidden, residual = self.model.run_layers(start, start + layers_per_piece, positions, hidden, residual,
+                                                     meta)
+            if start + layers_per_piece < self.num_layers:
+                yield self._record_event()
+        hidden, _ = self.model.norm(hidden, residual)
+        prompt_parts = []
+        if any(seq.prompt_logprobs is not None for seq in batch.seqs):
+            prompt_parts = self._prompt_logprobs(batch, hidden, host["query_start_loc"])
+        yield LaunchedStep(batch, host["samples"], [], None, {}, [], None, prompt_parts, self._record_event(), False)
+
+    def _record_event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def resolve(self, step: LaunchedStep) -> StepOutput:
         """Wait for a launched step (its event only: later steps keep running) and read its results."""
