@@ -40,8 +40,8 @@ COMPILE_THREADS = 2
 GRAMMAR_CACHE_BYTES = 256 << 20
 # Threads that fill one step's bitmask: one per CPU this process may run on, at most 8. The fill runs while the
 # engine thread waits for it (and, async on a GPU, the device runs the forward), so little else wants the CPUs
-# then; a batch-64 JSON fill is 2-3 ms of work on one core, 8 shares of it ~0.4 ms, and each further thread adds
-# a hand-off. On a 2-core box two threads took 0.70-0.75x one's time (docs/STRUCTURED-OUTPUT.md).
+# then; a batch-64 JSON fill is 2-3 ms of work on one core (8 shares of it would be ~0.4 ms), and each further
+# thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time (docs/STRUCTURED-OUTPUT.md).
 MAX_FILL_THREADS = 8
 # xgrammar's messages start with a timestamp, the C++ file and line: noise to a client.
 _NOISE = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
@@ -230,7 +230,10 @@ class StructuredOutputManager:
         # Each call is C++ without the GIL, so the shares run in parallel.
         pending = [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask, matchers[j::shares],
                                           bitmask, rows[j::shares]) for j in range(1, shares)]
-        self._fillers[0].batch_fill_next_token_bitmask(matchers[::shares], bitmask, rows[::shares])
+        try:
+            self._fillers[0].batch_fill_next_token_bitmask(matchers[::shares], bitmask, rows[::shares])
+        finally:
+            concurrent.futures.wait(pending)  # no share writes into the buffer once this returns or raises
         for future in pending:
             future.result()
         return bitmask, rows
