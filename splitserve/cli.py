@@ -59,6 +59,47 @@ def _logit_bias(text: str) -> dict:
     return value
 
 
+def add_structured_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("structured output (vLLM's structured_outputs; one of these)")
+    one = group.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", default=None, metavar="JSON|@FILE",
+                     help="the output is JSON that follows this schema: inline JSON, or @file.json to read a file")
+    one.add_argument("--regex", default=None, help="the output matches this regular expression")
+    one.add_argument("--choice", nargs="+", default=None, metavar="TEXT",
+                     help="the output is one of these strings (give the prompt before this flag)")
+
+
+def structured_params(args: argparse.Namespace):
+    """The StructuredOutputsParams of --json-schema / --regex / --choice, or None. The schema, regex or choice is
+    parsed here, before any model load; a bad one is a ValueError that names its flag."""
+    given = [(flag, value) for flag, value in (("--json-schema", getattr(args, "json_schema", None)),
+                                              ("--regex", getattr(args, "regex", None)),
+                                              ("--choice", getattr(args, "choice", None))) if value is not None]
+    if not given:
+        return None
+    from splitserve.engine import structured_output
+    from splitserve.sampling_params import StructuredOutputsParams
+
+    [(flag, value)] = given  # argparse keeps them exclusive
+    try:
+        if flag == "--json-schema":
+            if value.startswith("@"):
+                try:
+                    with open(value[1:], encoding="utf-8") as f:
+                        value = f.read()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ValueError(f"cannot read {value[1:]!r}: {getattr(e, 'strerror', None) or e}") from None
+            params = StructuredOutputsParams(json=value)
+        elif flag == "--regex":
+            params = StructuredOutputsParams(regex=value)
+        else:
+            params = StructuredOutputsParams(choice=value)
+        structured_output.check(params)  # xgrammar parses it; no tokenizer needed
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    return params
+
+
 def sampling_params(args: argparse.Namespace):
     from splitserve.sampling_params import SamplingParams
 
@@ -66,7 +107,7 @@ def sampling_params(args: argparse.Namespace):
                           max_tokens=args.max_tokens, seed=args.sampling_seed,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
-                          logit_bias=args.logit_bias, n=args.n)
+                          logit_bias=args.logit_bias, n=args.n, structured_outputs=structured_params(args))
 
 
 def checked_arguments(args: argparse.Namespace) -> tuple[dict, object]:
@@ -104,8 +145,8 @@ class StopOnInterrupt:
             self._previous = None
 
 
-def stream(llm, prompt, params) -> tuple[str, bool]:
-    """Print the answer as it is generated; returns (the full text, whether Ctrl-C stopped it)."""
+def stream(llm, prompt, params) -> tuple[str, bool, str | None]:
+    """Print the answer as it is generated; returns (the full text, whether Ctrl-C stopped it, finish reason)."""
     engine = llm.engine
     request = engine.add_request(prompt, params)
     printed = 0
@@ -121,7 +162,7 @@ def stream(llm, prompt, params) -> tuple[str, bool]:
             engine.release(request)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return request.output_text, interrupt.stopped
+    return request.output_text, interrupt.stopped, request.finish_reason
 
 
 def chat_prompt(tok, messages: list[dict]) -> list[int]:
@@ -149,13 +190,23 @@ def cmd_generate(args) -> None:
     llm = LLM(args.model, **kwargs)
     prompt = generate_prompt(llm.get_tokenizer(), args.prompt, args.chat_template)
     if params.n > 1:  # several answers: printed whole, one after the other
-        for completion in llm.generate([prompt], params, use_tqdm=False)[0].outputs:
+        outputs = llm.generate([prompt], params, use_tqdm=False)[0].outputs
+        for completion in outputs:
             print(f"--- completion {completion.index} ({completion.finish_reason}) ---\n{completion.text}")
+        _note_cut_structure(params, [c.finish_reason for c in outputs])
         return
-    _, stopped = stream(llm, prompt, params)
+    _, stopped, finish_reason = stream(llm, prompt, params)
     if stopped:
         print("splitserve: stopped (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    _note_cut_structure(params, [finish_reason])
+
+
+def _note_cut_structure(params, finish_reasons: list[str | None]) -> None:
+    """A structured output that ran out of --max-tokens may not parse: say so, on stderr."""
+    if params.structured_outputs is not None and "length" in finish_reasons:
+        print("splitserve: the output reached --max-tokens before its grammar was complete, so it may not "
+              "parse; raise --max-tokens", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -182,7 +233,7 @@ def cmd_chat(args) -> None:
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        answer, stopped = stream(llm, chat_prompt(tok, messages), params)
+        answer, stopped, _ = stream(llm, chat_prompt(tok, messages), params)
         messages.append({"role": "assistant", "content": answer})
         if stopped:
             print("splitserve: answer stopped; Ctrl-C at the prompt quits", file=sys.stderr)
@@ -221,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default); --no-chat-template sends the raw text")
     add_engine_args(gen)
     add_sampling_args(gen)
+    add_structured_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", allow_abbrev=False, help="interactive chat using the model's chat template")
     chat.add_argument("--system", default=None, help="system prompt")

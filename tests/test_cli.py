@@ -1,4 +1,6 @@
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +71,13 @@ def test_generate_rejects_unknown_flag(capsys):
     ("generate", ["--dtype", "float8", "hi"], "dtype must be one of"),
     ("generate", [""], "the prompt is empty"),
     ("chat", ["--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
+    ("generate", ["hi", "--json-schema", '{"type": "nope"}'], "--json-schema: invalid json schema"),
+    ("generate", ["hi", "--json-schema", '{"type":'], "--json-schema: json schema is not valid JSON"),
+    ("generate", ["hi", "--json-schema", "[1, 2]"], "--json-schema: json schema must be a JSON object"),
+    ("generate", ["hi", "--json-schema", "@/nonexistent/schema.json"], "--json-schema: cannot read"),
+    ("generate", ["hi", "--regex", "(ab"], "--regex: invalid regex"),
+    ("generate", ["hi", "--choice", "yes", ""], "--choice: choice must be a list of 1 to"),
+    ("generate", ["hi", "--regex", "a+", "--choice", "a"], "not allowed with argument"),
 ])
 def test_bad_values_fail_before_any_model_load(monkeypatch, capsys, command, args, message):
     import splitserve
@@ -83,6 +92,75 @@ def test_bad_values_fail_before_any_model_load(monkeypatch, capsys, command, arg
         cli.main([command, *args])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "languages": {"type": "array", "items": {"enum": ["en", "fr", "de"]}, "maxItems": 3}}}
+
+
+def _validate_person(value) -> None:
+    """jsonschema's verdict when it is installed; else the same rules by hand."""
+    try:
+        import jsonschema
+    except ImportError:
+        assert isinstance(value, dict) and {"name", "age"} <= set(value) <= {"name", "age", "languages"}
+        assert isinstance(value["name"], str) and 1 <= len(value["name"]) <= 24
+        assert type(value["age"]) is int and 0 <= value["age"] <= 150
+        langs = value.get("languages", [])
+        assert isinstance(langs, list) and len(langs) <= 3 and set(langs) <= {"en", "fr", "de"}
+        return
+    jsonschema.validate(value, PERSON)
+
+
+def _generate_on_shared_llm(default_llm, monkeypatch, capsys, *args: str):
+    """`splitserve generate ...` in this process on the session's engine; returns (stdout, stderr)."""
+    import splitserve
+
+    monkeypatch.setattr(splitserve, "LLM", lambda model, **kwargs: default_llm)
+    cli.main(["generate", *args, "--device", "cpu"])
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+@pytest.mark.parametrize("how", ["inline, greedy", "@file, sampled"])
+def test_generate_json_schema_output_parses_and_validates(default_llm, monkeypatch, capsys, tmp_path, how):
+    if how.startswith("@"):
+        path = tmp_path / "person.json"
+        path.write_text(json.dumps(PERSON))
+        flags = ["--json-schema", f"@{path}", "--temperature", "1", "--sampling-seed", "7"]
+    else:
+        flags = ["--json-schema", json.dumps(PERSON)]
+    out, err = _generate_on_shared_llm(default_llm, monkeypatch, capsys, "Describe a famous scientist as JSON.",
+                                       "--max-tokens", "96", *flags)
+    _validate_person(json.loads(out))
+    assert "may not parse" not in err
+
+
+def test_generate_regex_and_choice(default_llm, monkeypatch, capsys):
+    out, _ = _generate_on_shared_llm(default_llm, monkeypatch, capsys, "Give me a phone number.",
+                                     "--regex", "[0-9]{3}-[0-9]{4}")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}\n", out), out
+    out, _ = _generate_on_shared_llm(default_llm, monkeypatch, capsys, "Is Paris in France?",
+                                     "--choice", "yes", "no", "maybe")
+    assert out in ("yes\n", "no\n", "maybe\n"), out
+
+
+def test_generate_says_when_max_tokens_cut_the_structure(default_llm, monkeypatch, capsys):
+    out, err = _generate_on_shared_llm(default_llm, monkeypatch, capsys, "Describe a scientist as JSON.",
+                                       "--json-schema", json.dumps(PERSON), "--max-tokens", "3")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+    assert "reached --max-tokens before its grammar was complete" in err
+
+
+def test_bad_json_schema_exits_non_zero_naming_the_flag():
+    """A real process: the exit code and the message, before any model is loaded."""
+    res = run("generate", "hi", "--json-schema", '{"type": "object", "properties": {"a": {"type": "nope"}}}')
+    assert res.returncode == 2
+    assert "splitserve: error: --json-schema: invalid json schema" in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
 
 
 def test_stop_on_interrupt_handler():

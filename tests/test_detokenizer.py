@@ -13,3 +13,40 @@ def test_incremental_detokenization_across_multibyte_characters(default_model_di
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tok.decode(ids)
     assert sum(1 for d in deltas if d == "") > 0  # some tokens were partial characters and held back
+
+
+def test_decoder_takes_the_backend_only_where_the_text_is_the_same(default_model_dir):
+    """The detokenizer decodes through the Rust tokenizer behind a fast tokenizer (its Python wrapper costs more
+    than the decode); that must be the very text of `tokenizer.decode`, special tokens skipped or kept."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from splitserve.engine.detokenizer import decoder
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    reference = tok.decode
+    rng = random.Random(0)
+    specials = tok.all_special_ids
+    samples = [tok.encode(" naïve café — 東京で🍣を食べた 🤖👍🏽 Ωμέγα ✓  tabs\tand\nnewlines  ")]
+    samples += [[rng.choice(specials + [rng.randrange(len(tok)) for _ in range(8)]) for _ in range(rng.randint(1, 12))]
+                for _ in range(300)]
+    for skip in (True, False):
+        fast = decoder(tok, skip)
+        tok.decode = None  # the fast path must not go through the wrapper at all
+        try:
+            assert [fast(ids) for ids in samples] == [reference(ids, skip_special_tokens=skip) for ids in samples]
+        finally:
+            del tok.decode
+
+    class Custom(type(tok)):  # a tokenizer that changes its own decoding keeps it
+        def _decode(self, token_ids, **kwargs):
+            return "custom"
+
+    tok.__class__ = Custom
+    assert decoder(tok, True)([1, 2]) == "custom"
+    tok.__class__ = Custom.__mro__[1]
+    tok.clean_up_tokenization_spaces = True  # clean-up is the wrapper's work: keep the wrapper
+    calls = []
+    tok.decode = lambda ids, **kw: calls.append(ids) or "x"
+    assert decoder(tok, True)([5]) == "x" and calls == [[5]]

@@ -164,6 +164,77 @@ def test_preemption_keeps_the_matchers_right(tiny_dir):
         check_json(o.outputs[0].text)
 
 
+def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
+    """The manager's fill split over threads (strided shares, rows without a grammar between them) against
+    xgrammar's own one-matcher fill of each row, with the matchers spread over different states."""
+    import random
+
+    import torch
+    import xgrammar as xgr
+
+    from splitserve.engine.structured_output import StructuredOutputManager
+
+    manager = StructuredOutputManager(tiny_dir, VOCAB, frozenset([2]), torch.device("cpu"), fill_threads=3)
+    try:
+        kinds = [StructuredOutputsParams(json=SCHEMA), StructuredOutputsParams(regex=r"[a-z]{2,9}-[0-9]{2}"),
+                 StructuredOutputsParams(choice=["alpha", "beta", "gamma delta"]),
+                 StructuredOutputsParams(json_object=True)]
+        grammars = [None if i % 4 == 3 else manager.submit(kinds[i % len(kinds)]) for i in range(23)]
+        rng = random.Random(0)
+        one = xgr.allocate_token_bitmask(1, VOCAB)
+        for step, g in enumerate(grammars):
+            if g is None:
+                continue
+            g.future.result()
+            assert manager.make_ready(g, [])
+            for _ in range(step % 7):  # walk each row a different number of allowed tokens, never the EOS
+                g.matcher.fill_next_token_bitmask(one, 0)
+                allowed = [t for t in range(VOCAB) if one[0, t // 32] >> (t % 32) & 1 and t != 2]
+                if not allowed:
+                    break
+                assert g.matcher.accept_token(rng.choice(allowed))
+        bitmask, rows = manager.fill_bitmask(grammars)
+        assert rows == [i for i, g in enumerate(grammars) if g is not None]
+        for i in rows:
+            grammars[i].matcher.fill_next_token_bitmask(one, 0)
+            assert torch.equal(bitmask[i], one[0]), f"row {i}"
+    finally:
+        manager.shutdown()
+
+
+def test_fill_threads_follow_the_usable_cpus(monkeypatch):
+    import os
+
+    from splitserve.engine import structured_output
+
+    for cpus, threads in ((1, 1), (2, 2), (6, 6), (16, 8), (192, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert structured_output.default_fill_threads() == threads
+
+
+def test_a_mixed_batch_samples_the_same_tokens_with_one_or_four_fill_threads(tiny_dir, monkeypatch):
+    """Seeded rows of two grammar kinds and plain rows, their masks filled by one thread and by four: the masks
+    are the same, so the tokens are too."""
+    from splitserve.engine import structured_output
+
+    params = ([json_params(300 + i) for i in range(6)]
+              + [SamplingParams(temperature=1, seed=i, max_tokens=16,
+                                structured_outputs=StructuredOutputsParams(regex=r"[a-z]{2,5}-[0-9]{2}"))
+                 for i in range(5)]
+              + [SamplingParams(temperature=1, seed=i, max_tokens=16, ignore_eos=True) for i in range(5)])
+    tokens = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(structured_output, "default_fill_threads", lambda n=threads: n)
+        engine = LLM(tiny_dir, device="cpu")
+        outs = engine.generate([PROMPT] * len(params), params, use_tqdm=False)
+        assert engine.engine.core.structured.fill_threads == threads
+        tokens[threads] = [o.outputs[0].token_ids for o in outs]
+        for o in outs[:6]:
+            check_json(o.outputs[0].text)
+        engine.shutdown()
+    assert tokens[1] == tokens[4]
+
+
 @pytest.mark.slow
 def test_pd_workers_rebuild_the_matcher_and_match_colocated(tiny_dir, llm):
     greedy = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, structured_outputs=StructuredOutputsParams(

@@ -7,19 +7,35 @@ prompt tokens so that tokenizers that drop a leading space at the start of a dec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 _PROMPT_CONTEXT = 5
+
+
+def decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=...)`, called on the Rust tokenizer behind it where that is the
+    same text: a fast tokenizer's decode is the backend's decode plus an optional clean-up, and its Python wrapper
+    costs more than the decode itself (6.4 against 1.5 µs on Qwen's tokenizer). The detokenizer decodes twice per
+    token, for every row of every step."""
+    from transformers import PreTrainedTokenizerFast  # TokenizersBackend in transformers 5
+
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, PreTrainedTokenizerFast) and backend is not None
+            and cls.decode is PreTrainedTokenizerFast.decode and cls._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode = decoder(tokenizer, skip_special_tokens) if tokenizer is not None else None
         self.tokens = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         if self.tokenizer is None:

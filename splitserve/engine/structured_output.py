@@ -11,7 +11,8 @@ that cost is paid at every decode step (docs/STRUCTURED-OUTPUT.md has the measur
   owns a matcher advanced by each of its accepted tokens; a sequence that arrives with output tokens (the
   PD decode worker) gets a matcher that replays them. Preemption keeps the output tokens and so the matcher.
 - Every step with a structured row fills a token bitmask on the host for those rows only (while the device
-  runs the forward pass); the sampler applies it on the device (layers/sampler.py).
+  runs the forward pass), split over a few persistent threads; the sampler applies it on the device
+  (layers/sampler.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -36,6 +38,11 @@ logger = logging.getLogger("splitserve")
 COMPILE_TIMEOUT_S = 30.0
 COMPILE_THREADS = 2
 GRAMMAR_CACHE_BYTES = 256 << 20
+# Threads that fill one step's bitmask: one per CPU this process may run on, at most 8. The fill runs while the
+# engine thread waits for it (and, async on a GPU, the device runs the forward), so little else wants the CPUs
+# then; a batch-64 JSON fill is 2-3 ms of work on one core (8 shares of it would be ~0.4 ms), and each further
+# thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time (docs/STRUCTURED-OUTPUT.md).
+MAX_FILL_THREADS = 8
 # xgrammar's messages start with a timestamp, the C++ file and line: noise to a client.
 _NOISE = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 _JSON_OBJECT = '{"type": "object"}'
@@ -113,21 +120,38 @@ class SequenceGrammar:
     matcher: Any = None  # xgrammar.GrammarMatcher once ready
 
 
-class StructuredOutputManager:
-    """Per engine core: the compiler (built lazily from the model folder's tokenizer), the compile threads and
-    the host bitmask buffer."""
+def default_fill_threads() -> int:
+    """The usable CPUs, at most MAX_FILL_THREADS. Counted from the affinity mask, not the machine: a process pinned
+    to a few cores of a large host must not start a thread per host CPU (xgrammar's "auto" counts the host's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_FILL_THREADS, cpus))
 
-    def __init__(self, tokenizer_folder: str, vocab_size: int, eos_token_ids: frozenset[int], device: torch.device):
+
+class StructuredOutputManager:
+    """Per engine core: the compiler (built lazily from the model folder's tokenizer), the compile threads, the
+    mask-fill threads and the host bitmask buffer."""
+
+    def __init__(self, tokenizer_folder: str, vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
+                 fill_threads: int | None = None):
         self.tokenizer_folder, self.vocab_size, self.device = tokenizer_folder, vocab_size, device
         self.eos_token_ids = sorted(eos_token_ids)
         self.pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="splitserve-grammar")
         self._compiler = None
         self._compiler_lock = threading.Lock()
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 on the host, grown as needed
-        self._batch_matcher = None
+        # The fill's own threads, started once: xgrammar's BatchGrammarMatcher(max_threads > 1) starts and joins a
+        # new thread pool on every call (its ThreadPool cannot be reused after Join), which costs more than the
+        # fill itself for cheap grammars. The calling thread fills one share, the pool the others.
+        self.fill_threads = fill_threads or default_fill_threads()
+        self._fill_pool = (concurrent.futures.ThreadPoolExecutor(self.fill_threads - 1,
+                                                                 thread_name_prefix="splitserve-mask")
+                           if self.fill_threads > 1 else None)
+        self._fillers: list | None = None  # one single-threaded xgrammar.BatchGrammarMatcher per share
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._fill_pool is not None:
+            self._fill_pool.shutdown(wait=False)
 
     # ---- compile (in the pool) ----
     def compiler(self):
@@ -197,17 +221,25 @@ class StructuredOutputManager:
         if self._bitmask is None or self._bitmask.shape[0] < len(grammars):
             bitmask = xgr.allocate_token_bitmask(max(len(grammars), 64), self.vocab_size)
             self._bitmask = bitmask.pin_memory() if self.device.type == "cuda" else bitmask
+        if self._fillers is None:
+            self._fillers = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(self.fill_threads)]
         bitmask = self._bitmask[: len(grammars)]
-        if len(rows) == 1:
-            grammars[rows[0]].matcher.fill_next_token_bitmask(bitmask, rows[0])
-        else:
-            if self._batch_matcher is None:
-                self._batch_matcher = xgr.BatchGrammarMatcher()
-            self._batch_matcher.batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], bitmask, rows)
+        matchers = [grammars[i].matcher for i in rows]
+        shares = min(self.fill_threads, len(rows))
+        # Strided shares (rows j, j + k, ...): rows in costly states (inside a string) spread over the threads.
+        # Each call is C++ without the GIL, so the shares run in parallel.
+        pending = [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask, matchers[j::shares],
+                                          bitmask, rows[j::shares]) for j in range(1, shares)]
+        try:
+            self._fillers[0].batch_fill_next_token_bitmask(matchers[::shares], bitmask, rows[::shares])
+        finally:
+            concurrent.futures.wait(pending)  # no share writes into the buffer once this returns or raises
+        for future in pending:
+            future.result()
         return bitmask, rows
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None) -> None:
     """Set to -inf, in place, the logits of the tokens a row's grammar forbids (rows None: every row);
     xgrammar's own kernel on the device (CUDA or Triton on a GPU, C++ on the CPU)."""
     _xgrammar().apply_token_bitmask_inplace(logits, bitmask, indices=rows)

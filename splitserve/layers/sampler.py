@@ -41,9 +41,9 @@ class SamplingTensors:
     frequency: torch.Tensor | None = None  # [B] float32
     presence: torch.Tensor | None = None  # [B] float32
     # Structured outputs: [B, ceil(V / 32)] int32 on the device (bit 1 = allowed), applied to `grammar_rows`
-    # only (None: every row). None when no row has a grammar.
+    # only (int32 on the device; None: every row). None when no row has a grammar.
     grammar_bitmask: torch.Tensor | None = None
-    grammar_rows: list[int] | None = None
+    grammar_rows: torch.Tensor | None = None
 
 
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -276,7 +276,10 @@ class ModelRunner:
             if grammar is not None:
                 bitmask, rows = grammar
                 st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
-                st.grammar_rows = None if len(rows) == len(samplers) else rows
+                # A mixed batch masks its grammar rows only. Their indices go up pinned as well: given a list,
+                # xgrammar copies it from pageable memory, a copy CUDA may make wait for the stream (the forward).
+                st.grammar_rows = (None if len(rows) == len(samplers)
+                                   else self._to_device(np.asarray(rows, dtype=np.int32)))
             tokens, logprob_info = sample(logits, st)
             out.append(self._to_host(tokens))
             if logprob_info is not None:
