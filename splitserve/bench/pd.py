@@ -211,12 +211,11 @@ def single_prompt_ttft(engine, vocab: int, prompt_len: int = 4096, repeats: int 
     return {"prompt_len": prompt_len, "ttft_s": float(np.median(ttft)), "second_token_s": float(np.median(second))}
 
 
-def pd_bench(args) -> dict:
+def serving_kwargs(args) -> dict:
+    """Engine kwargs of a serving simulation: the CLI's engine flags, a shape's random weights (or --model), and
+    a max_model_len that holds the longest prompt and output."""
     from splitserve.bench.shapes import shape_folder
     from splitserve.cli import engine_kwargs
-    from splitserve.config import EngineConfig
-    from splitserve.disagg.coordinator import pd_devices
-    from splitserve.engine.engine import LLMEngine
 
     kwargs = engine_kwargs(args)
     kwargs.pop("enable_two_gpu_pd", None)
@@ -226,6 +225,15 @@ def pd_bench(args) -> dict:
     elif args.model:
         kwargs["model"] = args.model
     kwargs.setdefault("max_model_len", args.input_range[1] + args.output_range[1] + 16)
+    return kwargs
+
+
+def pd_bench(args) -> dict:
+    from splitserve.config import EngineConfig
+    from splitserve.disagg.coordinator import pd_devices
+    from splitserve.engine.engine import LLMEngine
+
+    kwargs = serving_kwargs(args)
     p_dev, d_dev = pd_devices(EngineConfig.from_kwargs(**{**kwargs, "enable_two_gpu_pd": True}))
     probe = EngineConfig.from_kwargs(**kwargs)
     from splitserve.models.loader import load_hf_config, resolve_model

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from splitserve.bench.pd import UNFINISHED, drive, make_requests, single_prompt_ttft, warm_up
+from splitserve.bench.pd import UNFINISHED, drive, make_requests, serving_kwargs, single_prompt_ttft, warm_up
 from splitserve.bench.serving import RequestRecord, poisson_arrivals
 
 MUX = "pdmux"
@@ -173,20 +173,11 @@ def pdmux_bench(args, save: Callable[[dict], None] | None = None) -> dict:
     """The whole run; `save(result)` after each setup, so a run cut short still leaves what it measured."""
     import datetime
 
-    from splitserve.bench.shapes import shape_folder
-    from splitserve.cli import engine_kwargs
     from splitserve.config import EngineConfig
     from splitserve.models.loader import load_hf_config, resolve_model
 
     t0 = time.time()
-    kwargs = engine_kwargs(args)
-    kwargs.pop("enable_two_gpu_pd", None)
-    if args.shape:
-        kwargs["model"] = shape_folder(args.shape)
-        kwargs.setdefault("load_format", "dummy")
-    elif args.model:
-        kwargs["model"] = args.model
-    kwargs.setdefault("max_model_len", args.input_range[1] + args.output_range[1] + 16)
+    kwargs = serving_kwargs(args)
     mux_chunk = kwargs.pop("max_num_batched_tokens", 8192)  # the prefill lane's chunk budget
     vocab = load_hf_config(resolve_model(EngineConfig.from_kwargs(**kwargs).model)).vocab_size
     seed = args.seed or 0
