@@ -50,8 +50,8 @@ class EngineCore:
 
         t0 = time.perf_counter()
         self.config, self.model = config, model
-        attention_sm = check_split(config, resolve_device(config.device))  # before any memory is taken
         device = resolve_device(config.device)
+        attention_sm = check_split(config, device)  # before any memory is taken
         check_decode_sm(config, device)
         weights = None if config.load_format == "dummy" else model.path
         self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights,
@@ -240,6 +240,7 @@ class EngineCore:
         return decode
 
     def _launch_prefill(self, batch: ScheduledBatch, num_decode: int) -> None:
+        """Start a prefill batch on its stream (its first pieces enqueued now); it is busy until finished."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
