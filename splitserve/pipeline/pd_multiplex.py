@@ -138,10 +138,6 @@ class PDLanes:
         self.prefill_started = 0.0
         self.whole_gpu_stream = torch.cuda.Stream() if self.partitions else None
 
-    @property
-    def concurrent(self) -> bool:
-        return bool(self.partitions)
-
     def choose_split(self, num_decode: int) -> int:
         """Decode SMs for a prefill batch launched beside a decode batch of `num_decode` rows."""
         if len(self.partitions) == 1 or self.plan is None:
