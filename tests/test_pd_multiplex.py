@@ -325,3 +325,31 @@ def test_prefill_run_keeps_at_most_two_pieces_queued():
     run.feed()
     assert enqueued == events[:3] and not run.done()
     assert run.finish() is last and enqueued == events and run.done()
+
+
+def test_server_streams_with_lanes_and_stop_strings(make_tiny_model):
+    """`serve --enable-pd-multiplex`: concurrent streams (a long prompt prefilled in several chunks beside the
+    running decodes), one cut by a stop string, equal the colocated engine's text; the stop never leaks."""
+    import concurrent.futures
+
+    from test_server import client, running_server
+
+    model = make_tiny_model("llama", seed=3, num_hidden_layers=2)
+    prompts = ["hello there", "the quick brown fox " * 12, "one two three four five six"]
+    want = LLM(model, max_num_batched_tokens=16).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    want_text = [o.outputs[0].text for o in want]
+    stop = want_text[0][5:9]  # a stop string the first completion reaches
+    with running_server(model, "--enable-pd-multiplex", "--max-num-batched-tokens", "16") as url:
+        c = client(url)
+
+        def stream(i: int) -> str:
+            extra = {"stop": [stop]} if i == 0 else {}
+            chunks = c.completions.create(model="tiny", prompt=prompts[i], max_tokens=24, temperature=0,
+                                          stream=True, extra_body={"ignore_eos": True}, **extra)
+            return "".join(ch.choices[0].text for ch in chunks)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(stream, range(3)))
+    assert stop and got[0] == want_text[0][: want_text[0].index(stop)] and stop not in got[0]
+    assert got[1:] == want_text[1:]
