@@ -116,12 +116,12 @@ def main() -> None:
         variants[f"block {'tma' if tma else 'ptr'} sub{sub} st{stages} w{warps}"] = (
             (lambda v=v: block_attention(q, k_cache, v_cache, tables, lens, scale, v)[0]), v)
 
-    # partitions: (attention stream, the other partition's stream for the contention run)
+    # partitions: (attention's stream on the memory partition, the compute partition's for the contention run)
     streams = {"all": (torch.cuda.Stream(), None)}
     keep = []
     for sms in sms_list:
         part = green.split(dev, sms)
-        streams[str(part.attention_sm)] = (part.attention_stream, part.ffn_stream)
+        streams[str(part.memory_sm)] = (part.memory_stream, part.compute_stream)
         keep.append(part)
     # FFN-like load for the other partition: gate/up GEMMs of a 512-row micro-batch (Qwen3-8B)
     x = torch.randn(512, 4096, device=dev, dtype=torch.bfloat16)

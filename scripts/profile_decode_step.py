@@ -1,8 +1,8 @@
 """Where a decode step's time goes: per-kernel GPU time of the plain graph vs a pipelined graph (torch.profiler).
 
-The pipeline's stage events say the attention stream is the bottleneck; this says which kernels make it
-so, by comparing the same kernels on the whole GPU and on the partition.
-Usage: python scripts/profile_decode_step.py [SHAPE] [BATCH] [CTX] [ATTENTION_SMS...]
+The pipeline's stage events say which stream (memory or compute) is the bottleneck; this says which
+kernels make it so, by comparing the same kernels on the whole GPU and on the partitions.
+Usage: python scripts/profile_decode_step.py [SHAPE] [BATCH] [CTX] [MEMORY_SMS...]
 """
 
 import json
@@ -66,8 +66,8 @@ def main() -> None:
     print(json.dumps(report["plain"], indent=1), flush=True)
     for sm in splits:
         part = green.split(runner.device, sm)
-        path = pipeline_path(part.attention_sm, part.ffn_sm)
-        graphs.capture_pipelined(path, batch, pingpong_on(part, profiling=True))
+        path = pipeline_path(part.memory_sm, part.compute_sm)
+        graphs.capture_pipelined(path, batch, pingpong_on(path, part, profiling=True))
         row = {"step_ms": graphs.time(path, batch, ctx)}
         row["stages"] = stage_times(graphs.pipelined[(path, batch)].stage_events)
         row.update(kernel_times(graphs, path, batch))

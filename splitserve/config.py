@@ -42,10 +42,11 @@ class EngineConfig:
     pd_max_pending: int = 64  # prefilled sequences that may wait for decode-side room before prefill pauses
     pd_verify_kv: bool = False  # hash every transferred KV buffer on both sides and compare (tests, debugging)
     pd_remote_decode: str | None = None  # "HOST:PORT" to listen on for a decode worker started on another host
-    # M2: decode pipeline over two green-context SM partitions (attention | FFN).
+    # M2: decode pipeline over two green-context SM partitions: memory (rotary, KV write, paged attention) |
+    # compute (every GEMM and norm).
     enable_decode_pipeline: bool = False
-    decode_attention_sm: int | None = None  # SMs of the attention partition (multiple of 8); None: planner
-    decode_ffn_sm: int | None = None  # SMs of the FFN partition; None: the rest
+    decode_memory_sm: int | None = None  # SMs of the memory partition (multiple of 8); None: planner
+    decode_compute_sm: int | None = None  # SMs of the compute partition; None: the rest
     decode_pipeline_profiling: bool = False  # record per-step path, split and stage times
     # Schedule and launch step N + 1 before reading step N's tokens back (vLLM v1's default). None: on where
     # supported (the in-process core; PD workers step synchronously).
@@ -106,10 +107,11 @@ class EngineConfig:
                              f"(both are {self.prefill_device_id})")
         from splitserve.pipeline.green import check_sm_count
 
-        check_sm_count("decode_attention_sm", self.decode_attention_sm)
-        check_sm_count("decode_ffn_sm", self.decode_ffn_sm)
-        if (self.decode_attention_sm is not None or self.decode_ffn_sm is not None) and not self.enable_decode_pipeline:
-            raise ValueError("decode_attention_sm / decode_ffn_sm need enable_decode_pipeline=True")
+        check_sm_count("decode_memory_sm", self.decode_memory_sm)
+        check_sm_count("decode_compute_sm", self.decode_compute_sm)
+        if not self.enable_decode_pipeline and (self.decode_memory_sm is not None
+                                                or self.decode_compute_sm is not None):
+            raise ValueError("decode_memory_sm / decode_compute_sm need enable_decode_pipeline=True")
         self._check_pd_multiplex()
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")

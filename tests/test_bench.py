@@ -130,34 +130,46 @@ def test_pipeline_bench_needs_green_contexts_and_says_so(tmp_path):
 
 def test_pipeline_report_goals_table_and_heatmap(tmp_path):
     """The pipeline report from a result (made up, as the GPU would write it): goals judged from the
-    measured grid, a table row per point, and a heatmap."""
+    measured grid without the points whose tables wrap, a table row per point, and a heatmap."""
     from splitserve.bench import report
     from splitserve.bench.pipeline import goals
 
-    def point(batch, ctx, plain, split, planner):
-        ms = {"plain": plain, "pipeline:64": split}
+    def point(batch, ctx, plain, split, uneven, planner, wraps=False):
+        ms = {"plain": plain, "pipeline:64": split, "pipeline:64:0.6": uneven}
         best = min(ms, key=ms.get)
-        return {"batch": batch, "ctx": ctx, "ms": ms, "best": best, "planner": planner,
+        return {"batch": batch, "ctx": ctx, "ms": ms, "best": best, "planner": planner, "wraps": wraps,
+                "best_pipeline": min(("pipeline:64", "pipeline:64:0.6"), key=ms.get),
                 "speedup_best_vs_plain": plain / ms[best], "planner_over_best": ms[planner] / ms[best],
                 "roofline_serial_ms": 1.0, "roofline_overlap_ms": 0.8}
 
-    shape = {"batches": [16, 1024], "ctxs": [256, 512], "splits": {"pipeline:64": [64, 68]},
+    shape = {"batches": [16, 512, 1024], "ctxs": [256, 512],
+             "splits": {"pipeline:64": [64, 68], "pipeline:64:0.6": [64, 68]},
              "graph_grid": {"count": 2, "capture_s": 1.0, "memory_bytes": 2**30}, "plan": {"calibration_s": 2.0},
              "plan_table": "batch | ...", "copy_bandwidth_GBps": 4000, "gemm_TFLOPs": 700,
-             "points": [point(16, 256, 1.0, 1.5, "plain"), point(16, 512, 1.1, 1.6, "plain"),
-                        point(1024, 256, 30.0, 24.0, "pipeline:64"), point(1024, 512, 36.0, 26.0, "plain")],
+             "points": [point(16, 256, 1.0, 1.5, 1.6, "plain"), point(16, 512, 1.1, 1.6, 1.7, "pipeline:64"),
+                        point(512, 256, 20.0, 19.0, 18.0, "pipeline:64:0.6"),
+                        point(512, 512, 22.0, 21.0, 21.5, "pipeline:64"),
+                        point(1024, 256, 30.0, 26.0, 24.0, "pipeline:64:0.6"),
+                        point(1024, 512, 36.0, 20.0, 21.0, "plain", wraps=True)],  # would win P5, miss P6
              "m3": {"batch": 1024, "ctx_from": 256, "ctx_to": 512, "step": 256, "adaptive_ms": 50.0,
                     "fixed_ms": {"plain": 66.0, "pipeline:64": 50.0}, "best_fixed": "pipeline:64",
                     "best_fixed_over_adaptive": 1.0, "switches": 0}}
     r = {"workload": "pipeline", "shapes": {"qwen3-8b": shape}, "device": "test", "torch": "x", "date": "d"}
     r["goals"] = goals(r)
-    assert r["goals"]["P5"]["value"] == 36.0 / 26.0 and r["goals"]["P5"]["met"]
-    assert r["goals"]["P6"]["value"] == 36.0 / 26.0 and not r["goals"]["P6"]["met"]  # the planner missed one
-    assert r["goals"]["M3"]["met"]
+    p5, p6, m3 = r["goals"]["P5"], r["goals"]["P6"], r["goals"]["M3"]
+    assert p5["value"] == 30.0 / 24.0 and p5["met"] and "pipeline:64:0.6, batch 1024, ctx 256" in p5["at"]
+    assert p6["value"] == 1.6 / 1.1 and not p6["met"] and "batch 16, ctx 512" in p6["at"]  # the planner missed one
+    assert not m3["met"]  # equal to the best fixed path, no switch: issue 14 asks for >= 1.03x and a switch
+    shape["m3"].update(best_fixed_over_adaptive=1.05, switches=1)
+    assert goals(r)["M3"]["met"]
+    shape["points"][4]["ms"].update({"pipeline:64": 28.0, "pipeline:64:0.6": 29.0})  # now 1.07x at 1024
+    shape["points"][4]["best_pipeline"] = "pipeline:64"
+    p5 = goals(r)["P5"]  # the best point is now batch 512: 1.11x, short of 1.15x
+    assert not p5["met"] and p5["value"] == 20.0 / 18.0 and "batch 512, ctx 256" in p5["at"]
     paths = report.write(r, str(tmp_path), "pipeline")
     assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "md", "png"]
     md = (tmp_path / "pipeline.md").read_text()
-    assert md.count("| 1024 |") == 2 and "P6" in md and "missed" in md
+    assert md.count("| 1024 |") == 2 and "P6" in md and "missed" in md and "| 1024 | 512 † |" in md
 
 
 def test_latency_with_hf_compiled_peer(tmp_path):

@@ -196,24 +196,24 @@ def test_green_partitions_are_disjoint_and_captured_graphs_keep_them():
         pytest.skip(reason)
     total = torch.cuda.get_device_properties(device).multi_processor_count
     part = green.split(device, 48)
-    assert (part.attention_sm, part.ffn_sm) == (48, total - 48)
-    attention, ffn = green.sm_ids(part.attention_stream), green.sm_ids(part.ffn_stream)
-    assert attention.isdisjoint(ffn)
-    assert len(attention) == part.attention_sm and len(ffn) == part.ffn_sm  # each uses all of its own SMs
-    other = green.split(device, 80)  # a second split of the whole GPU, for another SM split's graphs
-    assert (other.attention_sm, other.ffn_sm) == (80, total - 80)
-    assert green.sm_ids(other.attention_stream).isdisjoint(green.sm_ids(other.ffn_stream))
+    assert (part.memory_sm, part.compute_sm) == (48, total - 48)
+    memory, compute = green.sm_ids(part.memory_stream), green.sm_ids(part.compute_stream)
+    assert memory.isdisjoint(compute)
+    assert len(memory) == part.memory_sm and len(compute) == part.compute_sm  # each uses all of its own SMs
+    other = green.split(device, 24)  # a second split of the whole GPU, for another SM split's graphs
+    assert (other.memory_sm, other.compute_sm) == (24, total - 24)
+    assert green.sm_ids(other.memory_stream).isdisjoint(green.sm_ids(other.compute_stream))
     # A graph captured on a partition's stream keeps that partition when replayed on the default stream.
     out = torch.full((2048,), -1, dtype=torch.int32, device=device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=part.attention_stream):
+    with torch.cuda.graph(graph, stream=part.memory_stream):
         record_smid(out)
     out.fill_(-1)
     torch.cuda.synchronize()
     graph.replay()
     torch.cuda.synchronize()
     replayed = set(out.tolist())
-    assert -1 not in replayed and replayed <= attention
+    assert -1 not in replayed and replayed <= memory
     everywhere = torch.full((4096,), -1, dtype=torch.int32, device=device)
     record_smid(everywhere)  # the default stream still has the whole GPU
     torch.cuda.synchronize()
@@ -231,7 +231,7 @@ def test_requested_pipeline_without_graphs_falls_back_with_one_warning(qwen3_06b
     torch.cuda.empty_cache()
     with pytest.raises(ValueError, match="above the"):
         LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, enable_decode_pipeline=True,
-            decode_attention_sm=96, decode_ffn_sm=96)
+            decode_memory_sm=96, decode_compute_sm=96)
 
 
 def test_fork_join_graph_keeps_both_partitions():
@@ -245,7 +245,7 @@ def test_fork_join_graph_keeps_both_partitions():
     if not ok:
         pytest.skip(reason)
     part = green.split(device, 56)
-    attention_sms, ffn_sms = green.sm_ids(part.attention_stream), green.sm_ids(part.ffn_stream)
+    memory_sms, compute_sms = green.sm_ids(part.memory_stream), green.sm_ids(part.compute_stream)
     outs = [torch.full((2048,), -1, dtype=torch.int32, device=device) for _ in range(2)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -253,7 +253,7 @@ def test_fork_join_graph_keeps_both_partitions():
         fork = torch.cuda.Event()
         fork.record(main)
         joins = []
-        for stream, out in zip((part.attention_stream, part.ffn_stream), outs):
+        for stream, out in zip((part.memory_stream, part.compute_stream), outs):
             stream.wait_event(fork)
             with torch.cuda.stream(stream):
                 record_smid(out)
@@ -268,11 +268,11 @@ def test_fork_join_graph_keeps_both_partitions():
     graph.replay()
     torch.cuda.synchronize()
     used = [set(out.tolist()) for out in outs]
-    assert -1 not in used[0] and used[0] <= attention_sms
-    assert -1 not in used[1] and used[1] <= ffn_sms
+    assert -1 not in used[0] and used[0] <= memory_sms
+    assert -1 not in used[1] and used[1] <= compute_sms
 
 
-def _pinned_pipeline(llm, attention_sm: int, buckets: list[int]):
+def _pinned_pipeline(llm, memory_sm: int, buckets: list[int], first_fraction: float = 0.5):
     """Capture pipelined graphs at `buckets` on one split and pin the planner to them (a plan that makes
     the pipeline the choice wherever it has a graph), whatever a calibration would pick."""
     from splitserve.pipeline import green
@@ -281,21 +281,23 @@ def _pinned_pipeline(llm, attention_sm: int, buckets: list[int]):
 
     core = llm.engine.core
     graphs = core.runner.graphs
-    part = green.split(graphs.device, attention_sm)
-    path = pipeline_path(part.attention_sm, part.ffn_sm)
+    part = green.split(graphs.device, memory_sm)
+    path = pipeline_path(part.memory_sm, part.compute_sm, first_fraction)
     core.decode_pipeline.partitions[path] = part  # kept alive with the engine
     for bucket in buckets:
-        graphs.capture_pipelined(path, bucket, pingpong_on(part, graphs.profiler is not None))
+        graphs.capture_pipelined(path, bucket, pingpong_on(path, part, graphs.profiler is not None))
     times = {PLAIN.name: [[2.0]] * len(buckets), path.name: [[1.0]] * len(buckets)}
-    plan = Plan(anchors=buckets, ctx_points=[256], times_ms=times, splits={path.name: [part.attention_sm, part.ffn_sm]})
+    plan = Plan(anchors=buckets, ctx_points=[256], times_ms=times,
+                splits={path.name: [part.memory_sm, part.compute_sm]})
     graphs.planner = DecodePlanner(plan)
     return path, part
 
 
 def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
-    """The pipelined decode graphs (micro-batches on two green partitions, padded to the 64 bucket)
-    generate what HF generates, under the same bf16 criteria as the plain path; profiling records the
-    path, the split and per-stage times from events inside the graph."""
+    """The pipelined decode graphs (micro-batches on two green partitions: GEMMs and norms on the compute
+    one, attention on the memory one; padded to the 64 bucket) generate what HF generates, under the same
+    bf16 criteria as the plain path; profiling records the path, the split and per-stage times from events
+    inside the graph."""
     from transformers import AutoModelForCausalLM
 
     from splitserve.pipeline import green
@@ -304,7 +306,7 @@ def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
         pytest.skip(green.capability(torch.device("cuda", 0))[1])
     llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.5, max_num_seqs=64,
               decode_pipeline_profiling=True)
-    path, part = _pinned_pipeline(llm, 64, [32, 64])
+    path, part = _pinned_pipeline(llm, 40, [32, 64])
     prompts = random_prompts(40, 20, 200, seed=4, vocab=151936)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -313,23 +315,25 @@ def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
     full_matches = check_bf16_against_hf(hf, prompts, outs)
     print(f"pipelined bf16: {full_matches}/{len(prompts)} prompts match HF greedy for 32+ steps")
     assert full_matches >= 1  # every divergence above was at a tie in HF's own logits
-    assert stats["decode_path"] == "pipeline" and stats["decode_attention_sm"] == part.attention_sm
-    assert stats["decode_ffn_sm"] == part.ffn_sm
+    # decode_attention_sm / decode_ffn_sm: engine/core.py's stat names, not yet renamed there
+    assert stats["decode_path"] == "pipeline" and stats["decode_attention_sm"] == part.memory_sm
+    assert stats["decode_ffn_sm"] == part.compute_sm
     steps = stats["decode_pipeline"]["planner"]["steps_by_path"]
     assert steps.get(path.name, 0) >= 38  # every decode step of the full batch ran pipelined
     records = [r for r in stats["decode_pipeline"]["profile_records"] if r["path"] == path.name]
-    assert records and all(r["bucket"] in (32, 64) and r["attention_sm"] == part.attention_sm for r in records)
+    assert records and all(r["bucket"] in (32, 64) and r["memory_sm"] == part.memory_sm for r in records)
     for r in records:
-        assert r["attention_ms"] > 0 and r["ffn_ms"] > 0 and 0 <= r["overlap_efficiency"] <= 1
+        assert r["memory_ms"] > 0 and r["compute_ms"] > 0 and 0 <= r["overlap_efficiency"] <= 1
         assert r["stages_span_ms"] <= r["step_ms"] * 1.01
     assert stats["decode_pipeline"]["profile"][path.name]["steps"] == len(records) or len(records) == 256
 
 
 def test_pipelined_graph_logits_close_to_plain(qwen3_06b):
     """Same inputs through the plain graph and the pipelined graph: bf16 logits close, argmax equal where
-    the plain top-2 gap is not a tie. The micro-batch GEMMs (32 rows, not 64) round differently in bf16,
-    and 28 layers carry that to the logits: a tail of ~5% of the largest logit (measured 0.17 of 3.4),
-    while the mean difference stays small. A race or a wrong stage order moves whole rows instead."""
+    the plain top-2 gap is not a tie. The micro-batch GEMMs (38 and 26 rows, not 64) round differently in
+    bf16, and 28 layers carry that to the logits: a tail of ~5% of the largest logit (measured 0.17 of 3.4
+    with two halves and the attention/FFN split), while the mean difference stays small. A race or a wrong
+    stage order moves whole rows instead."""
     from splitserve.pipeline import green
     from splitserve.worker.decode_graphs import PLAIN
     from splitserve.worker.inputs import fake_batch, prepare_inputs
@@ -338,7 +342,7 @@ def test_pipelined_graph_logits_close_to_plain(qwen3_06b):
     runner = llm.engine.core.runner
     if not green.capability(runner.device)[0]:
         pytest.skip("no green contexts")
-    path, _ = _pinned_pipeline(llm, 48, [64])
+    path, _ = _pinned_pipeline(llm, 48, [64], first_fraction=0.6)  # uneven: 38 + 26 rows
     runner.kv_cache.normal_()
     host = prepare_inputs(fake_batch(64, 300, runner.block_size, runner.num_kv_blocks), runner.block_size)
     with torch.no_grad():
@@ -378,7 +382,8 @@ def test_planner_calibrates_caches_and_prints_its_plan(qwen3_06b, caplog, monkey
 
 def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
     """Eager ping-pong over the two partitions (events order the stages) computes the plain forward: a
-    missing wait would show up as a large difference."""
+    missing wait would show up as a large difference. Three uneven micro-batches, so every hand-off between
+    the streams happens more than once per layer."""
     from splitserve.engine.scheduler import ScheduledBatch
     from splitserve.engine.sequence import Sequence
     from splitserve.layers.attention import AttentionMetadata
@@ -404,16 +409,18 @@ def test_pingpong_on_green_streams_matches_plain(qwen3_06b):
     t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
     meta = AttentionMetadata(t["slot_mapping"], t["query_start_loc"], t["seq_lens"], t["block_tables"], 1,
                              int(host["seq_lens"].max()))
-    part = green.split(device, 64)
+    part = green.split(device, 40)
     with torch.no_grad():
         plain = runner.model(t["input_ids"], t["positions"], meta)
         events: list = []
         piped = runner.model(t["input_ids"], t["positions"], meta,
-                             PingPong(2, StageStreams(part.attention_stream, part.ffn_stream), events))
+                             PingPong([30, 20, 14], StageStreams(part.memory_stream, part.compute_stream), events))
         torch.cuda.synchronize()
     assert (piped - plain).abs().max().item() < 1e-3 * plain.abs().max().item()
     assert torch.equal(runner.model.compute_logits(piped).argmax(-1), runner.model.compute_logits(plain).argmax(-1))
-    assert len(events) == 2 * 2 * len(runner.model.layers)  # (attention, FFN) x micro-batches x layers
+    num_layers = len(runner.model.layers)
+    assert len(events) == 3 * (2 * num_layers + 1)  # micro-batches x stages (pre0 | attend | post+pre ... | post)
+    assert sum(kind == "memory" for kind, *_ in events) == 3 * num_layers
 
 
 def test_n_completions_fork_on_the_gpu_and_equal_their_seeds_single_requests(qwen3_06b):
@@ -547,7 +554,7 @@ def test_pd_multiplex_calibrates_caches_and_falls_back(qwen3_06b, caplog, monkey
     mode = llm.stats()["pd_multiplex"]
     assert mode["mode"] == "concurrent" and mode["plan_cached"] is False and os.path.exists(mode["plan_file"])
     assert mode["plan"] in "\n".join(r.getMessage() for r in caplog.records)
-    kept = {p.attention_sm for p, _ in llm.engine.core.runner.graphs.pipelined}
+    kept = {p.memory_sm for p, _ in llm.engine.core.runner.graphs.pipelined}
     assert kept == set(mode["decode_sm_used"]) and kept <= set(mode["candidate_decode_sm"])
     out = llm.generate(random_prompts(8, 100, 1500, seed=2, vocab=151936),
                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)

@@ -66,7 +66,10 @@ def add_parser(sub, add_engine_args) -> None:
     pipe = bench.add_argument_group("pipeline (decode pipeline on green-context SM splits)")
     pipe.add_argument("--shapes", nargs="+", default=None, help="default: qwen3-8b qwen3-0.6b")
     pipe.add_argument("--splits", type=int, nargs="+", default=None,
-                      help="attention-partition SM counts (default: the planner's candidates)")
+                      help="memory-partition SM counts (default: the planner's candidates)")
+    pipe.add_argument("--microbatch-fractions", type=float, nargs="+", default=[0.5],
+                      help="the first micro-batch's share of the batch, one pipelined variant per value and split "
+                           "(0.5: two equal halves; e.g. 0.5 0.6 0.7)")
     pipe.add_argument("--iters", type=int, default=10, help="graph replays timed per path and point")
     pipe.add_argument("--m3-batch", type=int, default=1024, help="batch of the growing-context (M3) run; 0: skip")
     pipe.add_argument("--m3-step", type=int, default=128, help="context growth per step of the M3 run")
@@ -234,6 +237,9 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     from splitserve.bench.pipeline import pipeline_bench
     from splitserve.cli import engine_kwargs
 
+    bad = [f for f in args.microbatch_fractions if not 0 < f < 1]
+    if bad:
+        raise SystemExit(f"splitserve bench pipeline: --microbatch-fractions must be in (0, 1), got {bad}")
     result = pipeline_bench(args, engine_kwargs(args))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device})

@@ -104,7 +104,7 @@ def worker_config(config: EngineConfig, role: str, device: str) -> EngineConfig:
                                  decode_device_id=None, pd_remote_decode=None)
     if role == "prefill":
         return dataclasses.replace(config, enforce_eager=True, enable_decode_pipeline=False,
-                                   decode_attention_sm=None, decode_ffn_sm=None, decode_pipeline_profiling=False)
+                                   decode_memory_sm=None, decode_compute_sm=None, decode_pipeline_profiling=False)
     return dataclasses.replace(config, num_kv_blocks=config.pd_decode_num_kv_blocks or config.num_kv_blocks)
 
 

@@ -1,9 +1,13 @@
 """Decoder-only transformer for the Llama family (Llama 2/3, SmolLM2, Mistral), Qwen2 and Qwen3.
 
 The families differ only in flags: Qwen3 normalises q and k per head, Qwen2 has a bias on q/k/v.
-A layer is two stages — attention and FFN — with one signature. `forward` runs every stage in order;
-given a stage schedule (splitserve.pipeline: micro-batches on two SM partitions) it hands the schedule
-the same stages, so a pipelined step computes exactly what the plain one does.
+A layer is three stages with one signature, cut by what bounds them (issue 14):
+- compute-pre: input norm (+ residual add), QKV projection;
+- memory: q/k-norm, rotary, KV write, paged attention (`Attention.forward`: no GEMM, memory-bound);
+- compute-post: output projection, post-attention norm, gate/up, SiLU-and-mul, down.
+`DecoderLayer.forward` runs the three in order. Given a stage schedule (splitserve.pipeline: micro-batches
+on a compute and a memory SM partition) `CausalLM.forward` hands the schedule the same stage functions, so
+a pipelined step computes exactly what the plain one does.
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, backend)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        # q/k-norm (Qwen3 only), rotary, K/V into the paged cache (one kernel on CUDA), then attention
-        o = self.attn(qkv, positions, self.rotary.cos_sin, self.q_norm if self.qk_norm else None,
-                      self.k_norm if self.qk_norm else None, meta)
-        return self.o_proj(o.view(x.shape[0], self.q_size))
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The memory-bound middle of attention, between the QKV and output projections (DecoderLayer
+        runs those): q/k-norm (Qwen3 only), rotary, K/V into the paged cache (one kernel on CUDA), then
+        paged attention. Returns [T, Hq, D]."""
+        return self.attn(qkv, positions, self.rotary.cos_sin, self.q_norm if self.qk_norm else None,
+                         self.k_norm if self.qk_norm else None, meta)
 
 
 class MLP(nn.Module):
@@ -62,6 +66,17 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+@dataclass
+class Handoff:
+    """What one stage hands the next, for one (micro-)batch: the residual stream, and the one tensor the
+    next stage reads — `hidden` into compute-pre (and out of compute-post), `qkv` from compute-pre to
+    memory, `attn` from memory to compute-post."""
+    residual: torch.Tensor | None  # None before the first layer's input norm
+    hidden: torch.Tensor | None = None
+    qkv: torch.Tensor | None = None  # [T, (Hq + 2 Hkv) D]
+    attn: torch.Tensor | None = None  # [T, Hq, D]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg, flags: ArchFlags, backend, rotary: RotaryEmbedding):
         super().__init__()
@@ -70,30 +85,48 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, flags)
 
-    def attention_stage(self, positions, hidden, residual, meta: AttentionMetadata):
-        """norm (+ residual add), QKV, rotary, KV write, attention, output projection."""
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
+    def compute_pre(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
+        """Input norm (+ residual add), QKV projection."""
+        if x.residual is None:
+            hidden, residual = self.input_layernorm(x.hidden), x.hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        return self.self_attn(positions, hidden, meta), residual
+            hidden, residual = self.input_layernorm(x.hidden, x.residual)
+        return Handoff(residual, qkv=self.self_attn.qkv_proj(hidden))
 
-    def ffn_stage(self, positions, hidden, residual, meta: AttentionMetadata):
-        """norm (+ residual add), gate/up, SiLU-and-mul, down."""
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def memory(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
+        """q/k-norm, rotary, KV write, paged attention: the only stage with no GEMM."""
+        return Handoff(x.residual, attn=self.self_attn.attend(positions, x.qkv, meta))
 
-    def forward(self, positions, hidden, residual, meta: AttentionMetadata):
-        hidden, residual = self.attention_stage(positions, hidden, residual, meta)
-        return self.ffn_stage(positions, hidden, residual, meta)
+    def compute_post(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
+        """Output projection, post-attention norm (+ residual add), gate/up, SiLU-and-mul, down."""
+        hidden = self.self_attn.o_proj(x.attn.flatten(1))
+        hidden, residual = self.post_attention_layernorm(hidden, x.residual)
+        return Handoff(residual, hidden=self.mlp(hidden))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        x = Handoff(residual, hidden=hidden)
+        for stage in (self.compute_pre, self.memory, self.compute_post):
+            x = stage(positions, x, meta)
+        return x.hidden, x.residual
+
+
+StageFn = Callable[[torch.Tensor, Handoff, AttentionMetadata], Handoff]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of one layer: `run(positions, hidden, residual, meta) -> (hidden, residual)`."""
-    kind: str  # "attention" | "ffn": where a stage schedule places it
-    layer: int
-    run: Callable
+    """A stretch of the forward that one stream runs for one (micro-)batch: `run(positions, x, meta)`."""
+    kind: str  # "compute" | "memory": which partition a stage schedule places it on
+    layer: int  # the layer it starts in
+    name: str  # which layer stages it is made of, e.g. "post3+pre4"
+    run: StageFn
+
+
+def _then(first: StageFn, second: StageFn) -> StageFn:
+    def run(positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
+        return second(positions, first(positions, x, meta), meta)
+    return run
 
 
 StageSchedule = Callable  # (stages, positions, hidden, meta) -> (hidden, residual); see pipeline.pingpong
@@ -135,9 +168,19 @@ class CausalLM(nn.Module):
         return hidden, residual
 
     def stages(self) -> list[Stage]:
-        """The layers as stages, in the order `forward` runs them."""
-        return [Stage(kind, i, getattr(layer, f"{kind}_stage")) for i, layer in enumerate(self.layers)
-                for kind in ("attention", "ffn")]
+        """The layers' stages in the order `forward` runs them, compute and memory alternating:
+        pre0 | attend0 | post0+pre1 | attend1 | ... | post(L-1). Between two attentions the compute work of
+        two layers is one stage, so each stream runs one stage while the other runs one."""
+        layers = self.layers
+        stages = [Stage("compute", 0, "pre0", layers[0].compute_pre)]
+        for i, layer in enumerate(layers):
+            stages.append(Stage("memory", i, f"attend{i}", layer.memory))
+            if i + 1 < len(layers):
+                stages.append(Stage("compute", i, f"post{i}+pre{i + 1}",
+                                    _then(layer.compute_post, layers[i + 1].compute_pre)))
+            else:
+                stages.append(Stage("compute", i, f"post{i}", layer.compute_post))
+        return stages
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight

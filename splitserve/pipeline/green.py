@@ -27,31 +27,31 @@ def check_sm_count(name: str, value: int | None) -> None:
                          f"contexts on Hopper), got {value}")
 
 
-def check_split(attention_sm: int | None, ffn_sm: int | None, total_sms: int) -> tuple[int | None, int | None]:
-    """The split to use on a GPU with `total_sms`: both given; only the attention part (the FFN part is
-    the rest: None); only the FFN part; or neither (the planner chooses)."""
-    check_sm_count("decode_attention_sm", attention_sm)
-    check_sm_count("decode_ffn_sm", ffn_sm)
-    if attention_sm is None and ffn_sm is None:
+def check_split(memory_sm: int | None, compute_sm: int | None, total_sms: int) -> tuple[int | None, int | None]:
+    """The split to use on a GPU with `total_sms`: both given; only the memory part (the compute part is
+    the rest: None); only the compute part; or neither (the planner chooses)."""
+    check_sm_count("decode_memory_sm", memory_sm)
+    check_sm_count("decode_compute_sm", compute_sm)
+    if memory_sm is None and compute_sm is None:
         return None, None
-    if attention_sm is None:
-        attention_sm = (total_sms - ffn_sm) // SM_GRANULARITY * SM_GRANULARITY
-    rest = total_sms - attention_sm
-    if ffn_sm is None:
+    if memory_sm is None:
+        memory_sm = (total_sms - compute_sm) // SM_GRANULARITY * SM_GRANULARITY
+    rest = total_sms - memory_sm
+    if compute_sm is None:
         if rest < SM_GRANULARITY:
-            raise ValueError(f"decode_attention_sm = {attention_sm} leaves under {SM_GRANULARITY} of the "
-                             f"{total_sms} SMs for the FFN partition")
-        return attention_sm, None
-    if attention_sm + ffn_sm > total_sms:
-        raise ValueError(f"decode_attention_sm + decode_ffn_sm = {attention_sm} + {ffn_sm} = {attention_sm + ffn_sm} "
-                         f"is above the {total_sms} SMs of this GPU")
-    if ffn_sm < rest // SM_GRANULARITY * SM_GRANULARITY:
+            raise ValueError(f"decode_memory_sm = {memory_sm} leaves under {SM_GRANULARITY} of the "
+                             f"{total_sms} SMs for the compute partition")
+        return memory_sm, None
+    if memory_sm + compute_sm > total_sms:
+        raise ValueError(f"decode_memory_sm + decode_compute_sm = {memory_sm} + {compute_sm} = "
+                         f"{memory_sm + compute_sm} is above the {total_sms} SMs of this GPU")
+    if compute_sm < rest // SM_GRANULARITY * SM_GRANULARITY:
         # The driver cuts the SMs once (group + rest); cutting the rest again is refused
         # (CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION on H200), so SMs cannot be left idle.
-        raise ValueError(f"decode_ffn_sm = {ffn_sm} would leave SMs idle: the FFN partition is the "
-                         f"{rest} SMs that decode_attention_sm = {attention_sm} leaves (give {rest // 8 * 8} "
+        raise ValueError(f"decode_compute_sm = {compute_sm} would leave SMs idle: the compute partition is the "
+                         f"{rest} SMs that decode_memory_sm = {memory_sm} leaves (give {rest // 8 * 8} "
                          "or leave it unset)")
-    return attention_sm, None
+    return memory_sm, None
 
 
 def _driver():
@@ -93,20 +93,28 @@ def capability(device: torch.device) -> tuple[bool, str]:
 
 @dataclass
 class SMPartition:
-    """Two disjoint SM partitions of one GPU and a torch stream on each."""
+    """Two disjoint SM partitions of one GPU and a torch stream on each: the group asked for ("memory": the
+    decode pipeline's attention; PD multiplexing's decode) and the rest ("compute": the GEMMs; the prefill)."""
     device: torch.device
-    attention_sm: int  # real sizes, as the driver made them
-    ffn_sm: int
-    attention_stream: torch.cuda.Stream
-    ffn_stream: torch.cuda.Stream
+    memory_sm: int  # real sizes, as the driver made them
+    compute_sm: int
+    memory_stream: torch.cuda.Stream
+    compute_stream: torch.cuda.Stream
     _handles: tuple = ()  # green contexts and raw streams, kept alive with the partition
 
     def describe(self) -> str:
-        return f"attention {self.attention_sm} SMs | FFN {self.ffn_sm} SMs"
+        return f"memory {self.memory_sm} SMs | compute {self.compute_sm} SMs"
+
+    # The names before the compute/memory re-cut (issue 14), still read by pipeline/pd_multiplex.py, which
+    # is maintained separately: drop these once it reads memory_* (its decode) and compute_* (its prefill).
+    attention_sm = property(lambda self: self.memory_sm)
+    ffn_sm = property(lambda self: self.compute_sm)
+    attention_stream = property(lambda self: self.memory_stream)
+    ffn_stream = property(lambda self: self.compute_stream)
 
 
-def split(device: torch.device, attention_sm: int) -> SMPartition:
-    """Split the GPU once into an attention part of `attention_sm` SMs and an FFN part of the rest."""
+def split(device: torch.device, memory_sm: int) -> SMPartition:
+    """Split the GPU once into a memory part of `memory_sm` SMs and a compute part of the rest."""
     driver = _driver()
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch.cuda.init()
@@ -114,10 +122,10 @@ def split(device: torch.device, attention_sm: int) -> SMPartition:
     dev = _ok(driver.cuDeviceGet(index), "cuDeviceGet")
     whole = _ok(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
                 "cuDeviceGetDevResource")
-    groups, _, rest = _ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, attention_sm), "cuDevSmResourceSplitByCount")
-    attention_res, ffn_res = groups[0], rest
+    groups, _, rest = _ok(driver.cuDevSmResourceSplitByCount(1, whole, 0, memory_sm), "cuDevSmResourceSplitByCount")
+    memory_res, compute_res = groups[0], rest
     handles, streams = [], []
-    for resource in (attention_res, ffn_res):
+    for resource in (memory_res, compute_res):
         desc = _ok(driver.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
         ctx = _ok(driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
                   "cuGreenCtxCreate")
@@ -125,7 +133,7 @@ def split(device: torch.device, attention_sm: int) -> SMPartition:
                   "cuGreenCtxStreamCreate")
         handles += [ctx, raw]
         streams.append(torch.cuda.ExternalStream(int(raw), device=torch.device("cuda", index)))
-    return SMPartition(torch.device("cuda", index), int(attention_res.sm.smCount), int(ffn_res.sm.smCount),
+    return SMPartition(torch.device("cuda", index), int(memory_res.sm.smCount), int(compute_res.sm.smCount),
                        streams[0], streams[1], tuple(handles))
 
 

@@ -1,35 +1,63 @@
-"""Micro-batch ping-pong for decode: attention of one micro-batch overlaps the FFN of another.
+"""Micro-batch ping-pong for decode: the attention of one micro-batch overlaps the GEMMs of another.
 
-A decode batch is cut into micro-batches. Every layer keeps the model's own order for each micro-batch
-(attention stage, then FFN stage, then the next layer), so the result is the plain forward's. Only
-*where* a stage runs changes: attention stages go to the attention stream, FFN stages to the FFN stream
-(two green-context partitions on a GPU), and events order each micro-batch's stages:
+A decode batch is cut into micro-batches, evenly or not (`microbatch_bounds`). Each micro-batch runs the
+model's own stages in the model's order (CausalLM.stages: compute and memory alternating), so the result
+is the plain forward's. Only *where* a stage runs changes: memory stages (rotary, KV write, paged
+attention) go to the memory stream, compute stages (every GEMM and norm) to the compute stream — two
+green-context partitions on a GPU — and events order each micro-batch's stages. With two micro-batches,
+C(m, l) the compute stage before attention l and M(m, l) attention l:
 
-    attention stream:  A0(l)  A1(l)  A0(l+1)  A1(l+1) ...
-    FFN stream:               F0(l)  F1(l)    F0(l+1) ...      F(m, l) waits A(m, l); A(m, l+1) waits F(m, l)
+    compute stream:  C0(0) C1(0) C0(1)  C1(1)  C0(2) ...
+    memory stream:         M0(0) M1(0)  M0(1)  M1(1) ...     M(m, l) waits C(m, l); C(m, l+1) waits M(m, l)
 
-so A1(l) runs beside F0(l) and A0(l+1) beside F1(l). Without streams (CPU) the same order runs serially.
-The stages are the model's own (CausalLM.stages); this module only decides where and when each runs.
+so M0(l) runs beside C1(l) and M1(l) beside C0(l+1). Without streams (CPU) the same order runs serially.
+This module only decides where and when each stage runs.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from splitserve.layers.attention import AttentionMetadata
+from splitserve.models.llama import Handoff, Stage
+
+# How to cut a batch: n (near-)equal parts, explicit sizes, or fractions of the batch.
+MicroBatches = int | Sequence[int] | Sequence[float]
 
 
-def microbatch_bounds(batch_size: int, num_microbatches: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges, sizes differing by at most one (odd batches welcome)."""
-    n = max(1, min(num_microbatches, batch_size))
-    base, extra = divmod(batch_size, n)
+def microbatch_bounds(batch_size: int, microbatches: MicroBatches) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges that cover the batch.
+    - an int n: n parts whose sizes differ by at most one, the larger ones first (odd batches welcome);
+    - ints: those sizes, which must add up to the batch;
+    - floats: those shares of the batch (positive, adding up to 1), the cuts rounded to the nearest row.
+    A micro-batch that would be empty is left out: a batch of 1 is one micro-batch."""
+    if isinstance(microbatches, int) and not isinstance(microbatches, bool):
+        n = max(1, min(microbatches, batch_size))
+        base, extra = divmod(batch_size, n)
+        sizes = [base + (1 if i < extra else 0) for i in range(n)]
+    elif all(isinstance(s, int) and not isinstance(s, bool) for s in microbatches):
+        sizes = list(microbatches)
+        if any(s < 0 for s in sizes) or sum(sizes) != batch_size:
+            raise ValueError(f"micro-batch sizes {sizes} do not add up to the batch of {batch_size}")
+    else:
+        shares = [float(s) for s in microbatches]
+        if any(not s > 0 for s in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+            raise ValueError(f"micro-batch fractions {shares} must be positive and add up to 1")
+        cuts, total = [], 0.0
+        for share in shares[:-1]:
+            total += share
+            cuts.append(min(batch_size, math.floor(total * batch_size + 0.5)))  # round half up, not to even
+        cuts.append(batch_size)
+        sizes = [end - start for start, end in zip([0, *cuts], cuts)]
     bounds, start = [], 0
-    for i in range(n):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
+    for size in sizes:
+        if size > 0:
+            bounds.append((start, start + size))
+        start += size
     return bounds
 
 
@@ -45,9 +73,9 @@ def split_decode_meta(meta: AttentionMetadata, start: int, end: int) -> Attentio
 
 @dataclass
 class StageStreams:
-    """Where stages run: the attention and FFN partitions' streams (None: the current stream)."""
-    attention: torch.cuda.Stream | None = None
-    ffn: torch.cuda.Stream | None = None
+    """Where stages run: the memory and compute partitions' streams (None: the current stream)."""
+    memory: torch.cuda.Stream | None = None
+    compute: torch.cuda.Stream | None = None
 
 
 class PingPong:
@@ -57,42 +85,45 @@ class PingPong:
     (kind, micro-batch, layer, start, end) timing events; they are external events, so inside a graph they
     become event-record nodes that time each replay."""
 
-    def __init__(self, num_microbatches: int = 2, streams: StageStreams | None = None,
+    def __init__(self, microbatches: MicroBatches = 2, streams: StageStreams | None = None,
                  stage_events: list | None = None):
-        self.num_microbatches = num_microbatches
+        self.microbatches = microbatches
         self.streams = streams or StageStreams()
         self.stage_events = stage_events
+        self.slot: str | None = None  # the stream ("memory" | "compute") the running stage was put on
 
-    def __call__(self, stages, positions: torch.Tensor, hidden_all: torch.Tensor, meta: AttentionMetadata):
+    def __call__(self, stages: list[Stage], positions: torch.Tensor, hidden_all: torch.Tensor,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         streams, events = self.streams, self.stage_events
         if events is not None:
             events.clear()  # keep only the latest (captured) step's events
-        bounds = microbatch_bounds(hidden_all.shape[0], self.num_microbatches)
-        on_gpu = streams.attention is not None and streams.ffn is not None
+        bounds = microbatch_bounds(hidden_all.shape[0], self.microbatches)
+        lanes = {"memory": streams.memory, "compute": streams.compute}
+        on_gpu = streams.memory is not None and streams.compute is not None
         main = torch.cuda.current_stream() if on_gpu else None
         metas = [split_decode_meta(meta, a, b) for a, b in bounds]
-        hidden = [hidden_all[a:b] for a, b in bounds]
-        residual: list = [None] * len(bounds)
-        # Every tensor handed from one stream to the other stays referenced until the step ends. The caching
-        # allocator gives a freed block back to the stream that allocated it, so an attention output dropped
-        # while the FFN stream still reads it could become the next attention stage's scratch. (Under graph
+        x = [Handoff(None, hidden=hidden_all[a:b]) for a, b in bounds]
+        # Every hand-off from one stream to the other stays referenced until the step ends. The caching
+        # allocator gives a freed block back to the stream that allocated it, so a QKV output dropped while
+        # the memory stream still reads it could become the next compute stage's scratch. (Under graph
         # capture record_stream would hold such blocks until the capture ends anyway: same memory.)
         handoffs: list = [hidden_all]
         done: list = [_record(main) if on_gpu else None] * len(bounds)  # micro-batch m's last stage
         for stage in stages:
-            stream = getattr(streams, stage.kind)
+            self.slot, stream = stage.kind, lanes[stage.kind]
             for m, (a, b) in enumerate(bounds):
                 with _on(stream):
                     if on_gpu:
                         stream.wait_event(done[m])
                     start = _timing_event(stream, events)
-                    hidden[m], residual[m] = stage.run(positions[a:b], hidden[m], residual[m], metas[m])
+                    x[m] = stage.run(positions[a:b], x[m], metas[m])
                     done[m] = _stage_done(stream, events, (stage.kind, m, stage.layer, start))
-                handoffs += [hidden[m], residual[m]]
+                handoffs.append(x[m])
+        self.slot = None
         if on_gpu:  # join both streams back (a capture fails if a forked stream is left unjoined)
-            main.wait_event(_record(streams.attention))
-            main.wait_event(_record(streams.ffn))
-        out = torch.cat(hidden), torch.cat(residual)
+            main.wait_event(_record(streams.memory))
+            main.wait_event(_record(streams.compute))
+        out = torch.cat([h.hidden for h in x]), torch.cat([h.residual for h in x])
         handoffs.clear()
         return out
 

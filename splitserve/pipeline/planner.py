@@ -1,13 +1,13 @@
 """Decode planner: for each batch, the fastest decode path — measured, never assumed — and M3 rebalancing.
 
 Paths (worker.decode_graphs.DecodePath) are the plain CUDA graph and the micro-batch pipeline on one SM
-split. A plan holds step times measured at anchor batch sizes (the buckets that
-have pipelined graphs) and a few context lengths. `DecodePlanner.choose` estimates every path for the
-batch at hand by interpolating the plan (piecewise linear in context length and in batch size, since
-attention cost grows linearly with the KV read) and picks the fastest. As the batch's contexts grow or
-shrink the best split moves (attention's share of the step grows with context); the planner follows it,
-but keeps the current path while it is within `hysteresis` of the best, so a batch sitting on a boundary
-does not flap between graphs.
+split (memory | compute partition, and how the batch is cut into two micro-batches). A plan holds step
+times measured at anchor batch sizes (the buckets that have pipelined graphs) and a few context lengths.
+`DecodePlanner.choose` estimates every path for the batch at hand by interpolating the plan (piecewise
+linear in context length and in batch size, since attention cost grows linearly with the KV read) and
+picks the fastest. As the batch's contexts grow or shrink the best split moves (attention's share of the
+step grows with context); the planner follows it, but keeps the current path while it is within
+`hysteresis` of the best, so a batch sitting on a boundary does not flap between graphs.
 
 The splitting of work itself lives in pingpong.py, the partitions in green.py; `build_planner` joins
 them to the decode graphs: capture, calibrate, cache the plan as JSON, print it.
@@ -29,14 +29,16 @@ from splitserve.worker.decode_graphs import PLAIN, DecodePath, pipeline_path
 
 logger = logging.getLogger("splitserve")
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the compute/memory stages of issue 14 (plans of the attention/FFN split are stale)
 LOSING_MARGIN = 0.10  # a pipelined anchor "loses" when every split is this much slower than plain everywhere
 
 
 def candidate_splits(total_sms: int, granularity: int = 8) -> list[int]:
-    """Attention-partition sizes worth calibrating: a quarter to five eighths of the GPU (attention is the
-    memory-bound stage; it needs many SMs to saturate HBM, the FFN needs the rest for its GEMMs)."""
-    sizes = {round(total_sms * f / granularity) * granularity for f in (0.25, 0.375, 0.5, 0.625)}
+    """Memory-partition sizes worth calibrating: 3/16 to half of the GPU (24-64 of 132 SMs). The memory
+    stages (paged attention) only stream the KV cache, and the decode kernel kept 3.45 TB/s of HBM on 48
+    SMs of an H200; every GEMM runs on the rest, so the memory side should be as small as keeps its
+    bandwidth."""
+    sizes = {round(total_sms * f / granularity) * granularity for f in (0.1875, 0.25, 0.3125, 0.375, 0.5)}
     return sorted(s for s in sizes if granularity <= s <= total_sms - granularity)
 
 
@@ -65,7 +67,7 @@ class Plan:
     anchors: list[int]
     ctx_points: list[int]
     times_ms: dict[str, list[list[float | None]]]
-    splits: dict[str, list[int]] = field(default_factory=dict)  # path -> [attention SMs, FFN SMs] (real)
+    splits: dict[str, list[int]] = field(default_factory=dict)  # path -> [memory SMs, compute SMs] (real)
     key: dict = field(default_factory=dict)  # what the plan was measured on (cache key)
     calibration_s: float = 0.0
 
@@ -83,7 +85,7 @@ class Plan:
     def path(self, name: str) -> DecodePath:
         path = DecodePath.parse(name)
         split = self.splits.get(name)
-        return pipeline_path(*split) if split else path
+        return pipeline_path(*split, path.first_fraction) if split else path
 
     def best_at(self, anchor: int, ctx: float) -> str:
         paths = [p for p in self.times_ms if self.has(p, anchor)]
@@ -177,7 +179,7 @@ def model_shape(hf_config) -> dict:
         "num_key_value_heads", "head_dim", "vocab_size")}
 
 
-def plan_key(graphs, model_shape: dict, dtype: str, splits: list[int], anchors: list[int],
+def plan_key(graphs, model_shape: dict, dtype: str, splits: list[str], anchors: list[int],
              ctx_points: list[int]) -> dict:
     """Everything a measured plan depends on."""
     import torch
@@ -199,11 +201,12 @@ def plan_cache_path(key: dict, prefix: str = "decode-plan") -> str:
     return os.path.join(cache_dir(), "plans", f"{prefix}-{digest}.json")
 
 
-def pingpong_on(partition, profiling: bool):
-    """The stage schedule of a pipelined graph on `partition` (pipeline.green.SMPartition)."""
+def pingpong_on(path: DecodePath, partition, profiling: bool):
+    """The stage schedule of `path`'s pipelined graph on `partition` (pipeline.green.SMPartition)."""
     from splitserve.pipeline.pingpong import PingPong, StageStreams
 
-    return PingPong(2, StageStreams(partition.attention_stream, partition.ffn_stream), [] if profiling else None)
+    return PingPong(path.microbatches, StageStreams(partition.memory_stream, partition.compute_stream),
+                    [] if profiling else None)
 
 
 def calibrate(graphs, partitions: dict[DecodePath, object], anchors: list[int], ctx_points: list[int],
@@ -222,12 +225,12 @@ def calibrate(graphs, partitions: dict[DecodePath, object], anchors: list[int], 
             row = [None] * len(ctx_points)
             if losing_streak < 2:
                 if (path, anchor) not in graphs.pipelined:
-                    graphs.capture_pipelined(path, anchor, pingpong_on(partition, graphs.profiler is not None))
+                    graphs.capture_pipelined(path, anchor, pingpong_on(path, partition, graphs.profiler is not None))
                 row = [graphs.time(path, anchor, c, iters) for c in ctx_points]
                 lost = lost and all(t > (1 + LOSING_MARGIN) * p for t, p in zip(row, plain))
             times[path.name].insert(0, row)
         losing_streak = losing_streak + 1 if lost else 0
-    splits = {p.name: [part.attention_sm, part.ffn_sm] for p, part in partitions.items()}
+    splits = {p.name: [part.memory_sm, part.compute_sm] for p, part in partitions.items()}
     return Plan(sorted(anchors), list(ctx_points), times, splits, calibration_s=time.perf_counter() - t0)
 
 
@@ -238,7 +241,7 @@ def build_planner(graphs, partitions: dict[DecodePath, object], model_shape: dic
     anchors = anchor_buckets(graphs.buckets)
     max_ctx = graphs.max_model_len - 1
     ctx_points = sorted({min(c, max_ctx) for c in (256, 1024, 4096)})
-    key = plan_key(graphs, model_shape, dtype, sorted(p.attention_sm for p in partitions), anchors, ctx_points)
+    key = plan_key(graphs, model_shape, dtype, sorted(p.name for p in partitions), anchors, ctx_points)
     path = plan_cache_path(key)
     t0 = time.perf_counter()
     mem0 = graphs.free_memory()
@@ -265,7 +268,7 @@ def build_planner(graphs, partitions: dict[DecodePath, object], model_shape: dic
     for graph_path, anchor in sorted(keep, key=lambda k: (k[0].name, k[1])):
         if (graph_path, anchor) not in graphs.pipelined:  # cached plan: capture only what it uses
             graphs.capture_pipelined(graph_path, anchor,
-                                     pingpong_on(partitions[graph_path], graphs.profiler is not None))
+                                     pingpong_on(graph_path, partitions[graph_path], graphs.profiler is not None))
     report = {"plan_file": path, "plan_cached": cached, "calibration_s": round(plan.calibration_s, 2),
               "pipeline_graphs": sorted(f"{p.name}@{a}" for p, a in keep),
               "pipeline_graph_time_s": round(time.perf_counter() - t0, 2),

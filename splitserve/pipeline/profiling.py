@@ -3,7 +3,7 @@
 Step time comes from CUDA events around the graph replay. Inside a pipelined graph, external timing events
 at every stage boundary (see pingpong.PingPong) time each stage on each replay. Overlap
 efficiency is the share of the shorter stream's busy time that was hidden behind the other stream:
-(attention busy + FFN busy - span) / min(attention busy, FFN busy); 1 is perfect overlap, 0 is none.
+(memory busy + compute busy - span) / min(memory busy, compute busy); 1 is perfect overlap, 0 is none.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 def stage_times(stage_events: list) -> dict:
     """Busy time per stream, the span from the first stage start to the last stage end, and overlap."""
-    busy = {"attention": 0.0, "ffn": 0.0}
+    busy = {"memory": 0.0, "compute": 0.0}
     for kind, _, _, start, end in stage_events:
         busy[kind] += start.elapsed_time(end)
     span = stage_events[0][3].elapsed_time(stage_events[-1][4])
     shorter = min(busy.values())
-    overlap = (busy["attention"] + busy["ffn"] - span) / shorter if shorter > 0 else 0.0
-    return {"attention_ms": busy["attention"], "ffn_ms": busy["ffn"], "stages_span_ms": span,
+    overlap = (busy["memory"] + busy["compute"] - span) / shorter if shorter > 0 else 0.0
+    return {"memory_ms": busy["memory"], "compute_ms": busy["compute"], "stages_span_ms": span,
             "overlap_efficiency": float(np.clip(overlap, 0.0, 1.0))}
 
 

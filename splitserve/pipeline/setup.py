@@ -17,14 +17,14 @@ logger = logging.getLogger("splitserve")
 
 
 def check_split(config: EngineConfig, device: torch.device) -> int | None:
-    """The user's attention-partition size, checked against this GPU before any memory is taken (None: not
+    """The user's memory-partition size, checked against this GPU before any memory is taken (None: not
     given, so the planner calibrates candidate splits; or no pipeline)."""
     from splitserve.pipeline import green
 
     if not (config.enable_decode_pipeline and device.type == "cuda"):
         return None
     total = torch.cuda.get_device_properties(device).multi_processor_count
-    return green.check_split(config.decode_attention_sm, config.decode_ffn_sm, total)[0]
+    return green.check_split(config.decode_memory_sm, config.decode_compute_sm, total)[0]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class DecodePipeline:
         return out
 
 
-def setup_decode_pipeline(runner, config: EngineConfig, attention_sm: int | None) -> DecodePipeline:
+def setup_decode_pipeline(runner, config: EngineConfig, memory_sm: int | None) -> DecodePipeline:
     from splitserve.pipeline import green, planner
     from splitserve.worker.decode_graphs import pipeline_path
 
@@ -58,9 +58,9 @@ def setup_decode_pipeline(runner, config: EngineConfig, attention_sm: int | None
     if ok:
         total = torch.cuda.get_device_properties(runner.device).multi_processor_count
         try:
-            for sm in [attention_sm] if attention_sm else planner.candidate_splits(total):
+            for sm in [memory_sm] if memory_sm else planner.candidate_splits(total):
                 part = green.split(runner.device, sm)
-                partitions[pipeline_path(part.attention_sm, part.ffn_sm)] = part
+                partitions[pipeline_path(part.memory_sm, part.compute_sm)] = part
             graphs.planner, report = planner.build_planner(graphs, partitions, planner.model_shape(runner.hf_config),
                                                            str(runner.dtype))
             status.update(report)

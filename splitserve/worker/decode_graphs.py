@@ -22,28 +22,49 @@ from splitserve.worker.inputs import fake_batch, prepare_inputs
 
 @dataclass(frozen=True)
 class DecodePath:
-    """How a decode step runs: eagerly, as the plain CUDA graph, pipelined on an SM split, or as the plain graph on
-    the decode partition of a prefill ‖ decode split (attention_sm: that partition's SMs)."""
+    """How a decode step runs: eagerly, as the plain CUDA graph, pipelined on an SM split (compute | memory
+    stages, pipeline/pingpong.py), or as the plain graph on the decode partition of a prefill ‖ decode split
+    (memory_sm: that partition's SMs)."""
     kind: str  # "eager" | "plain" | "pipeline" | "partition"
-    attention_sm: int | None = None  # the split's real sizes (pipeline, partition)
-    ffn_sm: int | None = field(default=None, compare=False)  # the rest of the GPU: implied by attention_sm
+    memory_sm: int | None = None  # the split's real sizes (pipeline, partition)
+    compute_sm: int | None = field(default=None, compare=False)  # the rest of the GPU: implied by memory_sm
+    first_fraction: float = 0.5  # pipeline: the first of its two micro-batches' fraction of the rows
 
     @classmethod
     def parse(cls, name: str) -> DecodePath:
-        kind, _, sm = name.partition(":")
-        split = kind in ("pipeline", "partition")
-        if kind not in ("eager", "plain", "pipeline", "partition") or split != sm.isdigit():
+        kind, *fields = name.split(":")
+        counts = {"eager": (0,), "plain": (0,), "partition": (1,), "pipeline": (1, 2)}  # fields each kind takes
+        fraction = 0.5
+        if len(fields) == 2:
+            try:
+                fraction = float(fields[1])
+            except ValueError:
+                fraction = -1.0
+        if len(fields) not in counts.get(kind, ()) or (fields and not fields[0].isdigit()) or not 0 < fraction < 1:
             raise ValueError(f"not a decode path: {name!r}")
-        return cls(kind, int(sm) if sm else None)
+        return cls(kind, int(fields[0]) if fields else None, None, fraction)
 
     @property
     def name(self) -> str:
-        """Stable text form (plan files, profiles): "eager", "plain", "pipeline:<attention SMs>"."""
-        return f"{self.kind}:{self.attention_sm}" if self.attention_sm is not None else self.kind
+        """Stable text form (plan files, profiles): "eager", "plain", "pipeline:<memory SMs>", with uneven
+        micro-batches "pipeline:<memory SMs>:<first fraction>"."""
+        if self.memory_sm is None:
+            return self.kind
+        return f"{self.kind}:{self.memory_sm}" + (f":{self.first_fraction:g}" if self.first_fraction != 0.5 else "")
+
+    @property
+    def microbatches(self) -> tuple[float, float]:
+        """The pipeline's micro-batch fractions (PingPong's `microbatches`)."""
+        return self.first_fraction, 1.0 - self.first_fraction
 
     @property
     def stats_name(self) -> str:
         return {"plain": "cuda_graph", "partition": "cuda_graph_pd_partition"}.get(self.kind, self.kind)
+
+    # The names before the compute/memory re-cut (issue 14), still read by engine/core.py, which is
+    # maintained separately: drop these once it reads memory_sm / compute_sm.
+    attention_sm = property(lambda self: self.memory_sm)
+    ffn_sm = property(lambda self: self.compute_sm)
 
     def __str__(self) -> str:
         return self.name
@@ -52,8 +73,8 @@ class DecodePath:
 EAGER, PLAIN = DecodePath("eager"), DecodePath("plain")
 
 
-def pipeline_path(attention_sm: int, ffn_sm: int | None = None) -> DecodePath:
-    return DecodePath("pipeline", attention_sm, ffn_sm)
+def pipeline_path(memory_sm: int, compute_sm: int | None = None, first_fraction: float = 0.5) -> DecodePath:
+    return DecodePath("pipeline", memory_sm, compute_sm, first_fraction)
 
 
 class _Stage:
@@ -200,8 +221,8 @@ class DecodeGraphs:
         self.last_path = path
         if self.profiler is not None:
             self.profiler.stop(path=path.name, num_seqs=num_seqs, bucket=bucket,
-                               mean_ctx=float(host["seq_lens"].mean()), attention_sm=path.attention_sm,
-                               ffn_sm=path.ffn_sm, stage_events=g.stage_events)
+                               mean_ctx=float(host["seq_lens"].mean()), memory_sm=path.memory_sm,
+                               compute_sm=path.compute_sm, stage_events=g.stage_events)
         return g.output[:num_seqs]
 
     def time(self, path: DecodePath, bucket: int, ctx: int, iters: int = 5) -> float:
