@@ -315,9 +315,8 @@ def test_pipelined_graphs_match_hf_bf16_and_are_profiled(qwen3_06b):
     full_matches = check_bf16_against_hf(hf, prompts, outs)
     print(f"pipelined bf16: {full_matches}/{len(prompts)} prompts match HF greedy for 32+ steps")
     assert full_matches >= 1  # every divergence above was at a tie in HF's own logits
-    # decode_attention_sm / decode_ffn_sm: engine/core.py's stat names, not yet renamed there
-    assert stats["decode_path"] == "pipeline" and stats["decode_attention_sm"] == part.memory_sm
-    assert stats["decode_ffn_sm"] == part.compute_sm
+    assert stats["decode_path"] == "pipeline" and stats["decode_memory_sm"] == part.memory_sm
+    assert stats["decode_compute_sm"] == part.compute_sm
     steps = stats["decode_pipeline"]["planner"]["steps_by_path"]
     assert steps.get(path.name, 0) >= 38  # every decode step of the full batch ran pipelined
     records = [r for r in stats["decode_pipeline"]["profile_records"] if r["path"] == path.name]

@@ -289,7 +289,7 @@ def test_metrics_exposes_engine_state(server):
     for name in ("splitserve_time_to_first_token_seconds_bucket", "splitserve_inter_token_latency_seconds_bucket",
                  "splitserve_num_requests_running", "splitserve_num_requests_waiting",
                  "splitserve_kv_cache_usage_ratio",
-                 'splitserve_decode_path_info{attention_sm="",ffn_sm="",path="eager"}', "splitserve_pd_decode_sm 0.0",
+                 'splitserve_decode_path_info{compute_sm="",memory_sm="",path="eager"}', "splitserve_pd_decode_sm 0.0",
                  'splitserve_http_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in text, name
 

@@ -334,7 +334,7 @@ class PDClient:
             "mode": "two_device_pd", "devices": self.devices, "running": g.running, "waiting": g.waiting,
             "kv_usage": g.kv_usage, "kv_used_blocks": p.get("kv_used_blocks", 0) + d.get("kv_used_blocks", 0),
             "num_preemptions": g.num_preemptions, "decode_path": d.get("decode_path"),
-            "decode_attention_sm": d.get("decode_attention_sm"), "decode_ffn_sm": d.get("decode_ffn_sm"),
+            "decode_memory_sm": d.get("decode_memory_sm"), "decode_compute_sm": d.get("decode_compute_sm"),
             "decode_pipeline": d.get("decode_pipeline"),
             "prefix_cache_hit_tokens": p.get("prefix_cache_hit_tokens", 0), "num_relayed_offers": self.num_relayed,
             "prefill": p, "decode": d,

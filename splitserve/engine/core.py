@@ -51,7 +51,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config, self.model = config, model
         device = resolve_device(config.device)
-        attention_sm = check_split(config, device)  # before any memory is taken
+        memory_sm = check_split(config, device)  # before any memory is taken
         check_decode_sm(config, device)
         weights = None if config.load_format == "dummy" else model.path
         self.runner = ModelRunner(config, model.hf_config, model.max_model_len, weights,
@@ -59,7 +59,7 @@ class EngineCore:
         self.max_model_len = fit_max_model_len(model, self.runner.num_kv_blocks * config.kvcache_block_size)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
-        self.decode_pipeline = setup_decode_pipeline(self.runner, config, attention_sm)
+        self.decode_pipeline = setup_decode_pipeline(self.runner, config, memory_sm)
         self.lanes, self.pd_multiplex = setup_pd_multiplex(self.runner, config)  # lanes None: one mixed batch
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
                                    multiplex=self.lanes is not None)
@@ -349,8 +349,8 @@ class EngineCore:
         bm, path = self.block_manager, self.runner.last_decode_path or (PLAIN if self.runner.graphs else EAGER)
         split = path.kind == "pipeline"
         return CoreGauges(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage(),
-                          self.scheduler.num_preemptions, path.stats_name, path.attention_sm if split else None,
-                          path.ffn_sm if split else None, path.attention_sm if path.kind == "partition" else None)
+                          self.scheduler.num_preemptions, path.stats_name, path.memory_sm if split else None,
+                          path.compute_sm if split else None, path.memory_sm if path.kind == "partition" else None)
 
     def stats(self) -> dict:
         bm, runner, graphs = self.block_manager, self.runner, self.runner.graphs
@@ -366,7 +366,7 @@ class EngineCore:
             "running": gauges.running, "waiting": gauges.waiting, "max_model_len": self.max_model_len,
             "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
             "decode_path": gauges.decode_path, "decode_pipeline": self.decode_pipeline.stats(graphs),
-            "decode_attention_sm": gauges.decode_attention_sm, "decode_ffn_sm": gauges.decode_ffn_sm,
+            "decode_memory_sm": gauges.decode_memory_sm, "decode_compute_sm": gauges.decode_compute_sm,
             "cuda_graphs": graphs.buckets if graphs else [],
             "graph_capture_time_s": graphs.capture_time_s if graphs else 0.0,
             "graph_memory_bytes": graphs.memory_bytes if graphs else 0, "startup_time_s": self.startup_time_s,

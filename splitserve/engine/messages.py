@@ -42,6 +42,6 @@ class CoreGauges:
     kv_usage: float
     num_preemptions: int
     decode_path: str  # "cuda_graph" | "pipeline" | "eager" | "cuda_graph_pd_partition"
-    decode_attention_sm: int | None = None
-    decode_ffn_sm: int | None = None
+    decode_memory_sm: int | None = None  # the decode pipeline's split (pipeline/pingpong.py)
+    decode_compute_sm: int | None = None
     pd_decode_sm: int | None = None  # PD multiplexing: the decode partition while a prefill runs beside it

@@ -105,13 +105,6 @@ class SMPartition:
     def describe(self) -> str:
         return f"memory {self.memory_sm} SMs | compute {self.compute_sm} SMs"
 
-    # The names before the compute/memory re-cut (issue 14), still read by pipeline/pd_multiplex.py, which
-    # is maintained separately: drop these once it reads memory_* (its decode) and compute_* (its prefill).
-    attention_sm = property(lambda self: self.memory_sm)
-    ffn_sm = property(lambda self: self.compute_sm)
-    attention_stream = property(lambda self: self.memory_stream)
-    ffn_stream = property(lambda self: self.compute_stream)
-
 
 def split(device: torch.device, memory_sm: int) -> SMPartition:
     """Split the GPU once into a memory part of `memory_sm` SMs and a compute part of the rest."""

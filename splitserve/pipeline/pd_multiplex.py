@@ -131,7 +131,7 @@ class PDLanes:
     def __init__(self, status: dict, partitions: dict | None = None, plan: PDPlan | None = None,
                  target_ms: float | None = None):
         self.status = status
-        self.partitions = partitions or {}  # decode SMs -> green.SMPartition (group: decode, rest: prefill)
+        self.partitions = partitions or {}  # decode SMs -> green.SMPartition (memory_*: decode, compute_*: prefill)
         self.plan, self.target_ms = plan, target_ms
         self.decode_sm: int | None = None  # the split of the running prefill batch (None: none running)
         self.last_decode_sm: int | None = None
@@ -168,8 +168,8 @@ class PDLanes:
                                 self.last_decode_sm, sm, num_decode)
                 self.last_decode_sm = sm
             self.decode_sm = st["decode_sm"] = sm
-            st["prefill_sm"] = self.partitions[sm].ffn_sm
-            stream = self.partitions[sm].ffn_stream
+            st["prefill_sm"] = self.partitions[sm].compute_sm  # the rest of the split: prefill's
+            stream = self.partitions[sm].compute_stream
         stream.wait_stream(torch.cuda.current_stream())
         if prev_tokens is not None:
             prev_tokens.record_stream(stream)  # a recomputed placeholder is gathered from them on this stream
@@ -261,10 +261,10 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
     partitions = {}
     for sm in sizes:
         part = green.split(runner.device, sm)
-        partitions[part.attention_sm] = part  # the driver's real size (group: decode, rest: prefill)
+        partitions[part.memory_sm] = part  # the driver's real size (the group asked for: decode; the rest: prefill)
     for sm, part in partitions.items():
         for bucket in reversed(graphs.buckets):
-            graphs.capture_on(partition_path(sm), bucket, part.attention_stream)
+            graphs.capture_on(partition_path(sm), bucket, part.memory_stream)
     plan, cached, plan_file = None, False, None
     if len(partitions) > 1:
         plan, cached, plan_file = _plan(runner, partitions, config.max_num_batched_tokens)
@@ -325,10 +325,10 @@ def calibrate(runner, partitions: dict, anchors: list[int], ctx: int, tokens: in
     beside, overlapped, rest = {}, {}, {}
     prefill = fake_batch(1, 0, runner.block_size, runner.num_kv_blocks, num_new_tokens=tokens, token_id=0)
     for sm, part in partitions.items():
-        beside[str(sm)], overlapped[str(sm)], rest[str(sm)] = [], [], part.ffn_sm
+        beside[str(sm)], overlapped[str(sm)], rest[str(sm)] = [], [], part.compute_sm
         for anchor in anchors:
-            part.ffn_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(part.ffn_stream):
+            part.compute_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(part.compute_stream):
                 for _ in range(3):
                     step = runner.launch(prefill)
             beside[str(sm)].append(graphs.time(partition_path(sm), anchor, ctx, iters))

@@ -30,7 +30,7 @@ class ServerMetrics:
         self.kv_usage = Gauge("splitserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self.preemptions = Gauge("splitserve_num_preemptions", "Preemptions since start", registry=r)
         self.decode_path = Gauge("splitserve_decode_path_info", "Decode path and SM split in use (value 1)",
-                                 ["path", "attention_sm", "ffn_sm"], registry=r)
+                                 ["path", "memory_sm", "compute_sm"], registry=r)
         self.pd_decode_sm = Gauge("splitserve_pd_decode_sm", "PD multiplexing: SMs of the decode partition while a "
                                   "prefill runs beside decode (0: decode has the whole GPU)", registry=r)
         Gauge("splitserve_model_info", "Served model", ["model"], registry=r).labels(model_name).set(1)
@@ -42,7 +42,7 @@ class ServerMetrics:
         self.kv_usage.set(g.kv_usage)
         self.preemptions.set(g.num_preemptions)
         self.pd_decode_sm.set(g.pd_decode_sm or 0)
-        labels = (g.decode_path, str(g.decode_attention_sm or ""), str(g.decode_ffn_sm or ""))
+        labels = (g.decode_path, str(g.decode_memory_sm or ""), str(g.decode_compute_sm or ""))
         if labels != self._path_labels:
             if self._path_labels is not None:
                 self.decode_path.remove(*self._path_labels)

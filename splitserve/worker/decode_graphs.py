@@ -61,11 +61,6 @@ class DecodePath:
     def stats_name(self) -> str:
         return {"plain": "cuda_graph", "partition": "cuda_graph_pd_partition"}.get(self.kind, self.kind)
 
-    # The names before the compute/memory re-cut (issue 14), still read by engine/core.py, which is
-    # maintained separately: drop these once it reads memory_sm / compute_sm.
-    attention_sm = property(lambda self: self.memory_sm)
-    ffn_sm = property(lambda self: self.compute_sm)
-
     def __str__(self) -> str:
         return self.name
 
