@@ -57,10 +57,11 @@ def test_pdmux_serving_simulation_harness(tmp_path):
     setup sees the same arrivals; every gap of every measured request is counted; goals are judged."""
     data, files = run_bench(tmp_path, "pdmux", "--request-rates", "15", "30", "--duration-s", "1", "--warmup-s",
                             "0.2", "--drain-s", "0.3", "--input-range", "8", "40", "--output-range", "3", "9",
-                            "--colocated-chunks", "16", "64")
+                            "--colocated-chunks", "16", "64", "--pdmux-chunks", "24")
     setups = data["setups"]
-    assert list(setups) == ["pdmux", "colocated-16", "colocated-64"], setups
-    assert [setups[n]["max_num_batched_tokens"] for n in setups] == [8192, 16, 64]
+    assert list(setups) == ["pdmux", "pdmux-24", "colocated-16", "colocated-64"], setups
+    assert [setups[n]["max_num_batched_tokens"] for n in setups] == [8192, 24, 16, 64]
+    assert setups["pdmux-24"]["pd_multiplex"]["requested"]
     assert setups["pdmux"]["pd_multiplex"]["requested"] and not setups["colocated-16"]["pd_multiplex"]["requested"]
     arrivals = {}
     for s in setups.values():
@@ -94,10 +95,12 @@ def test_pdmux_goals_pick_the_rate_and_survive_missing_setups():
     colo = {"runs": [run(2, 500, 1.0, 0.05, 1.0), run(4, 900, 1.5, 0.08, 1.5), run(8, 1000, 0.5, 0.3, 9.0)]}
     weak = {"runs": [run(2, 400, 0.8, 0.02, 3.0), run(4, 600, 0.2, 0.02, 8.0), run(8, 650, 0.0, 0.02, 20.0)]}
     mux = {"runs": [run(2, 500, 1.9, 0.02, 1.1), run(4, 880, 3.0, 0.03, 1.8), run(8, 990, 2.5, 0.04, 4.0)]}
-    r = {"setups": {"colocated-2048": colo, "colocated-512": weak, "pdmux": mux}}
+    worse_mux = {"runs": [run(2, 500, 1.0, 0.01, 0.5), run(4, 880, 2.0, 0.01, 0.5), run(8, 990, 2.4, 0.01, 0.5)]}
+    r = {"setups": {"colocated-2048": colo, "colocated-512": weak, "pdmux": mux, "pdmux-2048": worse_mux}}
     g = goals(r)
     p9 = g["P9"]
     assert p9["best_colocated"] == "colocated-2048" and p9["rate"] == 4  # 900 ≥ 0.8 × 1000, 500 is not
+    assert p9["best_pdmux"] == "pdmux" == g["P10"]["best_pdmux"]  # peak goodput 3.0 beats pdmux-2048's 2.4
     assert p9["itl_p99_ratio"] == 0.03 / 0.08 and p9["ttft_p99_ratio"] == 1.8 / 1.5
     assert p9["output_tok_s_ratio"] == 880 / 900 and p9["met"]  # 0.375 ≤ 0.4, 1.2 ≤ 1.25, 0.98 ≥ 0.9
     assert p9["vs_each_colocated"]["colocated-512"]["itl_p99_ratio"] == 0.03 / 0.02
@@ -106,7 +109,7 @@ def test_pdmux_goals_pick_the_rate_and_survive_missing_setups():
     assert g["P10"]["goodput_ratio"] == 3.0 / 1.5 and g["P10"]["met"]
     assert g["P10"]["per_rate_ratio"]["8"] == 2.5 / 0.5
     for missing in ("pdmux", "colocated-2048"):
-        r2 = {"setups": {k: v for k, v in r["setups"].items() if k != missing}}
+        r2 = {"setups": {k: v for k, v in r["setups"].items() if k != missing and k != "pdmux-2048"}}
         if missing == "colocated-2048":
             r2["setups"]["colocated-512"] = {"error": "OutOfMemoryError"}
         assert {k: v["met"] for k, v in goals(r2).items()} == {"P9": None, "P10": None}

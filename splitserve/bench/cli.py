@@ -50,11 +50,15 @@ def add_parser(sub, add_engine_args) -> None:
     serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     serve.add_argument("--setups", nargs="+", default=None,
                        help="which setups to run; pd: colocated data_parallel pd (default: all); pdmux: pdmux "
-                            "colocated-N for N in --colocated-chunks, 'colocated' for all of those (default: all)")
+                            "pdmux-N for N in --pdmux-chunks, colocated-N for N in --colocated-chunks; 'pdmux' and "
+                            "'colocated' stand for all of theirs (default: all)")
     mux = bench.add_argument_group("pdmux (one GPU: time-boxed runs per rate, every inter-token gap)")
     mux.add_argument("--colocated-chunks", type=int, nargs="+", default=[512, 2048, 8192],
                      help="max_num_batched_tokens of the colocated setups; the pdmux setup takes "
                           "--max-num-batched-tokens (default 8192) as its prefill chunk budget")
+    mux.add_argument("--pdmux-chunks", type=int, nargs="+", default=[],
+                     help="more pdmux setups (pdmux-N), each with prefill chunk N: smaller chunks admit new "
+                          "prompts sooner (TTFT), larger ones prefill more efficiently")
     mux.add_argument("--duration-s", type=float, default=40.0, help="time box per rate: arrivals come until then, "
                                                                     "then what is left is aborted")
     mux.add_argument("--warmup-s", type=float, default=8.0, help="arrivals before this are load, not measured")
@@ -204,11 +208,11 @@ def _check_setups(workload: str, asked: list[str] | None, known: list[str], grou
 
 def _run_pdmux(args: argparse.Namespace) -> None:
     from splitserve.bench import report
-    from splitserve.bench.pdmux import COLOCATED, default_drain_s, pdmux_bench, setup_names
+    from splitserve.bench.pdmux import COLOCATED, default_drain_s, is_mux, pdmux_bench, setup_names
 
-    known = setup_names(args.colocated_chunks)
-    args.setups = _check_setups("pdmux", args.setups, known, {"colocated": [n for n in known
-                                                                             if n.startswith(COLOCATED)]})
+    known = setup_names(args.colocated_chunks, args.pdmux_chunks)
+    args.setups = _check_setups("pdmux", args.setups, known, {
+        "colocated": [n for n in known if n.startswith(COLOCATED)], "pdmux": [n for n in known if is_mux(n)]})
     problems = []
     if any(not (0 < r < float("inf")) for r in args.request_rates):
         problems.append("--request-rates must be finite and > 0 (each rate is a time-boxed Poisson run)")
