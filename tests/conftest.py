@@ -87,3 +87,28 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) 
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (n_,), generator=g).tolist() for n_ in lens]
+
+
+def watch_core_outputs(core, seen: dict) -> None:
+    """Wrap an EngineCore's step and abort: no output carries a token after its request finished or was aborted
+    (the front end's stop strings abort too), and no placeholder ever reaches an output. `seen["finished"]`
+    collects the ended request ids."""
+    from splitserve.engine.sequence import PLACEHOLDER
+
+    seen.setdefault("finished", set())
+    step, abort = core.step, core.abort
+
+    def checked_step():
+        outputs = step()
+        for out in outputs:
+            assert out.request_id not in seen["finished"], f"{out.request_id}: a token after its finish or abort"
+            assert all(t >= 0 and t != PLACEHOLDER for t in out.new_token_ids), "a placeholder reached an output"
+            if out.finish_reason is not None:
+                seen["finished"].add(out.request_id)
+        return outputs
+
+    def watched_abort(request_ids):
+        seen["finished"].update(request_ids)
+        return abort(request_ids)
+
+    core.step, core.abort = checked_step, watched_abort

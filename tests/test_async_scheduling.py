@@ -8,7 +8,7 @@ after its request finished, never a placeholder token, and every KV block back a
 from __future__ import annotations
 
 import pytest
-from conftest import random_prompts
+from conftest import random_prompts, watch_core_outputs
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.sequence import PLACEHOLDER
@@ -19,21 +19,9 @@ EOS = 2  # the tiny model's eos_token_id
 def _watch(llm: LLM) -> dict:
     """Check every core step's outputs; count launches that read a placeholder input from the device."""
     core, runner = llm.engine.core, llm.engine.core.runner
-    seen = {"finished": set(), "device_inputs": 0, "penalty_placeholders": 0}
-    step, launch, penalties, abort = core.step, runner.launch, runner._penalty_tensors, core.abort
-
-    def checked_step():
-        outputs = step()
-        for out in outputs:
-            assert out.request_id not in seen["finished"], f"{out.request_id}: a token after its finish or abort"
-            assert all(t >= 0 for t in out.new_token_ids), "a placeholder reached an output"
-            if out.finish_reason is not None:
-                seen["finished"].add(out.request_id)
-        return outputs
-
-    def watched_abort(request_ids):  # the front end's stop strings and user aborts: nothing may follow
-        seen["finished"].update(request_ids)
-        return abort(request_ids)
+    seen = {"device_inputs": 0, "penalty_placeholders": 0}
+    watch_core_outputs(core, seen)
+    launch, penalties = runner.launch, runner._penalty_tensors
 
     def counting_launch(batch, prev=None, *args):
         seen["device_inputs"] += any(s.token_ids[s.num_computed_tokens] == PLACEHOLDER for s in batch.seqs)
@@ -44,7 +32,6 @@ def _watch(llm: LLM) -> dict:
                                             if s.sampling_params.has_penalties)
         return penalties(seqs, prev)
 
-    core.step, core.abort = checked_step, watched_abort
     runner.launch, runner._penalty_tensors = counting_launch, checked_penalties
     return seen
 
