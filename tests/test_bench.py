@@ -116,7 +116,9 @@ def test_pdmux_goals_pick_the_rate_and_survive_missing_setups():
 
 
 @pytest.mark.parametrize("flags,message", [(["--request-rates", "2", "inf"], "finite"),
-                                           (["--setups", "colocated-100"], "unknown setup")])
+                                           (["--setups", "colocated-100"], "unknown setup"),
+                                           (["--pdmux-chunks", "0"], "--pdmux-chunks must be token counts"),
+                                           (["--colocated-chunks", "512", "-5"], "--colocated-chunks must be")])
 def test_pdmux_bench_refuses_bad_flags_before_any_run(tmp_path, flags, message):
     res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "pdmux", *flags, "--shape", "tiny",
                           "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)

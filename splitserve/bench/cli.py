@@ -213,7 +213,9 @@ def _run_pdmux(args: argparse.Namespace) -> None:
     known = setup_names(args.colocated_chunks, args.pdmux_chunks)
     args.setups = _check_setups("pdmux", args.setups, known, {
         "colocated": [n for n in known if n.startswith(COLOCATED)], "pdmux": [n for n in known if is_mux(n)]})
-    problems = []
+    problems = [f"{flag} must be token counts >= 1, got {chunk}" for flag, chunks in
+                (("--colocated-chunks", args.colocated_chunks), ("--pdmux-chunks", args.pdmux_chunks))
+                for chunk in chunks if chunk < 1]
     if any(not (0 < r < float("inf")) for r in args.request_rates):
         problems.append("--request-rates must be finite and > 0 (each rate is a time-boxed Poisson run)")
     if args.drain_s is None:
