@@ -110,7 +110,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and (budget > 0 or self.multiplex):
             seq = self.running[i]
-            n = self._new_tokens(seq, budget if prefill else 0)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget) if not self.multiplex else self._lane_tokens(seq, remaining,
+                                                                                    budget if prefill else 0)
             if n == 0:  # multiplex: busy, or a prompt chunk with no room this step
                 i += 1
                 continue
@@ -126,7 +128,7 @@ class Scheduler:
             bm.allocate(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
-            budget -= self._charge(seq, n)
+            budget -= 0 if self.multiplex and n == remaining else n  # multiplexed decode rows are out of it
             i += 1
 
         while prefill and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -140,7 +142,8 @@ class Scheduler:
                     copy = bm.fork(seq, source)
                 elif seq.sampling_params.prompt_logprobs is None:  # those need every prompt token computed
                     bm.match_prefix(seq)
-            n = self._new_tokens(seq, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = self._lane_tokens(seq, remaining, budget) if self.multiplex else min(remaining, budget)
             if not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 bm.free_sequence(seq)  # give back prefix-cache hits and forked blocks; retried next step
                 break
@@ -152,22 +155,15 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
-            budget -= self._charge(seq, n)
+            budget -= 0 if self.multiplex and n == remaining else n
         return ScheduledBatch(seqs, counts, copies)
 
-    def _new_tokens(self, seq: Sequence, budget: int) -> int:
-        """Tokens to compute for `seq` this step. Multiplexed: 1 for its last pending token (a decode row, out of
-        the budget), else a prompt chunk that stops short of the last token; 0 while it is busy."""
-        remaining = seq.num_tokens - seq.num_computed_tokens
-        if not self.multiplex:
-            return min(remaining, budget)
+    def _lane_tokens(self, seq: Sequence, remaining: int, budget: int) -> int:
+        """Multiplexed: the tokens to compute for `seq` this step: 1 for its last pending token (a decode row,
+        out of the budget), else a prompt chunk that stops short of the last token; 0 while it is busy."""
         if seq.seq_id in self.busy:
             return 0
         return 1 if remaining == 1 else min(remaining - 1, budget)
-
-    def _charge(self, seq: Sequence, n: int) -> int:
-        """Tokens taken from the budget: all, but a multiplexed decode row's (its last pending token)."""
-        return 0 if self.multiplex and n == seq.num_tokens - seq.num_computed_tokens else n
 
     def prefill_launched(self, batch: ScheduledBatch) -> None:
         self.busy = {seq.seq_id for seq in batch.seqs}
