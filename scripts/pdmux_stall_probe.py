@@ -49,15 +49,26 @@ def main() -> None:
     timed(core.runner, "resolve")
     timed(core.scheduler, "schedule")
     step = engine.step
-    slow, count, t_start = [], [0], time.perf_counter()
+    slow, grown, count, t_start = [], [], [0], time.perf_counter()
+
+    def allocations() -> dict[str, float]:
+        """Device and pinned allocator growth so far (cudaMalloc / cudaHostAlloc calls and their time)."""
+        dev, host = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
+        return {"device_allocs": dev.get("num_device_alloc", 0), "device_frees": dev.get("num_device_free", 0),
+                "host_allocs": host.get("num_host_alloc", 0),
+                "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3}
 
     def traced_step():
         parts.clear()
         pending_before = core.prefill_pending is not None
+        before = allocations()
         t0 = time.perf_counter()
         out = step()
         ms = (time.perf_counter() - t0) * 1e3
         count[0] += 1
+        grew = {k: v - before[k] for k, v in allocations().items() if v != before[k]}
+        if grew:
+            grown.append({"t_s": round(t0 - t_start, 3), "step_ms": round(ms, 1), **grew})
         if ms > args.slow_ms:
             slow.append({
                 "t_s": round(t0 - t_start, 3), "step_ms": round(ms, 1),
@@ -65,7 +76,7 @@ def main() -> None:
                 "prefill_pending_after": core.prefill_pending is not None, "running": len(core.scheduler.running),
                 "waiting": len(core.scheduler.waiting), "decode_sm": core.lanes.decode_sm,
                 "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
-                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1)})
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1), "grew": grew})
             print(json.dumps(slow[-1]), flush=True)
         return out
 
@@ -74,11 +85,14 @@ def main() -> None:
     offsets = arrivals_in_box(args.rate, args.duration_s, seed=1)
     t0 = time.perf_counter()
     drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
-    result = {"steps": count[0], "slow": slow, "wall_s": time.perf_counter() - t0,
+    result = {"steps": count[0], "slow": slow, "steps_that_grew_an_allocator": grown,
+              "wall_s": time.perf_counter() - t0,
               "pd_multiplex": {k: v for k, v in llm.stats()["pd_multiplex"].items() if k != "plan"},
               "memory_stats": {k: v for k, v in torch.cuda.memory_stats().items() if k.startswith(
                   ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync"))}}
-    print(json.dumps({k: v for k, v in result.items() if k != "slow"}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("slow", "steps_that_grew_an_allocator")}),
+          flush=True)
+    print(f"steps that grew an allocator: {len(grown)}; slow steps: {len(slow)}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

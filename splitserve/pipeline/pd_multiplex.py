@@ -273,6 +273,8 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
             graphs.drop(partition_path(sm))
             del partitions[sm]
     torch.cuda.empty_cache()  # the calibration's and the dropped partitions' cached blocks
+    lanes = PDLanes(status, partitions, plan, config.pd_itl_target_ms)
+    warm_allocators(runner, [lanes.whole_gpu_stream] + [p.compute_stream for p in partitions.values()])
     status.update(mode="concurrent", concurrent=True,
                   reason="green-context partitions: prefill beside decode; decode on the whole GPU when no "
                          "prefill runs", candidate_decode_sm=sorted(int(s) for s in sizes),
@@ -282,7 +284,41 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
                   default_target_factor=DEFAULT_TARGET_FACTOR)
     logger.info("PD multiplexing: decode partitions %s SMs (prefill: the rest)%s", sorted(partitions),
                 "" if plan is None else f"; plan ({'cached' if cached else 'calibrated'}):\n{status['plan']}")
-    return PDLanes(status, partitions, plan, config.pd_itl_target_ms)
+    return lanes
+
+
+PINNED_BLOCKS_PER_CLASS = 16  # staging buffers of one class that may be in flight at once (a few per step)
+PINNED_BYTES_PER_CLASS = 4 << 20  # ... but fewer of the large classes
+
+
+def warm_allocators(runner, prefill_streams: list[torch.cuda.Stream]) -> None:
+    """Fill the caching allocators before serving, so that no step grows them while a prefill runs: cudaMalloc
+    and cudaHostAlloc are implicit synchronisations (CUDA C++ Programming Guide, "Implicit Synchronization"),
+    so a decode step that grows a pool waits for the prefill pieces enqueued beside it (measured on an H200:
+    50-600 ms gaps, each where a pool grew). Each prefill stream's pool (the allocator keeps one per stream;
+    `activation_pools` reserved them) gets the largest prefill batch's activations, the decode stream's the
+    largest decode step's, and the pinned pool a few blocks of every power-of-two class the per-step input
+    and output copies use."""
+    from splitserve.engine.scheduler import ScheduledBatch
+    from splitserve.worker.inputs import fake_batch
+
+    cfg = runner.config
+    tokens = min(cfg.max_num_batched_tokens, runner.max_model_len - 1)
+    seq = fake_batch(1, 0, runner.block_size, runner.num_kv_blocks, num_new_tokens=tokens + 1, token_id=0).seqs[0]
+    prefill = ScheduledBatch([seq], [tokens])  # all but the last token: the prefill lane's kind of batch
+    for stream in prefill_streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in runner.launch_in_pieces(prefill, None, PREFILL_LAYERS_PER_PIECE):
+                pass
+        torch.cuda.current_stream().wait_stream(stream)
+    runner.execute(fake_batch(cfg.max_num_seqs, 1, runner.block_size, runner.num_kv_blocks))
+    torch.cuda.synchronize(runner.device)
+    # the largest staging copy: a prefill's int64 token inputs, or block tables of the most rows at full width
+    largest = 8 * max(tokens, cfg.max_num_seqs * -(-runner.max_model_len // runner.block_size))
+    pinned = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True) for k in range(9, largest.bit_length() + 1)
+              for _ in range(max(2, min(PINNED_BLOCKS_PER_CLASS, PINNED_BYTES_PER_CLASS >> k)))]
+    del pinned  # cached by the host allocator, class by class
 
 
 def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
