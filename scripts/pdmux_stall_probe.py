@@ -15,6 +15,7 @@ from splitserve import LLM
 from splitserve.bench.pd import drive, make_requests, warm_up
 from splitserve.bench.pdmux import arrivals_in_box
 from splitserve.bench.shapes import shape_folder
+from splitserve.worker.decode_graphs import PLAIN
 
 
 def main() -> None:
@@ -24,12 +25,28 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--slow-ms", type=float, default=60.0)
     ap.add_argument("--out", default="stalls.json")
+    ap.add_argument("--replay-all-graphs", action="store_true",
+                    help="replay every captured decode graph once before serving (is a graph's first replay slow?)")
     args = ap.parse_args()
     llm = LLM(shape_folder(args.shape), load_format="dummy", max_model_len=4624, enable_pd_multiplex=True,
               enable_prefix_caching=False)
     engine, core = llm.engine, llm.engine.core
     vocab = engine.model.hf_config.vocab_size
+    graphs = core.runner.graphs
+    if args.replay_all_graphs:
+        for path, bucket in [(PLAIN, b) for b in graphs.plain] + list(graphs.pipelined):
+            graphs.time(path, bucket, 1, iters=1)
     warm_up(engine, vocab)
+    seen, first_uses = set(), []
+    graph_of = graphs._graph
+
+    def noting_graph(path, bucket):
+        if (path, bucket) not in seen:
+            seen.add((path, bucket))
+            first_uses.append(f"{path.name}/{bucket}")
+        return graph_of(path, bucket)
+
+    graphs._graph = noting_graph
     parts: dict[str, float] = {}
 
     def timed(obj, name):
@@ -49,7 +66,7 @@ def main() -> None:
     timed(core.runner, "resolve")
     timed(core.scheduler, "schedule")
     step = engine.step
-    slow, grown, count, t_start = [], [], [0], time.perf_counter()
+    slow, grown, firsts, count, t_start = [], [], [], [0], time.perf_counter()
 
     def allocations() -> dict[str, float]:
         """Device and pinned allocator growth so far (cudaMalloc / cudaHostAlloc calls and their time)."""
@@ -61,12 +78,15 @@ def main() -> None:
     def traced_step():
         parts.clear()
         pending_before = core.prefill_pending is not None
+        first_uses.clear()
         before = allocations()
         t0 = time.perf_counter()
         out = step()
         ms = (time.perf_counter() - t0) * 1e3
         count[0] += 1
         grew = {k: v - before[k] for k, v in allocations().items() if v != before[k]}
+        if first_uses:
+            firsts.append({"t_s": round(t0 - t_start, 3), "step_ms": round(ms, 1), "graphs": list(first_uses)})
         if grew:
             grown.append({"t_s": round(t0 - t_start, 3), "step_ms": round(ms, 1), **grew})
         if ms > args.slow_ms:
@@ -76,7 +96,8 @@ def main() -> None:
                 "prefill_pending_after": core.prefill_pending is not None, "running": len(core.scheduler.running),
                 "waiting": len(core.scheduler.waiting), "decode_sm": core.lanes.decode_sm,
                 "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
-                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1), "grew": grew})
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1), "grew": grew,
+                "first_graph_uses": list(first_uses)})
             print(json.dumps(slow[-1]), flush=True)
         return out
 
@@ -86,13 +107,16 @@ def main() -> None:
     t0 = time.perf_counter()
     drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
     result = {"steps": count[0], "slow": slow, "steps_that_grew_an_allocator": grown,
+              "first_graph_uses": firsts,
               "wall_s": time.perf_counter() - t0,
               "pd_multiplex": {k: v for k, v in llm.stats()["pd_multiplex"].items() if k != "plan"},
               "memory_stats": {k: v for k, v in torch.cuda.memory_stats().items() if k.startswith(
                   ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync"))}}
-    print(json.dumps({k: v for k, v in result.items() if k not in ("slow", "steps_that_grew_an_allocator")}),
-          flush=True)
-    print(f"steps that grew an allocator: {len(grown)}; slow steps: {len(slow)}", flush=True)
+    lists = ("slow", "steps_that_grew_an_allocator", "first_graph_uses")
+    print(json.dumps({k: v for k, v in result.items() if k not in lists}), flush=True)
+    print(f"steps that grew an allocator: {len(grown)}; steps with a graph's first replay: {len(firsts)} "
+          f"(median {sorted(f['step_ms'] for f in firsts)[len(firsts) // 2] if firsts else 0} ms); "
+          f"slow steps: {len(slow)}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
