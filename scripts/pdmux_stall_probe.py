@@ -15,6 +15,7 @@ from splitserve import LLM
 from splitserve.bench.pd import drive, make_requests, warm_up
 from splitserve.bench.pdmux import arrivals_in_box
 from splitserve.bench.shapes import shape_folder
+from splitserve.worker import model_runner
 from splitserve.worker.decode_graphs import PLAIN
 
 
@@ -64,6 +65,12 @@ def main() -> None:
     for name in ("_finish_prefill", "_resolve", "_launch", "_admit_compiled"):
         timed(core, name)
     timed(core.runner, "resolve")
+    # inside a decode launch (where the 40-75 ms stalls sit that neither an allocator nor a first replay explains)
+    runner = core.runner
+    for obj, name in ((runner, "_pending_inputs"), (runner, "_sampling_tensors"), (runner, "_to_host"),
+                      (runner.model, "compute_logits"), (runner.graphs, "_load"), (runner.graphs, "replay"),
+                      (model_runner, "sample"), (model_runner, "prepare_inputs")):
+        timed(obj, name)
     timed(core.scheduler, "schedule")
     step = engine.step
     slow, grown, firsts, count, t_start = [], [], [], [0], time.perf_counter()

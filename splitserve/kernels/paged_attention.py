@@ -29,7 +29,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block-table width changes with every prefill batch: specialised on it (== 1, % 16 == 0), Triton would
+# compile a new variant mid-serving the first time a width hits one of those (a 0.6-1.2 s step, seen at
+# the same moment of the PD-multiplex stall probe on each fresh machine).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, query_start_ptr,
     seq_lens_ptr, scale, num_heads,
