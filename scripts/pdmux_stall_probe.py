@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import time
 
@@ -75,12 +76,23 @@ def main() -> None:
     step = engine.step
     slow, grown, firsts, count, t_start = [], [], [], [0], time.perf_counter()
 
+    gc_ms = [0.0]  # garbage-collector time so far (a full collection of a torch process walks ~1M objects)
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_ms[0] += (time.perf_counter() - gc_start[0]) * 1e3
+
+    gc.callbacks.append(on_gc)
+
     def allocations() -> dict[str, float]:
         """Device and pinned allocator growth so far (cudaMalloc / cudaHostAlloc calls and their time)."""
         dev, host = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
         return {"device_allocs": dev.get("num_device_alloc", 0), "device_frees": dev.get("num_device_free", 0),
                 "host_allocs": host.get("num_host_alloc", 0),
-                "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3}
+                "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3, "gc_ms": gc_ms[0]}
 
     def traced_step():
         parts.clear()
@@ -113,15 +125,15 @@ def main() -> None:
     offsets = arrivals_in_box(args.rate, args.duration_s, seed=1)
     t0 = time.perf_counter()
     drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
-    result = {"steps": count[0], "slow": slow, "steps_that_grew_an_allocator": grown,
+    result = {"steps": count[0], "slow": slow, "steps_with_allocator_growth_or_gc": grown,
               "first_graph_uses": firsts,
               "wall_s": time.perf_counter() - t0,
               "pd_multiplex": {k: v for k, v in llm.stats()["pd_multiplex"].items() if k != "plan"},
               "memory_stats": {k: v for k, v in torch.cuda.memory_stats().items() if k.startswith(
                   ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync"))}}
-    lists = ("slow", "steps_that_grew_an_allocator", "first_graph_uses")
+    lists = ("slow", "steps_with_allocator_growth_or_gc", "first_graph_uses")
     print(json.dumps({k: v for k, v in result.items() if k not in lists}), flush=True)
-    print(f"steps that grew an allocator: {len(grown)}; steps with a graph's first replay: {len(firsts)} "
+    print(f"steps with allocator growth or a GC: {len(grown)}; steps with a graph's first replay: {len(firsts)} "
           f"(median {sorted(f['step_ms'] for f in firsts)[len(firsts) // 2] if firsts else 0} ms); "
           f"slow steps: {len(slow)}", flush=True)
     with open(args.out, "w") as f:
