@@ -57,11 +57,13 @@ def test_pdmux_serving_simulation_harness(tmp_path):
     setup sees the same arrivals; every gap of every measured request is counted; goals are judged."""
     data, files = run_bench(tmp_path, "pdmux", "--request-rates", "15", "30", "--duration-s", "1", "--warmup-s",
                             "0.2", "--drain-s", "0.3", "--input-range", "8", "40", "--output-range", "3", "9",
-                            "--colocated-chunks", "16", "64", "--pdmux-chunks", "24")
+                            "--colocated-chunks", "16", "64", "--pdmux-chunks", "24", "--pdmux-itl-targets", "7.5")
     setups = data["setups"]
-    assert list(setups) == ["pdmux", "pdmux-24", "colocated-16", "colocated-64"], setups
-    assert [setups[n]["max_num_batched_tokens"] for n in setups] == [8192, 24, 16, 64]
+    assert list(setups) == ["pdmux", "pdmux-24", "pdmux-itl7.5", "colocated-16", "colocated-64"], setups
+    assert [setups[n]["max_num_batched_tokens"] for n in setups] == [8192, 24, 8192, 16, 64]
     assert setups["pdmux-24"]["pd_multiplex"]["requested"]
+    assert setups["pdmux-itl7.5"]["pd_multiplex"]["itl_target_ms"] == 7.5
+    assert setups["pdmux"]["pd_multiplex"]["itl_target_ms"] is None
     assert setups["pdmux"]["pd_multiplex"]["requested"] and not setups["colocated-16"]["pd_multiplex"]["requested"]
     arrivals = {}
     for s in setups.values():
@@ -118,6 +120,7 @@ def test_pdmux_goals_pick_the_rate_and_survive_missing_setups():
 @pytest.mark.parametrize("flags,message", [(["--request-rates", "2", "inf"], "finite"),
                                            (["--setups", "colocated-100"], "unknown setup"),
                                            (["--pdmux-chunks", "0"], "--pdmux-chunks must be token counts"),
+                                           (["--pdmux-itl-targets", "0"], "--pdmux-itl-targets must be"),
                                            (["--colocated-chunks", "512", "-5"], "--colocated-chunks must be")])
 def test_pdmux_bench_refuses_bad_flags_before_any_run(tmp_path, flags, message):
     res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "pdmux", *flags, "--shape", "tiny",

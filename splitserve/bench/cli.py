@@ -50,8 +50,9 @@ def add_parser(sub, add_engine_args) -> None:
     serve.add_argument("--prompt-vocab", type=int, default=32000, help="prompt token ids are drawn below this")
     serve.add_argument("--setups", nargs="+", default=None,
                        help="which setups to run; pd: colocated data_parallel pd (default: all); pdmux: pdmux "
-                            "pdmux-N for N in --pdmux-chunks, colocated-N for N in --colocated-chunks; 'pdmux' and "
-                            "'colocated' stand for all of theirs (default: all)")
+                            "pdmux-N for N in --pdmux-chunks, pdmux-itlT for T in --pdmux-itl-targets, "
+                            "colocated-N for N in --colocated-chunks; 'pdmux' and 'colocated' stand for all of "
+                            "theirs (default: all)")
     mux = bench.add_argument_group("pdmux (one GPU: time-boxed runs per rate, every inter-token gap)")
     mux.add_argument("--colocated-chunks", type=int, nargs="+", default=[512, 2048, 8192],
                      help="max_num_batched_tokens of the colocated setups; the pdmux setup takes "
@@ -59,6 +60,9 @@ def add_parser(sub, add_engine_args) -> None:
     mux.add_argument("--pdmux-chunks", type=int, nargs="+", default=[],
                      help="more pdmux setups (pdmux-N), each with prefill chunk N: smaller chunks admit new "
                           "prompts sooner (TTFT), larger ones prefill more efficiently")
+    mux.add_argument("--pdmux-itl-targets", type=float, nargs="+", default=[],
+                     help="more pdmux setups (pdmux-itlT), each with pd_itl_target_ms T: a lower target gives "
+                          "decode more SMs beside a prefill (ITL) and prefill fewer (TTFT)")
     mux.add_argument("--duration-s", type=float, default=40.0, help="time box per rate: arrivals come until then, "
                                                                     "then what is left is aborted")
     mux.add_argument("--warmup-s", type=float, default=8.0, help="arrivals before this are load, not measured")
@@ -210,12 +214,14 @@ def _run_pdmux(args: argparse.Namespace) -> None:
     from splitserve.bench import report
     from splitserve.bench.pdmux import COLOCATED, default_drain_s, is_mux, pdmux_bench, setup_names
 
-    known = setup_names(args.colocated_chunks, args.pdmux_chunks)
+    known = setup_names(args.colocated_chunks, args.pdmux_chunks, args.pdmux_itl_targets)
     args.setups = _check_setups("pdmux", args.setups, known, {
         "colocated": [n for n in known if n.startswith(COLOCATED)], "pdmux": [n for n in known if is_mux(n)]})
     problems = [f"{flag} must be token counts >= 1, got {chunk}" for flag, chunks in
                 (("--colocated-chunks", args.colocated_chunks), ("--pdmux-chunks", args.pdmux_chunks))
                 for chunk in chunks if chunk < 1]
+    problems += [f"--pdmux-itl-targets must be milliseconds > 0, got {t:g}" for t in args.pdmux_itl_targets
+                 if not 0 < t < float("inf")]
     if any(not (0 < r < float("inf")) for r in args.request_rates):
         problems.append("--request-rates must be finite and > 0 (each rate is a time-boxed Poisson run)")
     if args.drain_s is None:

@@ -52,9 +52,14 @@ def default_drain_s(slo_ttft: float, slo_itl: float, max_output: int) -> float:
     return float(math.ceil(slo_ttft + max_output * slo_itl))
 
 
-def setup_names(chunks: list[int], mux_chunks: list[int] = ()) -> list[str]:
-    """pdmux (its chunk: --max-num-batched-tokens), pdmux-N for other prefill chunks, colocated-N."""
-    return [MUX] + [f"{MUX}-{c}" for c in mux_chunks] + [f"{COLOCATED}{c}" for c in chunks]
+ITL_TARGET = MUX + "-itl"  # + a decode step target in ms: pdmux-itl12, ...
+
+
+def setup_names(chunks: list[int], mux_chunks: list[int] = (), itl_targets: list[float] = ()) -> list[str]:
+    """pdmux (its chunk: --max-num-batched-tokens), pdmux-N for other prefill chunks, pdmux-itlT for decode
+    step targets of T ms (pd_itl_target_ms), colocated-N."""
+    return ([MUX] + [f"{MUX}-{c}" for c in mux_chunks] + [f"{ITL_TARGET}{t:g}" for t in itl_targets]
+            + [f"{COLOCATED}{c}" for c in chunks])
 
 
 def is_mux(name: str) -> bool:
@@ -124,6 +129,9 @@ def _log(t0: float, msg: str) -> None:
 def _setup_kwargs(name: str, kwargs: dict, mux_chunk: int) -> dict:
     colocated = {k: v for k, v in kwargs.items() if k not in ("enable_pd_multiplex", "pd_decode_sm",
                                                                "pd_itl_target_ms")}
+    if name.startswith(ITL_TARGET):
+        return {**kwargs, "enable_pd_multiplex": True, "max_num_batched_tokens": mux_chunk,
+                "pd_itl_target_ms": float(name.removeprefix(ITL_TARGET))}
     if is_mux(name):
         chunk = mux_chunk if name == MUX else int(name.removeprefix(MUX + "-"))
         return {**kwargs, "enable_pd_multiplex": True, "max_num_batched_tokens": chunk}
@@ -269,7 +277,7 @@ def goals(r: dict) -> dict:
     at = min(rate for rate, run in runs.items() if run["output_tok_s"] >= 0.8 * top)
     definition = {
         "best_colocated": "the colocated setup with the highest goodput at any rate (ties: output tok/s); "
-                          "best_pdmux: the same among the pdmux setups (prefill chunk sizes)",
+                          "best_pdmux: the same among the pdmux setups (prefill chunks, decode step targets)",
         "P9_rate": "the lowest measured rate at which the best colocated setup's output tok/s ≥ 0.8 × its "
                    "maximum over the measured rates",
         "P10": "pdmux's highest goodput over the rates ÷ the best colocated setup's highest (per-rate ratios "
