@@ -17,6 +17,7 @@ Usage: python scripts/probe_recut.py [SHAPE] [BATCH] [CTX] [MEMORY_SMS...]
 Env: FIRST_FRACTION (the first micro-batch's share, default 0.5), OUT (writes recut-SHAPE-bBATCH-ctxCTX.json).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -99,6 +100,24 @@ def stage_work(model, ids, positions, meta) -> tuple[dict, dict, dict]:
     stages = {"memory": lambda: l0.memory(positions, Handoff(pre.residual, qkv=qkv), meta),
               "compute": lambda: l1.compute_pre(positions, l0.compute_post(positions, mem, meta), meta)}
     return kernels, stages, check
+
+
+@contextlib.contextmanager
+def blas_sm_target(sms_left_out: int | None):
+    """GEMMs captured inside pick their kernels for the SMs left to them, not the whole device's: torch's
+    (experimental) carveout sets cuBLASLt's CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET. A grid sized for 132 SMs
+    on a partition of 84 runs in uneven waves."""
+    if sms_left_out is None:
+        yield
+        return
+    library, carveout = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    torch._C._set_sm_carveout_experimental(sms_left_out)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(carveout)
+        torch.backends.cuda.preferred_blas_library(library)
 
 
 def capture(fn, stream) -> torch.cuda.CUDAGraph:
@@ -220,14 +239,25 @@ def main() -> None:
                 row["stages"][f"{kind} rows={rows}"] = {
                     "all": all_sms["stages"][f"{kind} rows={rows}"], "alone": alone,
                     "beside": time_fn(work[rows][1][kind], streams[kind], beside(kind, alone))}
+            stage = row["stages"][f"compute rows={rows}"]
+            with blas_sm_target(total - part.compute_sm):  # the compute stage's GEMMs sized for its partition
+                stage["alone_blas_sized"] = time_fn(work[rows][1]["compute"], streams["compute"])
+                stage["beside_blas_sized"] = time_fn(work[rows][1]["compute"], streams["compute"],
+                                                     beside("compute", stage["alone_blas_sized"]))
         st = row["stages"]
         m = [st[f"memory rows={r}"]["beside"] for r in sizes]
         c = [st[f"compute rows={r}"]["beside"] for r in sizes]
-        pipelined = max(m[0], c[-1]) + max(m[-1], c[0]) if len(sizes) == 2 else m[0] + c[0]
+        cs = [st[f"compute rows={r}"]["beside_blas_sized"] for r in sizes]
+
+        def layer_ms(m, c):  # two micro-batches ping-ponging: max(M0, C1) + max(M1, C0)
+            return max(m[0], c[-1]) + max(m[-1], c[0]) if len(sizes) == 2 else m[0] + c[0]
+
+        pipelined = layer_ms(m, c)
         sm_ms_beside = sum(part.memory_sm * x + part.compute_sm * y for x, y in zip(m, c))
         sm_ms_all = total * sum(st[f"{k} rows={r}"]["all"] for r in sizes for k in ("memory", "compute"))
         row["estimate"] = {"plain_layer_ms": plain_layer, "pipelined_layer_ms": pipelined,
-                           "speedup": plain_layer / pipelined, "sm_ms_beside": sm_ms_beside,
+                           "speedup": plain_layer / pipelined,
+                           "speedup_blas_sized": plain_layer / layer_ms(m, cs), "sm_ms_beside": sm_ms_beside,
                            "sm_ms_all_sms": sm_ms_all, "sm_ms_ratio": sm_ms_beside / sm_ms_all,
                            "slowdown_beside": {k: {n: v["beside"] / v["alone"] for n, v in row["kernels"].items()
                                                    if v["kind"] == k} for k in ("memory", "compute")}}
@@ -239,13 +269,14 @@ def main() -> None:
     if out:
         with open(os.path.join(out, f"recut-{shape}-b{batch}-ctx{ctx}.json"), "w") as f:
             json.dump(report, f, indent=1)
-    print("memory SMs | pipelined ÷ plain layer (est.) | SM·ms beside ÷ all | memory stage alone→beside ms | "
-          "compute stage alone→beside ms")
+    print("memory SMs | pipelined ÷ plain layer (est.) | same, GEMMs sized | SM·ms beside ÷ all | memory stage "
+          "alone→beside ms | compute stage alone→beside ms | same, GEMMs sized")
     for sm, row in report["splits"].items():
         e, st = row["estimate"], row["stages"]
         mem, comp = st[f"memory rows={rows0}"], st[f"compute rows={rows0}"]
-        print(f"{sm} | {e['speedup']:.3f}x | {e['sm_ms_ratio']:.3f} | {mem['alone']:.3f}→{mem['beside']:.3f} | "
-              f"{comp['alone']:.3f}→{comp['beside']:.3f}")
+        print(f"{sm} | {e['speedup']:.3f}x | {e['speedup_blas_sized']:.3f}x | {e['sm_ms_ratio']:.3f} | "
+              f"{mem['alone']:.3f}→{mem['beside']:.3f} | {comp['alone']:.3f}→{comp['beside']:.3f} | "
+              f"{comp['alone_blas_sized']:.3f}→{comp['beside_blas_sized']:.3f}")
 
 
 if __name__ == "__main__":
