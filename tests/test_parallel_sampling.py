@@ -28,9 +28,9 @@ def _count_computed_tokens(llm) -> list[int]:
     runner, counts = llm.engine.core.runner, []
     launch = runner.launch
 
-    def counting(batch, *args):
+    def counting(batch, *args, **kw):
         counts.append(batch.num_tokens)
-        return launch(batch, *args)
+        return launch(batch, *args, **kw)
 
     runner.launch = counting
     return counts

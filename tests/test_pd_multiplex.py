@@ -37,10 +37,10 @@ def _watch(llm: LLM) -> dict:
             assert not any(samples for _, _, samples, _ in rows), "a prefill-lane row that samples"
             assert not batch.block_copies
 
-    def spy_launch(batch, prev=None, *args):
+    def spy_launch(batch, prev=None, *args, **kw):
         assert batch.lane != PREFILL_LANE, "the prefill lane is launched in pieces"
         record(batch)
-        return launch(batch, prev, *args)
+        return launch(batch, prev, *args, **kw)
 
     def spy_pieces(batch, prev, layers):
         assert batch.lane == PREFILL_LANE
@@ -90,7 +90,7 @@ def _same(pair, prompts, params) -> list:
     assert _summary(outs[0]) == _summary(outs[1])
     for llm in pair:
         assert llm.stats()["kv_used_blocks"] == 0
-        assert not llm.engine.has_unfinished_requests() and llm.engine.core.pending is None
+        assert not llm.engine.has_unfinished_requests() and llm.engine.core.pending is None is llm.engine.core.unsampled
     return outs[0]
 
 
@@ -233,13 +233,13 @@ def _slow_prefill(llm: LLM, steps: int) -> dict:
 
     spies = core.runner.launch, core.runner.launch_in_pieces
 
-    def launch(batch, *args):
+    def launch(batch, *args, **kw):
         assert not {s.seq_id for s in batch.seqs} & core.scheduler.busy, "a busy sequence launched again"
-        return spies[0](batch, *args)
+        return spies[0](batch, *args, **kw)
 
-    def pieces(batch, *args):
+    def pieces(batch, *args, **kw):
         assert not {s.seq_id for s in batch.seqs} & core.scheduler.busy, "a busy sequence launched again"
-        return spies[1](batch, *args)
+        return spies[1](batch, *args, **kw)
 
     core.lanes.is_done, core.runner.launch, core.runner.launch_in_pieces = is_done, launch, pieces
     return state

@@ -118,6 +118,82 @@ def test_regex_choice_json_object_grammar_and_plain_rows_in_one_batch(llm):
     assert [o.outputs[0].token_ids for o in outs[24:]] == alone  # plain rows: as when run alone
 
 
+def _mixed_requests() -> tuple[list, list[SamplingParams]]:
+    regex = r"[a-z]{2,5}-[0-9]{2}"
+    params = ([json_params(seed, logprobs=2) for seed in range(6)]
+              + [SamplingParams(temperature=1, seed=i, max_tokens=16,
+                                structured_outputs=StructuredOutputsParams(regex=regex)) for i in range(4)]
+              + [SamplingParams(temperature=1, seed=9, max_tokens=20, stop=["e"]),
+                 SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)])
+    return [PROMPT] * 10 + [[11, 12, 13], [40, 41, 42, 43]], params
+
+
+def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the_next_launch(tiny_dir, llm):
+    """A structured step's forward launches alone; the next core step fills its masks and enqueues its sampling
+    first, then launches the following forward, before any output goes back to the front end (the device runs
+    that forward while the host resolves, detokenizes and fills the next masks). Outputs equal the synchronous
+    loop's: seeded JSON with logprobs, regex, stop strings and plain rows in one batch."""
+    prompts, params = _mixed_requests()
+    sync = LLM(tiny_dir, device="cpu", async_scheduling=False)
+    want = sync.generate(prompts, params, use_tqdm=False)
+    core, runner = llm.engine.core, llm.engine.core.runner
+    events, launch, sample, step = [], runner.launch, runner.sample, core.step
+
+    def spy_launch(batch, prev=None, defer_sampling=False):
+        events.append("forward" if defer_sampling else "launch")
+        return launch(batch, prev, defer_sampling)
+
+    def spy_sample(launched, grammar=None):
+        events.append("sample" if grammar is not None else "sample-unmasked")
+        return sample(launched, grammar)
+
+    def spy_step():
+        events.append("|")
+        return step()
+
+    runner.launch, runner.sample, core.step = spy_launch, spy_sample, spy_step
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del runner.launch, runner.sample, core.step
+    def summary(outs):  # logprobs to 4 places: an extra row (a step past a stop) rounds the CPU GEMM otherwise
+        return [[(c.token_ids, c.text, c.finish_reason, None if c.logprobs is None else
+                  [{t: (round(lp.logprob, 4), lp.rank) for t, lp in e.items()} for e in c.logprobs])
+                 for c in o.outputs] for o in outs]
+
+    assert summary(got) == summary(want)
+    assert all(re.fullmatch(r"[a-z]{2,5}-[0-9]{2}", o.outputs[0].text) for o in got[6:10])
+    calls = [c.split() for c in " ".join(events).split("|")]
+    steady = [c for c in calls if c[:2] == ["sample", "forward"]]  # masked sampling, then the next forward
+    assert len(steady) >= 10, calls
+    assert not any("sample" in c and "forward" in c and c.index("forward") < c.index("sample") for c in calls), \
+        calls  # never a forward launched before the sampling that its inputs follow, within one step
+    assert core.pending is None is core.unsampled and llm.stats()["kv_used_blocks"] == 0
+
+
+def test_abort_between_a_structured_forward_and_its_sampling(llm):
+    """An aborted request's row in a forward whose sampling is still deferred: its token is dropped, its matcher
+    is gone (the row samples unmasked), the others go on, and every block comes back."""
+    engine = llm.engine
+    reqs = [engine.add_request(PROMPT, json_params(seed)) for seed in range(3)]
+    for _ in range(10_000):  # the grammars compile in a thread first
+        if engine.core.unsampled is not None and any(s.num_output_tokens for s in engine.core.unsampled.samplers):
+            break
+        engine.step()
+    victim = engine.core.unsampled.samplers[0].request_id
+    engine.abort(victim)
+    while engine.has_unfinished_requests():
+        engine.step()
+    for r in reqs:
+        if r.request_id == victim:
+            assert r.finish_reason == "abort"
+        else:
+            assert r.finish_reason == "stop", r.output_text
+            check_json(r.output_text)
+        engine.release(r)
+    assert engine.core.pending is None is engine.core.unsampled and llm.stats()["kv_used_blocks"] == 0
+
+
 def test_too_few_tokens_end_with_length_and_logprobs_stay_raw(llm):
     out = llm.generate([PROMPT], json_params(0, logprobs=2), use_tqdm=False)[0].outputs[0]
     short = llm.generate([PROMPT], SamplingParams(max_tokens=3, seed=0, structured_outputs=StructuredOutputsParams(

@@ -71,6 +71,7 @@ class EngineCore:
         # None: on (the in-process core, CUDA or CPU: same code; the CPU just has nothing to overlap).
         self.async_scheduling = config.async_scheduling is not False
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
+        self.unsampled: LaunchedStep | None = None  # a structured step's forward, its sampling not enqueued yet
         self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
@@ -143,14 +144,16 @@ class EngineCore:
                 self.block_manager.free_sequence(seq)
             else:
                 self.scheduler.finish(seq)  # its blocks may be in the pending step: safe, see _append
-        if self.pending is not None and not self.has_unfinished():
-            self._resolve()  # flush: every token it holds belongs to a request that has ended
+        if not self.has_unfinished():  # flush: every token still in flight belongs to a request that has ended
+            self._sample_deferred()
+            self._resolve()
 
     def has_unfinished(self) -> bool:
         """Requests to schedule, a prefill batch still running, or a pending step holding a token to deliver."""
         if self.scheduler.has_unfinished() or self.compiling or self.prefill_pending is not None:
             return True
-        return self.pending is not None and any(self.requests.get(s.request_id) is s for s in self.pending.samplers)
+        return any(self.requests.get(s.request_id) is s for step in (self.pending, self.unsampled) if step is not None
+                   for s in step.samplers)
 
     def shutdown(self) -> None:
         """Nothing to stop in-process but the grammar threads (the PD client stops its workers here)."""
@@ -161,7 +164,7 @@ class EngineCore:
     def detach(self, request_id: str) -> Sequence:
         """Take a running sequence out of this core; its blocks stay allocated until `free_blocks`. Only
         between synchronous steps (PD workers), where no step is pending."""
-        assert self.pending is None, "detach needs a synchronous core (async_scheduling=False)"
+        assert self.pending is None is self.unsampled, "detach needs a synchronous core (async_scheduling=False)"
         seq = self.requests.pop(request_id)
         self.scheduler.remove(seq)
         return seq
@@ -183,16 +186,19 @@ class EngineCore:
         input ids from N's token tensor on the device. Finishing on length is known at launch (such a sequence
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
-        A grammar row's mask for N + 1 needs N's tokens on the host: N then resolves inside N + 1's launch,
-        after its forward is enqueued (`_launch`); penalties take a pending token on the device and need
-        nothing of the kind (worker/penalties.py). A profiled
-        pipelined step resolves before the next launch (its stage events live in the graph)."""
+        A grammar row's mask for N + 1 needs N's tokens on the host: a batch with grammar rows launches its
+        forward only; N resolves after it as usual, and the next call fills the masks and enqueues N + 1's
+        sampling first thing (`_sample_deferred`), then launches N + 2's forward behind it, so the device runs
+        a forward while the host resolves, runs the front end and fills the next masks. Penalties take a pending
+        token on the device and need nothing of the kind (worker/penalties.py). A profiled pipelined step
+        resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
+        self._sample_deferred()
         if self.pending is not None and self.pending.needs_sync:
             outputs += self._resolve()
         batch = self._schedule_lanes() if self.lanes is not None else self.scheduler.schedule()
-        launched = self._launch(batch, outputs) if batch.seqs else None
+        launched = self._launch(batch) if batch.seqs else None
         if launched is None and self.pending is None:
             if self.prefill_pending is not None:  # only a prefill batch is running: wait for it, then go on
                 self._finish_prefill()
@@ -205,9 +211,13 @@ class EngineCore:
         outputs += self._resolve()  # step N; the device is already busy with N + 1
         if launched is not None:
             self.scheduler.register_blocks(launched.batch)  # after N: N + 1's inputs are real tokens now
-            self.pending = launched
+            if launched.sampled:
+                self.pending = launched
+            else:
+                self.unsampled = launched
             if not self.async_scheduling or not self.scheduler.has_unfinished():
-                outputs += self._resolve()  # synchronous, or nothing left to overlap with: flush
+                self._sample_deferred()  # synchronous, or nothing left to overlap with: flush
+                outputs += self._resolve()
         elapsed = time.perf_counter() - t0
         if launched is None or not launched.batch.is_decode:
             self.prefill_time_s += elapsed  # steps that launched prefill tokens (or only resolved)
@@ -263,19 +273,14 @@ class EngineCore:
         self.scheduler.register_blocks(run.batch)
         self.lanes.prefill_done()
 
-    def _launch(self, batch: ScheduledBatch, outputs: list[CoreOutput]) -> LaunchedStep:
-        """Launch the batch. With grammar rows in it, step N resolves inside the launch, once N + 1's forward
-        is enqueued and before the masks are filled: a matcher must have seen token N before it masks N + 1."""
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Launch the batch; with grammar rows in it, its forward only (`_sample_deferred` enqueues the rest)."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-        grammar_bitmask = None
-        if self.structured is not None and any(seq.grammar is not None for seq in batch.seqs):
-            def grammar_bitmask(samplers: list[Sequence]):
-                outputs.extend(self._resolve())  # no-op when nothing is pending
-                return self.structured.fill_bitmask([seq.grammar for seq in samplers])
-        step = self.runner.launch(batch, self.pending, grammar_bitmask)
+        structured = any(seq.grammar is not None for seq in batch.seqs)
+        step = self.runner.launch(batch, self.pending, defer_sampling=structured)
         self.scheduler.advance(batch)
         self.num_steps += 1
         positions = step.positions
@@ -290,6 +295,15 @@ class EngineCore:
         # step's times are read, so a profiled step resolves before the next one launches.
         step.needs_sync = step.profiled
         return step
+
+    def _sample_deferred(self) -> None:
+        """Fill the masks of the structured step launched last (its matchers have seen every token: the step
+        before it resolved after it launched) and enqueue its sampling. The step it follows has resolved, so
+        its bitmask copy from the shared pinned buffer has run before this fill writes there again."""
+        step, self.unsampled = self.unsampled, None
+        if step is not None:
+            assert self.pending is None, "a deferred sampling follows a resolved step"
+            self.pending = self.runner.sample(step, self.structured.fill_bitmask([s.grammar for s in step.samplers]))
 
     def _resolve(self) -> list[CoreOutput]:
         """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""

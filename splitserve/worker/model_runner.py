@@ -65,6 +65,14 @@ class LaunchedStep:
     # resolve before the next one launches (a profiled replay: its stage events live in the graph).
     positions: list[int] = field(default_factory=list)
     needs_sync: bool = False
+    # A step launched with its sampling deferred (`launch(..., defer_sampling=True)`): the logits, and the step
+    # its sampling inputs follow, until `sample` enqueues the rest.
+    logits: torch.Tensor | None = None
+    prev: LaunchedStep | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.logits is None
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "half": torch.float16, "float": torch.float32}  # vLLM's aliases (EngineConfig normalises them too)
@@ -238,13 +246,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None,
-               grammar_bitmask: Callable[[list[Sequence]], tuple | None] | None = None) -> LaunchedStep:
-        """Enqueue one step on the device: inputs, forward, sampling, and the copies of its results into pinned
-        host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
+               defer_sampling: bool = False) -> LaunchedStep:
+        """Enqueue one step on the device: inputs, forward, logits, sampling, and the copies of its results into
+        pinned host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
         (sampled by `prev`, not resolved yet) are gathered from `prev`'s token tensor on the device.
-        `grammar_bitmask(sampling sequences)`: the structured-output bitmask (host tensor, rows) or None; called
-        once the forward is enqueued and before the sampling inputs are built, so the host fills it while the
-        device computes (the core resolves `prev` in it first: a matcher must have seen every token)."""
+        `defer_sampling`: stop after the logits; `sample` enqueues the rest (a structured-output step, whose
+        bitmask needs `prev` resolved: the core fills it meanwhile, while the device runs this forward)."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -266,28 +273,35 @@ class ModelRunner:
         if any(seq.prompt_logprobs is not None for seq in batch.seqs):
             prompt_parts = self._prompt_logprobs(batch, hidden, host["query_start_loc"])
         samplers = [s for s, flag in zip(batch.seqs, host["samples"]) if flag]
-        tokens, out, ks = None, [], None
+        step = LaunchedStep(batch, host["samples"], samplers, None, {s.seq_id: i for i, s in enumerate(samplers)},
+                            [], None, prompt_parts, None, profiled)
         if samplers:
             if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
                 hidden = hidden[self._to_device(host["logits_indices"])]
-            logits = self.model.compute_logits(hidden)
-            grammar = grammar_bitmask(samplers) if grammar_bitmask is not None else None
-            st = self._sampling_tensors(samplers, prev)
+            step.logits, step.prev = self.model.compute_logits(hidden), prev
+        return step if defer_sampling and samplers else self.sample(step)
+
+    @torch.no_grad()
+    def sample(self, step: LaunchedStep, grammar: tuple[torch.Tensor, list[int]] | None = None) -> LaunchedStep:
+        """Enqueue a launched step's sampling (if it has rows that sample), the host copies and its event.
+        `grammar`: the structured-output (host bitmask, its rows) of `StructuredOutputManager.fill_bitmask`."""
+        if step.logits is not None:
+            st = self._sampling_tensors(step.samplers, step.prev)
             if grammar is not None:
                 bitmask, rows = grammar
                 st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
                 # A mixed batch masks its grammar rows only. Their indices go up pinned as well: given a list,
                 # xgrammar copies it from pageable memory, a copy CUDA may make wait for the stream (the forward).
-                st.grammar_rows = (None if len(rows) == len(samplers)
+                st.grammar_rows = (None if len(rows) == len(step.samplers)
                                    else self._to_device(np.asarray(rows, dtype=np.int32)))
-            tokens, logprob_info = sample(logits, st)
-            out.append(self._to_host(tokens))
+            step.tokens, logprob_info = sample(step.logits, st)
+            step.host.append(self._to_host(step.tokens))
             if logprob_info is not None:
-                out += self._info_to_host(logprob_info)
-                ks = [s.sampling_params.logprobs for s in samplers]
-        event = self._record_event()
-        return LaunchedStep(batch, host["samples"], samplers, tokens, {s.seq_id: i for i, s in enumerate(samplers)},
-                            out, ks, prompt_parts, event, profiled)
+                step.host += self._info_to_host(logprob_info)
+                step.logprob_ks = [s.sampling_params.logprobs for s in step.samplers]
+            step.logits = step.prev = None
+        step.event = self._record_event()
+        return step
 
     def _eager_inputs(self, batch: ScheduledBatch, host: dict[str, np.ndarray], fill: Callable[[torch.Tensor], None]
                       | None) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
