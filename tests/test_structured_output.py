@@ -123,9 +123,13 @@ def _mixed_requests() -> tuple[list, list[SamplingParams]]:
     params = ([json_params(seed, logprobs=2) for seed in range(6)]
               + [SamplingParams(temperature=1, seed=i, max_tokens=16,
                                 structured_outputs=StructuredOutputsParams(regex=regex)) for i in range(4)]
+              + [json_params(7, repetition_penalty=1.3, presence_penalty=0.5)]
               + [SamplingParams(temperature=1, seed=9, max_tokens=20, stop=["e"]),
-                 SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)])
-    return [PROMPT] * 10 + [[11, 12, 13], [40, 41, 42, 43]], params
+                 SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                 # penalties and min_tokens in a batch whose sampling is deferred: EOS (id 2) made likely
+                 SamplingParams(temperature=1, seed=12, max_tokens=16, frequency_penalty=0.8, min_tokens=10,
+                                logit_bias={2: 15.0})])
+    return [PROMPT] * 11 + [[11, 12, 13], [40, 41, 42, 43], [50, 51, 52]], params
 
 
 def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the_next_launch(tiny_dir, llm):
@@ -163,6 +167,9 @@ def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the
 
     assert summary(got) == summary(want)
     assert all(re.fullmatch(r"[a-z]{2,5}-[0-9]{2}", o.outputs[0].text) for o in got[6:10])
+    check_json(got[10].outputs[0].text)
+    eos_row = got[-1].outputs[0]  # min_tokens holds EOS back for 10 tokens, then the bias ends it soon
+    assert 10 <= len(eos_row.token_ids) < 16 and eos_row.finish_reason == "stop", eos_row.token_ids
     calls = [c.split() for c in " ".join(events).split("|")]
     steady = [c for c in calls if c[:2] == ["sample", "forward"]]  # masked sampling, then the next forward
     assert len(steady) >= 10, calls

@@ -65,10 +65,10 @@ class LaunchedStep:
     # resolve before the next one launches (a profiled replay: its stage events live in the graph).
     positions: list[int] = field(default_factory=list)
     needs_sync: bool = False
-    # A step launched with its sampling deferred (`launch(..., defer_sampling=True)`): the logits, and the step
-    # its sampling inputs follow, until `sample` enqueues the rest.
+    # A step launched with its sampling deferred (`launch(..., defer_sampling=True)`): the logits and the
+    # sampling inputs (built at launch, as for any step), until `sample` enqueues the rest.
     logits: torch.Tensor | None = None
-    prev: LaunchedStep | None = None
+    sampling: SamplingTensors | None = None
 
     @property
     def sampled(self) -> bool:
@@ -278,7 +278,10 @@ class ModelRunner:
         if samplers:
             if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
                 hidden = hidden[self._to_device(host["logits_indices"])]
-            step.logits, step.prev = self.model.compute_logits(hidden), prev
+            step.logits = self.model.compute_logits(hidden)
+            # Built now, whether sampling is deferred or not: penalties and min_tokens read the token lists as
+            # they are at launch (the core appends this step's placeholders next).
+            step.sampling = self._sampling_tensors(samplers, prev)
         return step if defer_sampling and samplers else self.sample(step)
 
     @torch.no_grad()
@@ -286,7 +289,7 @@ class ModelRunner:
         """Enqueue a launched step's sampling (if it has rows that sample), the host copies and its event.
         `grammar`: the structured-output (host bitmask, its rows) of `StructuredOutputManager.fill_bitmask`."""
         if step.logits is not None:
-            st = self._sampling_tensors(step.samplers, step.prev)
+            st = step.sampling
             if grammar is not None:
                 bitmask, rows = grammar
                 st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
@@ -299,7 +302,7 @@ class ModelRunner:
             if logprob_info is not None:
                 step.host += self._info_to_host(logprob_info)
                 step.logprob_ks = [s.sampling_params.logprobs for s in step.samplers]
-            step.logits = step.prev = None
+            step.logits = step.sampling = None
         step.event = self._record_event()
         return step
 
