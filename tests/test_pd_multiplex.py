@@ -140,6 +140,18 @@ def test_good_config_values():
     assert (cfg.pd_decode_sm, cfg.pd_itl_target_ms) == (64, 25)
 
 
+def test_decode_partition_candidates_reach_three_quarters_of_the_gpu():
+    """PD multiplexing calibrates its own candidates: a tight decode target needs more than half the SMs, where
+    the decode pipeline's memory side stops."""
+    from splitserve.pipeline.pd_multiplex import candidate_decode_sm
+    from splitserve.pipeline.planner import candidate_splits
+
+    assert candidate_decode_sm(132) == [24, 32, 48, 64, 80, 96]
+    assert max(candidate_decode_sm(132)) > max(candidate_splits(132))
+    assert all(s % 8 == 0 and 8 <= s <= 144 - 8 for s in candidate_decode_sm(144))
+    assert candidate_decode_sm(16) == [8]
+
+
 def test_mode_is_said_once_and_reported(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="splitserve"):
         llm = LLM(tiny_dir, enable_pd_multiplex=True, num_kv_blocks=64, kvcache_block_size=8,

@@ -206,13 +206,18 @@ def activation_pools(config: EngineConfig, device: torch.device) -> int:
     """Streams that may hold a prefill's activations at once: the decode stream, and with concurrent lanes each
     candidate split's prefill stream and the whole-GPU one (the caching allocator keeps a pool per stream, and a
     stream short of memory makes it free cached blocks, which waits for every stream: a decode stall)."""
-    from splitserve.pipeline import planner
-
     if not config.enable_pd_multiplex or device.type != "cuda" or config.enforce_eager:
         return 1
     total = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = 1 if config.pd_decode_sm else len(planner.candidate_splits(total))
+    splits = 1 if config.pd_decode_sm else len(candidate_decode_sm(total))
     return 2 + splits
+
+
+def candidate_decode_sm(total_sms: int, granularity: int = 8) -> list[int]:
+    """Decode partitions to calibrate: 3/16 to 3/4 of the GPU (24-96 of 132 SMs). A tight pd_itl_target_ms
+    needs the large ones (decode on 96 SMs, prefill on 36); the decode pipeline's memory side stops at half."""
+    sizes = {round(total_sms * f / granularity) * granularity for f in (0.1875, 0.25, 0.375, 0.5, 0.625, 0.75)}
+    return sorted(s for s in sizes if granularity <= s <= total_sms - granularity)
 
 
 def _status(config: EngineConfig) -> dict:
@@ -252,10 +257,10 @@ def setup_pd_multiplex(runner, config: EngineConfig) -> tuple[PDLanes | None, di
 
 
 def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) -> PDLanes:
-    from splitserve.pipeline import green, planner
+    from splitserve.pipeline import green
 
     graphs = runner.graphs
-    sizes = [config.pd_decode_sm] if config.pd_decode_sm else planner.candidate_splits(total)
+    sizes = [config.pd_decode_sm] if config.pd_decode_sm else candidate_decode_sm(total)
     t0 = time.perf_counter()
     mem0 = graphs.free_memory()
     partitions = {}
