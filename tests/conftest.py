@@ -89,6 +89,16 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) 
     return [torch.randint(3, vocab, (n_,), generator=g).tolist() for n_ in lens]
 
 
+def watched_llm(model_dir: str, watch, **kw):
+    """An LLM on the small KV cache the loop tests share (8-token blocks, 256 of them), with `llm.watch =
+    watch(llm)`: the test module's spies."""
+    from splitserve import LLM
+
+    llm = LLM(model_dir, **{"kvcache_block_size": 8, "num_kv_blocks": 256, **kw})
+    llm.watch = watch(llm)
+    return llm
+
+
 def watch_core_outputs(core, seen: dict) -> None:
     """Wrap an EngineCore's step and abort: no output carries a token after its request finished or was aborted
     (the front end's stop strings abort too), and no placeholder ever reaches an output. `seen["finished"]`

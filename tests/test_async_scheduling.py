@@ -8,7 +8,7 @@ after its request finished, never a placeholder token, and every KV block back a
 from __future__ import annotations
 
 import pytest
-from conftest import random_prompts, watch_core_outputs
+from conftest import random_prompts, watch_core_outputs, watched_llm
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.sequence import PLACEHOLDER
@@ -37,11 +37,7 @@ def _watch(llm: LLM) -> dict:
 
 
 def _make(tiny_dir: str, async_scheduling: bool, **kw) -> LLM:
-    args = dict(kvcache_block_size=8, max_num_batched_tokens=64, num_kv_blocks=256)
-    args.update(kw)
-    llm = LLM(tiny_dir, async_scheduling=async_scheduling, **args)
-    llm.watch = _watch(llm)
-    return llm
+    return watched_llm(tiny_dir, _watch, async_scheduling=async_scheduling, **{"max_num_batched_tokens": 64, **kw})
 
 
 @pytest.fixture(scope="module")

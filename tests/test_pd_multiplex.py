@@ -13,7 +13,7 @@ import logging
 import math
 
 import pytest
-from conftest import random_prompts, watch_core_outputs
+from conftest import random_prompts, watch_core_outputs, watched_llm
 
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
@@ -62,11 +62,7 @@ def _watch(llm: LLM) -> dict:
 
 
 def _make(tiny_dir: str, multiplex: bool, **kw) -> LLM:
-    args = dict(kvcache_block_size=8, max_num_batched_tokens=32, num_kv_blocks=256)
-    args.update(kw)
-    llm = LLM(tiny_dir, enable_pd_multiplex=multiplex, **args)
-    llm.watch = _watch(llm)
-    return llm
+    return watched_llm(tiny_dir, _watch, enable_pd_multiplex=multiplex, **{"max_num_batched_tokens": 32, **kw})
 
 
 @pytest.fixture(scope="module")

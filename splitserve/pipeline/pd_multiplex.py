@@ -213,11 +213,12 @@ def activation_pools(config: EngineConfig, device: torch.device) -> int:
     return 2 + splits
 
 
-def candidate_decode_sm(total_sms: int, granularity: int = 8) -> list[int]:
+def candidate_decode_sm(total_sms: int) -> list[int]:
     """Decode partitions to calibrate: 3/16 to 3/4 of the GPU (24-96 of 132 SMs). A tight pd_itl_target_ms
     needs the large ones (decode on 96 SMs, prefill on 36); the decode pipeline's memory side stops at half."""
-    sizes = {round(total_sms * f / granularity) * granularity for f in (0.1875, 0.25, 0.375, 0.5, 0.625, 0.75)}
-    return sorted(s for s in sizes if granularity <= s <= total_sms - granularity)
+    from splitserve.pipeline import planner
+
+    return planner.candidate_splits(total_sms, (0.1875, 0.25, 0.375, 0.5, 0.625, 0.75))
 
 
 def _status(config: EngineConfig) -> dict:

@@ -33,12 +33,16 @@ PLAN_VERSION = 2  # 2: the compute/memory stages of issue 14 (plans of the atten
 LOSING_MARGIN = 0.10  # a pipelined anchor "loses" when every split is this much slower than plain everywhere
 
 
-def candidate_splits(total_sms: int, granularity: int = 8) -> list[int]:
-    """Memory-partition sizes worth calibrating: 3/16 to half of the GPU (24-64 of 132 SMs). The memory
-    stages (paged attention) only stream the KV cache, and the decode kernel kept 3.45 TB/s of HBM on 48
-    SMs of an H200; every GEMM runs on the rest, so the memory side should be as small as keeps its
-    bandwidth."""
-    sizes = {round(total_sms * f / granularity) * granularity for f in (0.1875, 0.25, 0.3125, 0.375, 0.5)}
+# Memory-partition sizes worth calibrating: 3/16 to half of the GPU (24-64 of 132 SMs). The memory stages
+# (paged attention) only stream the KV cache, and the decode kernel kept 3.45 TB/s of HBM on 48 SMs of an
+# H200; every GEMM runs on the rest, so the memory side should be as small as keeps its bandwidth.
+MEMORY_FRACTIONS = (0.1875, 0.25, 0.3125, 0.375, 0.5)
+
+
+def candidate_splits(total_sms: int, fractions: tuple[float, ...] = MEMORY_FRACTIONS,
+                     granularity: int = 8) -> list[int]:
+    """Partition sizes at these fractions of the SMs, on the driver's granularity, leaving some for the rest."""
+    sizes = {round(total_sms * f / granularity) * granularity for f in fractions}
     return sorted(s for s in sizes if granularity <= s <= total_sms - granularity)
 
 
