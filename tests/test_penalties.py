@@ -24,7 +24,8 @@ EOS = 2  # make_tiny_model's eos_token_id
 # ---- the sampler against plain math ----
 def _runner_stub(vocab: int):
     stub = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
-                                 _to_device=torch.from_numpy, penalty_state=None, _bias_cache=None)
+                                 _to_device=torch.from_numpy, penalty_state=None, _bias_cache=None,
+                                 _penalty_cache=None)
     stub._bias_tensors = lambda biased: ModelRunner._bias_tensors(stub, biased)
     return stub
 

@@ -8,7 +8,8 @@ import torch
 from conftest import random_prompts
 
 from splitserve import LLM, SamplingParams
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import PLACEHOLDER, Sequence
+from splitserve.worker import penalties
 from splitserve.worker.penalties import PenaltyState
 
 V = 50
@@ -75,6 +76,34 @@ def test_steady_batch_reads_a_view_of_consecutive_rows():
     seen, counts = state.rows_for(seqs, [True] * 4, torch.from_numpy)
     assert seen.data_ptr() == state.seen[1].data_ptr()  # no copy
     assert counts[:, 7].tolist() == [1.0] * 4 and state.rebuilds == 4
+
+
+def test_steady_steps_take_the_pending_tokens_on_the_device(monkeypatch):
+    """The async decode loop's steady step (the same batch, each sequence one placeholder longer, sampled by the
+    pending step in any row order) takes the fast path, and its rows equal those built from the resolved tokens;
+    a step that is not steady (a sequence two tokens longer) falls back and is right too."""
+    fast = []
+    advance = penalties._Steady.advance
+    monkeypatch.setattr(penalties._Steady, "advance", lambda *a: fast.append(advance(*a)) or fast[-1])
+    rng = np.random.default_rng(1)
+    state = PenaltyState(V, torch.device("cpu"))
+    seqs = [Sequence(rng.integers(0, V, 5).tolist(), PEN) for _ in range(4)]
+    _check(state, seqs)
+    for step in range(12):
+        order = rng.permutation(4) if step % 3 == 2 else np.arange(4)  # the pending step's rows
+        tokens = torch.from_numpy(rng.integers(0, V, 4))  # what it sampled, in its row order
+        index = {seqs[j].seq_id: i for i, j in enumerate(order)}
+        for s in seqs:
+            s.token_ids.append(PLACEHOLDER)
+        if step == 7:
+            seqs[1].token_ids[-1:] = [3, PLACEHOLDER]
+        seen, counts = state.rows_for(seqs, [True] * 4, torch.from_numpy, (tokens, index))
+        for s in seqs:  # the step resolves
+            s.token_ids[-1] = int(tokens[index[s.seq_id]])
+        want_seen, want_counts = _dense(seqs, [True] * 4)
+        assert torch.equal(seen, want_seen) and torch.equal(counts, want_counts), step
+    taken = [out is not None for out in fast]
+    assert taken == [True] * 7 + [False] + [True] * 4 and state.rebuilds == 4
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from splitserve import LLM, SamplingParams, StructuredOutputsParams
+from splitserve.engine.structured_output import StructuredOutputManager
 
 VOCAB = 10240  # holds the chat template's tokens when the request brings its own system message
 PROMPT = [5, 6, 7, 8, 9]
@@ -132,11 +133,13 @@ def _mixed_requests() -> tuple[list, list[SamplingParams]]:
     return [PROMPT] * 11 + [[11, 12, 13], [40, 41, 42, 43], [50, 51, 52]], params
 
 
-def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the_next_launch(tiny_dir, llm):
-    """A structured step's forward launches alone; the next core step fills its masks and enqueues its sampling
-    first, then launches the following forward, before any output goes back to the front end (the device runs
-    that forward while the host resolves, detokenizes and fills the next masks). Outputs equal the synchronous
-    loop's: seeded JSON with logprobs, regex, stop strings and plain rows in one batch."""
+def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the_next_launch(tiny_dir, llm,
+                                                                                           monkeypatch):
+    """A structured step's forward launches alone; its masks start filling in threads before the core step
+    returns (the front end runs meanwhile), and the next core step enqueues its sampling first, then launches
+    the following forward, before any output goes back to the front end (the device runs that forward while
+    the host resolves and detokenizes). Outputs equal the synchronous loop's: seeded JSON with logprobs, regex,
+    stop strings and plain rows in one batch."""
     prompts, params = _mixed_requests()
     sync = LLM(tiny_dir, device="cpu", async_scheduling=False)
     want = sync.generate(prompts, params, use_tqdm=False)
@@ -155,6 +158,13 @@ def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the
         events.append("|")
         return step()
 
+    start_fill = StructuredOutputManager.start_fill
+
+    def spy_fill(manager, grammars):
+        events.append("fill")
+        return start_fill(manager, grammars)
+
+    monkeypatch.setattr(StructuredOutputManager, "start_fill", spy_fill)
     runner.launch, runner.sample, core.step = spy_launch, spy_sample, spy_step
     try:
         got = llm.generate(prompts, params, use_tqdm=False)
@@ -171,7 +181,7 @@ def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the
     eos_row = got[-1].outputs[0]  # min_tokens holds EOS back for 10 tokens, then the bias ends it soon
     assert 10 <= len(eos_row.token_ids) < 16 and eos_row.finish_reason == "stop", eos_row.token_ids
     calls = [c.split() for c in " ".join(events).split("|")]
-    steady = [c for c in calls if c[:2] == ["sample", "forward"]]  # masked sampling, then the next forward
+    steady = [c for c in calls if c == ["sample", "forward", "fill"]]  # masked sampling, the next forward, its fill
     assert len(steady) >= 10, calls
     assert not any("sample" in c and "forward" in c and c.index("forward") < c.index("sample") for c in calls), \
         calls  # never a forward launched before the sampling that its inputs follow, within one step
@@ -254,8 +264,6 @@ def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
 
     import torch
     import xgrammar as xgr
-
-    from splitserve.engine.structured_output import StructuredOutputManager
 
     manager = StructuredOutputManager(tiny_dir, VOCAB, frozenset([2]), torch.device("cpu"), fill_threads=3)
     try:

@@ -18,7 +18,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, split_lanes
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from splitserve.engine.structured_output import StructuredOutputManager
+from splitserve.engine.structured_output import BitmaskFill, StructuredOutputManager
 from splitserve.outputs import Logprob
 from splitserve.pipeline.pd_multiplex import (
     PREFILL_LAYERS_PER_PIECE,
@@ -72,6 +72,7 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling is not False
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.unsampled: LaunchedStep | None = None  # a structured step's forward, its sampling not enqueued yet
+        self.mask_fill: BitmaskFill | None = None  # its grammar bitmask, filling in threads meanwhile
         self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
@@ -187,11 +188,11 @@ class EngineCore:
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
         A grammar row's mask for N + 1 needs N's tokens on the host: a batch with grammar rows launches its
-        forward only; N resolves after it as usual, and the next call fills the masks and enqueues N + 1's
-        sampling first thing (`_sample_deferred`), then launches N + 2's forward behind it, so the device runs
-        a forward while the host resolves, runs the front end and fills the next masks. Penalties take a pending
-        token on the device and need nothing of the kind (worker/penalties.py). A profiled pipelined step
-        resolves before the next launch (its stage events live in the graph)."""
+        forward only; N resolves after it as usual, N + 1's masks fill in threads while the front end runs, and
+        the next call takes them and enqueues N + 1's sampling first thing (`_sample_deferred`), then launches
+        N + 2's forward behind it: the device runs a forward while the host resolves and runs the front end.
+        Penalties take a pending token on the device and need nothing of the kind (worker/penalties.py). A
+        profiled pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
         self._sample_deferred()
@@ -218,6 +219,8 @@ class EngineCore:
             if not self.async_scheduling or not self.scheduler.has_unfinished():
                 self._sample_deferred()  # synchronous, or nothing left to overlap with: flush
                 outputs += self._resolve()
+            elif not launched.sampled:  # its matchers are up to date (the step before resolved): fill meanwhile
+                self.mask_fill = self.structured.start_fill([s.grammar for s in launched.samplers])
         elapsed = time.perf_counter() - t0
         if launched is None or not launched.batch.is_decode:
             self.prefill_time_s += elapsed  # steps that launched prefill tokens (or only resolved)
@@ -301,9 +304,12 @@ class EngineCore:
         before it resolved after it launched) and enqueue its sampling. The step it follows has resolved, so
         its bitmask copy from the shared pinned buffer has run before this fill writes there again."""
         step, self.unsampled = self.unsampled, None
+        fill, self.mask_fill = self.mask_fill, None
         if step is not None:
             assert self.pending is None, "a deferred sampling follows a resolved step"
-            self.pending = self.runner.sample(step, self.structured.fill_bitmask([s.grammar for s in step.samplers]))
+            if fill is None:
+                fill = self.structured.start_fill([s.grammar for s in step.samplers])
+            self.pending = self.runner.sample(step, fill.result())
 
     def _resolve(self) -> list[CoreOutput]:
         """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""

@@ -143,15 +143,12 @@ class StructuredOutputManager:
         # new thread pool on every call (its ThreadPool cannot be reused after Join), which costs more than the
         # fill itself for cheap grammars. The calling thread fills one share, the pool the others.
         self.fill_threads = fill_threads or default_fill_threads()
-        self._fill_pool = (concurrent.futures.ThreadPoolExecutor(self.fill_threads - 1,
-                                                                 thread_name_prefix="splitserve-mask")
-                           if self.fill_threads > 1 else None)
+        self._fill_pool = concurrent.futures.ThreadPoolExecutor(self.fill_threads, thread_name_prefix="splitserve-mask")
         self._fillers: list | None = None  # one single-threaded xgrammar.BatchGrammarMatcher per share
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self._fill_pool is not None:
-            self._fill_pool.shutdown(wait=False)
+        self._fill_pool.shutdown(wait=False)
 
     # ---- compile (in the pool) ----
     def compiler(self):
@@ -214,9 +211,15 @@ class StructuredOutputManager:
     def fill_bitmask(self, grammars: list[SequenceGrammar | None]) -> tuple[torch.Tensor, list[int]] | None:
         """Host bitmask [len(grammars), ceil(V / 32)] with the rows of the sequences that have a grammar filled
         (the other rows are left as they are and not applied), and those rows; None when there are none."""
+        return self.start_fill(grammars).result()
+
+    def start_fill(self, grammars: list[SequenceGrammar | None]) -> BitmaskFill:
+        """`fill_bitmask` in the fill threads; the caller goes on (the engine thread runs the front end meanwhile)
+        and takes the result when it needs it. The matchers must not accept tokens, and the host bitmask must
+        not be read, until then."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
         if not rows:
-            return None
+            return BitmaskFill(None, rows, [])
         xgr = _xgrammar()
         if self._bitmask is None or self._bitmask.shape[0] < len(grammars):
             bitmask = xgr.allocate_token_bitmask(max(len(grammars), 64), self.vocab_size)
@@ -227,16 +230,25 @@ class StructuredOutputManager:
         matchers = [grammars[i].matcher for i in rows]
         shares = min(self.fill_threads, len(rows))
         # Strided shares (rows j, j + k, ...): rows in costly states (inside a string) spread over the threads.
-        # Each call is C++ without the GIL, so the shares run in parallel.
-        pending = [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask, matchers[j::shares],
-                                          bitmask, rows[j::shares]) for j in range(1, shares)]
-        try:
-            self._fillers[0].batch_fill_next_token_bitmask(matchers[::shares], bitmask, rows[::shares])
-        finally:
-            concurrent.futures.wait(pending)  # no share writes into the buffer once this returns or raises
-        for future in pending:
+        # Each call is C++ without the GIL, so the shares run in parallel, beside the engine thread.
+        return BitmaskFill(bitmask, rows, [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask,
+                                                                  matchers[j::shares], bitmask, rows[j::shares])
+                                           for j in range(shares)])
+
+
+class BitmaskFill:
+    """A bitmask fill under way in the fill threads."""
+
+    def __init__(self, bitmask: torch.Tensor | None, rows: list[int], shares: list[concurrent.futures.Future]):
+        self.bitmask, self.rows, self.shares = bitmask, rows, shares
+
+    def result(self) -> tuple[torch.Tensor, list[int]] | None:
+        """(host bitmask, its filled rows) once every share is done, or None when no row has a grammar; raises
+        what a share raised, after all have stopped writing into the buffer."""
+        concurrent.futures.wait(self.shares)
+        for future in self.shares:
             future.result()
-        return bitmask, rows
+        return None if self.bitmask is None else (self.bitmask, self.rows)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None) -> None:

@@ -324,6 +324,11 @@ def warm_up(runner, partitions: dict, prefill_streams: list[torch.cuda.Stream]) 
                 pass
         torch.cuda.current_stream().wait_stream(stream)
     runner.execute(fake_batch(cfg.max_num_seqs, 1, runner.block_size, runner.num_kv_blocks))
+    # The decode step's one eager GEMM, lm_head, at every row count it can get: a row count cuBLAS had not run
+    # before blocked the host in that call for as long as the prefill piece beside it ran.
+    hidden = torch.zeros(cfg.max_num_seqs, runner.hf_config.hidden_size, dtype=runner.dtype, device=runner.device)
+    for rows in range(1, cfg.max_num_seqs + 1):
+        runner.model.compute_logits(hidden[:rows])
     torch.cuda.synchronize(runner.device)
     # the largest staging copy: a prefill's int64 token inputs, or block tables of the most rows at full width
     largest = 8 * max(tokens, cfg.max_num_seqs * -(-runner.max_model_len // runner.block_size))

@@ -163,6 +163,7 @@ class ModelRunner:
         self.last_decode_path: DecodePath | None = None
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
         self._bias_cache: tuple | None = None  # (key, params kept alive, device tensors): see _bias_tensors
+        self._penalty_cache: _PenaltyRows | None = None  # the last batch's: see _penalty_tensors
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
@@ -430,40 +431,35 @@ class ModelRunner:
         here; the [B, V] seen / count tensors of the repetition, frequency and presence penalties come from the
         runner's PenaltyState (worker/penalties.py), which scatters only the tokens added since the last step
         and rebuilds a sequence's row from its token ids whenever it cannot show the row is current (new
-        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it."""
+        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it.
+        What depends on the requests only (which rows use what, the factors) is kept while the batch is the same
+        requests in the same rows: the decode loop's host time per step is what this costs."""
+        kept = self._penalty_cache
+        if kept is None or kept.seqs != seqs:
+            kept = self._penalty_cache = _PenaltyRows(seqs, self._to_device)
         out: dict = {"any_penalty": True}
-        ban_rows, ban_ids, biased = [], [], []
-        used, any_rep, any_count = [], False, False
-        for r, seq in enumerate(seqs):
+        ban_rows, ban_ids = [], []
+        for r, seq in kept.min_tokens:
             p = seq.sampling_params
-            if p.logit_bias:
-                biased.append((r, p))
             if seq.num_output_tokens < p.min_tokens and seq.grammar is None:  # a grammar says where EOS may go
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
                 ban_ids += stop_ids
-            rep, count = p.repetition_penalty != 1, p.frequency_penalty != 0 or p.presence_penalty != 0
-            any_rep, any_count = any_rep or rep, any_count or count
-            used.append(rep or count)
-        if biased:
-            out["bias"] = self._bias_tensors(biased)
+        if kept.biased:
+            out["bias"] = self._bias_tensors(kept.biased)
         if ban_rows:
             out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
                              self._to_device(np.asarray(ban_ids, dtype=np.int64)))
-        if any_rep or any_count:
+        if kept.any_rep or kept.any_count:
             state = self.penalty_state
             if state is None:
                 state = self.penalty_state = PenaltyState(self.vocab_size, self.device)
             pending = None if prev is None else (prev.tokens, prev.rows)
-            seen, counts = state.rows_for(seqs, used, self._to_device, pending)
-            factors = self._to_device(np.array([[s.sampling_params.repetition_penalty for s in seqs],
-                                                [s.sampling_params.frequency_penalty for s in seqs],
-                                                [s.sampling_params.presence_penalty for s in seqs]],
-                                               dtype=np.float32))
-            if any_rep:
-                out["seen"], out["repetition"] = seen, factors[0]
-            if any_count:
-                out["counts"], out["frequency"], out["presence"] = counts, factors[1], factors[2]
+            seen, counts = state.rows_for(seqs, kept.used, self._to_device, pending)
+            if kept.any_rep:
+                out["seen"], out["repetition"] = seen, kept.factors[0]
+            if kept.any_count:
+                out["counts"], out["frequency"], out["presence"] = counts, kept.factors[1], kept.factors[2]
         return out
 
     def _bias_tensors(self, biased: list[tuple[int, SamplingParams]]) -> tuple:
@@ -483,6 +479,26 @@ class ModelRunner:
                    self._to_device(np.asarray(values, dtype=np.float32)))
         self._bias_cache = (key, [p for _, p in biased], tensors)  # the params stay alive: their ids stay theirs
         return tensors
+
+
+class _PenaltyRows:
+    """Which rows of a batch use which logit processor, and the penalty factors on the device: constant while
+    the batch is the same requests in the same rows (it keeps them alive: their ids stay theirs)."""
+
+    def __init__(self, seqs: list[Sequence], to_device: Callable[[np.ndarray], torch.Tensor]):
+        self.seqs = list(seqs)
+        params = [s.sampling_params for s in seqs]
+        self.biased = [(r, p) for r, p in enumerate(params) if p.logit_bias]
+        self.min_tokens = [(r, s) for r, s in enumerate(seqs) if s.sampling_params.min_tokens > 0]
+        rep = [p.repetition_penalty != 1 for p in params]
+        count = [p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params]
+        self.used = [a or b for a, b in zip(rep, count)]
+        self.any_rep, self.any_count = any(rep), any(count)
+        self.factors = None
+        if self.any_rep or self.any_count:
+            self.factors = to_device(np.array([[p.repetition_penalty for p in params],
+                                               [p.frequency_penalty for p in params],
+                                               [p.presence_penalty for p in params]], dtype=np.float32))
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -52,6 +52,7 @@ class PenaltyState:
         self.entries: dict[int, _Entry] = {}  # id(seq) -> entry (validated by the weak reference)
         self.free: list[int] = []
         self.rebuilds = 0  # rows built from a whole sequence (tests and benchmarks read it)
+        self._steady: _Steady | None = None  # the last call's batch, for the next call's fast path
 
     def _grow(self, need: int) -> None:
         rows = max(need, 2 * self.num_rows, 9)
@@ -80,6 +81,11 @@ class PenaltyState:
         gather. `pending`: the previous step's (sampled tokens on the device, seq_id -> its index), for a
         last token that is still a placeholder."""
         V = self.vocab_size
+        steady = self._steady
+        if steady is not None and pending is not None and steady.seqs == seqs and steady.used == used:
+            out = steady.advance(self, pending, to_device)
+            if out is not None:
+                return out
         live = {id(s) for s, u in zip(seqs, used) if u}
         if self.num_rows < len(live) + 1:
             self._grow(len(live) + 1)
@@ -139,6 +145,48 @@ class PenaltyState:
             self.counts.view(-1).index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
         first = int(rows[0])
         if first > 0 and np.array_equal(rows, np.arange(first, first + len(rows))):
-            return self.seen[first: first + len(rows)], self.counts[first: first + len(rows)]
-        r = to_device(rows)
-        return self.seen.index_select(0, r), self.counts.index_select(0, r)
+            select = None
+        else:
+            select = to_device(rows)
+        self._steady = _Steady(list(seqs), list(used), [self.entries[id(s)] for s, u in zip(seqs, used) if u],
+                               first, select)
+        return self._steady.tensors(self)
+
+
+class _Steady:
+    """A call's batch, kept for the next call (strong references: the batch is alive anyway). The steady decode
+    step is the same sequences in the same rows, each one token longer: the placeholder the pending step samples.
+    Then one device update serves the whole batch; the host only checks each sequence's length and last token."""
+
+    __slots__ = ("seqs", "used", "entries", "first", "select")
+
+    def __init__(self, seqs: list, used: list[bool], entries: list[_Entry], first: int, select):
+        self.seqs, self.used, self.entries, self.first, self.select = seqs, used, entries, first, select
+
+    def tensors(self, state: PenaltyState) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, V] seen, [B, V] counts): a view of consecutive rows, else a gather."""
+        if self.select is None:
+            n = len(self.seqs)
+            return state.seen[self.first: self.first + n], state.counts[self.first: self.first + n]
+        return state.seen.index_select(0, self.select), state.counts.index_select(0, self.select)
+
+    def advance(self, state: PenaltyState, pending: tuple[torch.Tensor, dict[int, int]], to_device):
+        """Bring the rows up by one placeholder each, or None (nothing changed) when this is not a steady step."""
+        tokens, index = pending
+        src = []
+        for e in self.entries:
+            seq = e.ref()
+            ids = seq.token_ids
+            i = index.get(seq.seq_id)
+            if i is None or len(ids) != e.num_done + 1 or ids[-1] != PLACEHOLDER:
+                return None
+            src.append(i)
+        for e in self.entries:
+            e.num_done += 1
+            e.last = PLACEHOLDER
+        if src:
+            rows_src = to_device(np.asarray([[e.row for e in self.entries], src], dtype=np.int64))
+            flat = rows_src[0] * state.vocab_size + tokens[rows_src[1]]
+            state.seen.view(-1).index_fill_(0, flat, True)
+            state.counts.view(-1).index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=state.device))
+        return self.tensors(state)
