@@ -14,10 +14,7 @@ micro-batches ping-ponging at the "beside" speeds: max(M0, C1) + max(M1, C0)) ag
 whole batch's two stages on all SMs, timed too). It does not time a whole step: `splitserve bench
 pipeline` does. With no GPU it only checks that the kernels, in order, compute what the stages do.
 Usage: python scripts/probe_recut.py [SHAPE] [BATCH] [CTX] [MEMORY_SMS...]
-Variant (b), no partitions: the compute stage on an ordinary stream, the attention on another on a grid capped
-at CAPPED_PROGRAMS persistent programs, alone and side by side (`capped` in the report).
-Env: FIRST_FRACTION (the first micro-batch's share, default 0.5), CAPPED_PROGRAMS (default 1, 2, 4 and 8 per SM),
-OUT (writes recut-SHAPE-bBATCH-ctxCTX.json).
+Env: FIRST_FRACTION (the first micro-batch's share, default 0.5), OUT (writes recut-SHAPE-bBATCH-ctxCTX.json).
 """
 
 import contextlib
@@ -25,13 +22,11 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
 
 import torch
 
 from splitserve import LLM
 from splitserve.bench.shapes import SHAPES
-from splitserve.kernels.paged_attention import paged_attention
 from splitserve.layers.activation import silu_and_mul
 from splitserve.layers.attention import AttentionMetadata
 from splitserve.models.llama import Handoff
@@ -61,10 +56,10 @@ def decode_inputs(runner, rows: int, ctx: int):
     return t["input_ids"], t["positions"], meta
 
 
-def stage_work(model, ids, positions, meta) -> tuple[dict, dict, dict, Callable]:
-    """(kernels, stages, check, capped): zero-argument launches on the hand-offs a real forward makes, the
+def stage_work(model, ids, positions, meta) -> tuple[dict, dict, dict]:
+    """(kernels, stages, check): zero-argument launches on the hand-offs a real forward makes, and the
     largest difference between each stage's output and its kernels' run one after the other, relative to
-    the largest value (0 when they agree), and capped(programs): the paged attention on a capped grid."""
+    the largest value (0 when they agree)."""
     l0, l1 = model.layers
     sa0, sa1 = l0.self_attn, l1.self_attn
     attn = sa0.attn
@@ -104,13 +99,7 @@ def stage_work(model, ids, positions, meta) -> tuple[dict, dict, dict, Callable]
                     "qkv_proj": lambda: sa1.qkv_proj(normed1)}}
     stages = {"memory": lambda: l0.memory(positions, Handoff(pre.residual, qkv=qkv), meta),
               "compute": lambda: l1.compute_pre(positions, l0.compute_post(positions, mem, meta), meta)}
-
-    def capped(programs: int):
-        return lambda: paged_attention(q, attn.k_cache, attn.v_cache, meta.block_tables, meta.query_start_loc,
-                                       meta.seq_lens, meta.max_query_len, meta.max_seq_len, attn.scale,
-                                       programs=programs)
-
-    return kernels, stages, check, capped
+    return kernels, stages, check
 
 
 @contextlib.contextmanager
@@ -181,37 +170,6 @@ def time_fn(fn, stream, load=None) -> float:
     return t
 
 
-def capped_variant(report: dict, capped, stages: dict, everywhere, plain_layer: float, total: int) -> dict:
-    """Variant (b): no partitions. The compute stage on an ordinary stream (all SMs); the paged attention on
-    another, on a grid capped at P persistent programs (CAPPED_PROGRAMS, default 1-8 per SM), so it holds
-    fewer SMs' worth of slots. Times alone and beside, like the splits'; the memory stage is the attention
-    plus the q/k-norm-rope-store kernel, taken from the all-SM timing."""
-    other = torch.cuda.Stream()
-    programs = [int(x) for x in os.environ.get("CAPPED_PROGRAMS", "").split()] or [total * k for k in (1, 2, 4, 8)]
-    compute = capture(stages["compute"], other)
-    compute_ms = timed(compute, other) * REPS
-    rope = report["all_sms"]["kernels"]["memory"]["qk_norm_rope_store"]
-    rows = {}
-    for p in programs:
-        graph = capture(capped(p), everywhere)
-        alone = timed(graph, everywhere)
-        beside = time_fn(capped(p), everywhere, (compute, other, max(2, math.ceil(3 * alone * REPS / compute_ms))))
-        compute_beside = time_fn(stages["compute"], other, (graph, everywhere, max(2, math.ceil(3 * compute_ms /
-                                                                                                (alone * REPS)))))
-        del graph
-        memory = rope + beside
-        rows[str(p)] = {"attention_alone": alone, "attention_beside": beside, "compute_alone": compute_ms / REPS,
-                        "compute_beside": compute_beside,
-                        "speedup": plain_layer / (2 * max(memory, compute_beside))}
-        print(json.dumps({"capped": p, **rows[str(p)]}), flush=True)
-    settle(other, everywhere)
-    print("capped programs | attention alone→beside ms | compute stage alone→beside ms | pipelined ÷ plain (est.)")
-    for p, r in rows.items():
-        print(f"{p} | {r['attention_alone']:.3f}→{r['attention_beside']:.3f} | {r['compute_alone']:.3f}→"
-              f"{r['compute_beside']:.3f} | {r['speedup']:.3f}x")
-    return rows
-
-
 def main() -> None:
     from splitserve.pipeline import green
 
@@ -236,7 +194,7 @@ def main() -> None:
     report = {"shape": shape, "batch": batch, "ctx": ctx, "microbatch_rows": sizes, "reps": REPS,
               "check_max_rel_diff": {rows: w[2] for rows, w in work.items()}}
     print(json.dumps(report), flush=True)
-    for rows, (_, _, check, _) in work.items():  # the kernels listed are the stage's, in its order
+    for rows, (_, _, check) in work.items():  # the kernels listed are the stage's, in its order
         # The same kernels on the same inputs: equal, but allow bf16 noise should cuBLAS pick another algorithm.
         assert all(d <= (1e-2 if on_gpu else 0.0) for d in check.values()), (rows, check)
     if not on_gpu:
@@ -249,7 +207,7 @@ def main() -> None:
     report.update(device=torch.cuda.get_device_name(), total_sms=total)
     everywhere = torch.cuda.Stream()
     rows0 = sizes[0]
-    kernels0, stages0, _, capped0 = work[rows0]
+    kernels0, stages0, _ = work[rows0]
     all_sms = {"kernels": {kind: {name: time_fn(fn, everywhere) for name, fn in ops.items()}
                            for kind, ops in kernels0.items()},
                "stages": {f"{kind} rows={rows}": time_fn(work[rows][1][kind], everywhere)
@@ -307,7 +265,6 @@ def main() -> None:
         print(json.dumps({str(part.memory_sm): row}), flush=True)
         del loads
         settle(*streams.values())
-    report["capped"] = capped_variant(report, capped0, stages0, everywhere, plain_layer, total)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, f"recut-{shape}-b{batch}-ctx{ctx}.json"), "w") as f:

@@ -6,7 +6,7 @@ from splitserve.layers.attention import AttentionMetadata, TorchBackend
 
 
 def check_case(hq, hkv, d, bs, qlens, ctx, device="cpu", dtype=torch.float32, tol=1e-5, seed=0,
-               num_splits=None, programs=None):
+               num_splits=None):
     from splitserve.kernels.kv_store import store_kv
     from splitserve.kernels.paged_attention import paged_attention
 
@@ -40,7 +40,7 @@ def check_case(hq, hkv, d, bs, qlens, ctx, device="cpu", dtype=torch.float32, to
     # The reference in fp32 from the same (rounded) inputs
     expect = ref.attend(q.float(), kc_ref.float(), vc_ref.float(), meta, scale)
     got = paged_attention(q, k_cache, v_cache, bt, cu, lens, max(qlens), max(seq_lens), scale,
-                          num_splits=num_splits, programs=programs).float()
+                          num_splits=num_splits).float()
     assert not got.isnan().any()
     err = ((got - expect).norm() / expect.norm()).item()
     assert err < tol, (hq, hkv, d, bs, qlens, ctx, err)

@@ -48,15 +48,6 @@ def test_triton_kernels_match_reference(case, dtype):
     check_case(*case, device="cuda", dtype=dtype, tol=tol, seed=sum(case[4]) + sum(case[5]))
 
 
-@pytest.mark.parametrize("programs", [1, 37, 264])
-def test_capped_grid_attention_matches_reference(programs):
-    """The persistent capped grid (issue 14's variant b) on the device: decode with splits, and mixed prefill."""
-    check_case(32, 8, 128, 16, [1] * 5, [4095, 2048, 33, 1, 8191], device="cuda", dtype=torch.bfloat16, tol=2e-2,
-               programs=programs)
-    check_case(32, 8, 128, 32, [300, 1, 77], [0, 2000, 129], device="cuda", dtype=torch.bfloat16, tol=2e-2,
-               programs=programs)
-
-
 def test_prefill_attention_compiles_once_for_any_block_table_width():
     """Prefill batches have block tables of every width; a width of 1 or a multiple of 16 must not compile a
     new kernel variant mid-serving (measured: a 0.6-1.2 s step)."""

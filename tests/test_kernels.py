@@ -35,11 +35,6 @@ print("ok", check_case(*SPLIT_CASES[0][0], num_splits=1))
 pa._merge_splits_kernel = merge
 for case, splits in SPLIT_CASES:
     print("ok split", splits, check_case(*case, num_splits=splits))
-# a capped grid (persistent programs walking the work items): fewer programs than items, mixed prefill,
-# splits (partial results + merge), one program for everything
-print("ok capped", check_case(*CPU_CASES[1], programs=3))
-print("ok capped split", check_case(*SPLIT_CASES[0][0], num_splits=3, programs=5))
-print("ok capped one", check_case(*CPU_CASES[0], programs=1))
 check_fused(dtype=torch.float32)
 check_fused(dtype=torch.float16)
 print("ok fused")
@@ -70,7 +65,7 @@ def _interpret(script: str) -> str:
 
 
 def test_triton_kernels_match_torch_reference_in_interpreter():
-    assert _interpret(SCRIPT).count("ok") == 15
+    assert _interpret(SCRIPT).count("ok") == 12
 
 
 def test_fused_qk_norm_rope_store_matches_torch_reference_in_interpreter():

@@ -29,9 +29,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _attend_tile(
-    kv_head, q_tile, split, seq,
+# The block-table width changes with every prefill batch: specialised on it (== 1, % 16 == 0), Triton would
+# compile a new variant mid-serving the first time a width hits one of those (a 0.6-1.2 s step, seen at
+# the same moment of the PD-multiplex stall probe on each fresh machine).
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, query_start_ptr,
     seq_lens_ptr, scale, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
@@ -39,96 +41,68 @@ def _attend_tile(
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr, TILE_IN_ONE_BLOCK: tl.constexpr,
 ):
-    """One work item: BLOCK_Q queries of sequence `seq`, the query heads of KV head `kv_head`, split `split`."""
+    # KV heads vary fastest: the programs running side by side read whole token rows of the same blocks
+    kv_head = tl.program_id(0)
+    q_tile = tl.program_id(1) // NUM_SPLITS
+    split = tl.program_id(1) % NUM_SPLITS
+    seq = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if q_tile * BLOCK_Q < q_len:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        ctx_len = seq_len - q_len
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
 
-        m = tl.arange(0, BLOCK_M)
-        q_idx = q_tile * BLOCK_Q + m // GROUP
-        head = kv_head * GROUP + m % GROUP
-        m_valid = (m < BLOCK_Q * GROUP) & (q_idx < q_len)
-        d = tl.arange(0, BLOCK_D)
-        d_valid = d < HEAD_DIM
-        row = (q_start + q_idx).to(tl.int64)
-        q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-        q_pos = ctx_len + q_idx
+    m = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + m // GROUP
+    head = kv_head * GROUP + m % GROUP
+    m_valid = (m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    row = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = ctx_len + q_idx
 
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # Keys after this tile's last query are masked for every row: stop before them.
-        later_queries = q_len - (q_tile + 1) * BLOCK_Q
-        kv_end = seq_len - later_queries * (later_queries > 0).to(tl.int32)
-        chunk = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        kv_start = split * chunk
-        kv_stop = tl.minimum(kv_start + chunk, kv_end)
-        for start in range(kv_start, kv_stop, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_valid = n < kv_stop
-            if TILE_IN_ONE_BLOCK:  # start is a multiple of BLOCK_N, so the whole tile sits in one block
-                block = tl.load(block_tables_ptr + seq * stride_bt + start // KV_BLOCK_SIZE)
-            else:
-                block = tl.load(block_tables_ptr + seq * stride_bt + n // KV_BLOCK_SIZE, mask=n_valid, other=0)
-            offs = block.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-            s = tl.where((n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if NUM_SPLITS == 1:
-            tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys after this tile's last query are masked for every row: stop before them.
+    later_queries = q_len - (q_tile + 1) * BLOCK_Q
+    kv_end = seq_len - later_queries * (later_queries > 0).to(tl.int32)
+    chunk = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    kv_start = split * chunk
+    kv_stop = tl.minimum(kv_start + chunk, kv_end)
+    for start in range(kv_start, kv_stop, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_valid = n < kv_stop
+        if TILE_IN_ONE_BLOCK:  # start is a multiple of BLOCK_N, so the whole tile sits in one block
+            block = tl.load(block_tables_ptr + seq * stride_bt + start // KV_BLOCK_SIZE)
         else:
-            part = (row * num_heads + head) * NUM_SPLITS + split
-            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
-                     mask=m_valid[:, None] & d_valid[None, :])
-            lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            tl.store(part_lse_ptr + part, lse, mask=m_valid)
-
-
-# The block-table width and the batch's sizes change with every batch: specialised on them (== 1, % 16 == 0),
-# Triton would compile a new variant mid-serving the first time one hits those (a 0.6-1.2 s step, seen at the
-# same moment of the PD-multiplex stall probe on each fresh machine).
-@triton.jit(do_not_specialize=["stride_bt", "num_kv_heads", "tiles_per_seq", "num_seqs"])
-def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, query_start_ptr,
-    seq_lens_ptr, scale, num_heads,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-    num_kv_heads, tiles_per_seq, num_seqs,
-    KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, TILE_IN_ONE_BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
-):
-    # Work items: (sequence, query tile × split, KV head), KV heads fastest, so that the programs running side
-    # by side read whole token rows of the same blocks. One program per item, or (PERSISTENT) a fixed number
-    # of programs walking the items in that order: attention then occupies at most that many SMs' worth of
-    # programs, and a GEMM on another stream keeps the rest (the decode pipeline's variant without partitions).
-    if PERSISTENT:
-        for item in range(tl.program_id(0), num_kv_heads * tiles_per_seq * num_seqs, tl.num_programs(0)):
-            tile = (item // num_kv_heads) % tiles_per_seq
-            _attend_tile(item % num_kv_heads, tile // NUM_SPLITS, tile % NUM_SPLITS, item // (num_kv_heads *
-                         tiles_per_seq), q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                         block_tables_ptr, query_start_ptr, seq_lens_ptr, scale, num_heads, stride_qt, stride_qh,
-                         stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, KV_BLOCK_SIZE, GROUP,
-                         HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_M, BLOCK_N, DOT_PRECISION, NUM_SPLITS, TILE_IN_ONE_BLOCK)
+            block = tl.load(block_tables_ptr + seq * stride_bt + n // KV_BLOCK_SIZE, mask=n_valid, other=0)
+        offs = block.to(tl.int64) * stride_kb + (n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     else:
-        _attend_tile(tl.program_id(0), tl.program_id(1) // NUM_SPLITS, tl.program_id(1) % NUM_SPLITS,
-                     tl.program_id(2), q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                     block_tables_ptr, query_start_ptr, seq_lens_ptr, scale, num_heads, stride_qt, stride_qh,
-                     stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, KV_BLOCK_SIZE, GROUP,
-                     HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_M, BLOCK_N, DOT_PRECISION, NUM_SPLITS, TILE_IN_ONE_BLOCK)
+        part = (row * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=m_valid[:, None] & d_valid[None, :])
+        lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=m_valid)
 
 
 @triton.jit
@@ -153,13 +127,12 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, stride_
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int,
                     max_seq_len: int, scale: float, num_splits: int | None = None,
-                    launch: dict | None = None, programs: int | None = None) -> torch.Tensor:
+                    launch: dict | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
 
     `num_splits` (decode only) overrides the split-K choice; under CUDA graphs `max_seq_len` is the
     longest context the graph will see, so the choice is fixed at capture. `launch` overrides BLOCK_N and
-    Triton's num_warps / num_stages (scripts/probe_attention_partition.py tunes with it). `programs`: at
-    most this many programs, each walking work items (a capped, persistent grid) instead of one per item."""
+    Triton's num_warps / num_stages (scripts/probe_attention_partition.py tunes with it)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -183,17 +156,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
     assert num_seqs < 65536, "grid dimension 2 holds the sequences"
-    tiles_per_seq = triton.cdiv(max_query_len, block_q) * num_splits
-    grid = (num_kv_heads, tiles_per_seq, num_seqs)
-    if programs is not None:
-        if programs < 1:
-            raise ValueError(f"programs must be >= 1, got {programs}")
-        grid = (min(programs, num_kv_heads * tiles_per_seq * num_seqs),)
+    grid = (num_kv_heads, triton.cdiv(max_query_len, block_q) * num_splits, num_seqs)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens, scale, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        num_kv_heads, tiles_per_seq, num_seqs, PERSISTENT=programs is not None,
         KV_BLOCK_SIZE=kv_block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_SPLITS=num_splits,
