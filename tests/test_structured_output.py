@@ -146,9 +146,9 @@ def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the
     core, runner = llm.engine.core, llm.engine.core.runner
     events, launch, sample, step = [], runner.launch, runner.sample, core.step
 
-    def spy_launch(batch, prev=None, defer_sampling=False):
+    def spy_launch(batch, prev=None, defer_sampling=False, host=None):
         events.append("forward" if defer_sampling else "launch")
-        return launch(batch, prev, defer_sampling)
+        return launch(batch, prev, defer_sampling, host)
 
     def spy_sample(launched, grammar=None):
         events.append("sample" if grammar is not None else "sample-unmasked")

@@ -188,18 +188,22 @@ class EngineCore:
         is not scheduled again); EOS, stop ids and the front end's stop strings only at resolve, so such a
         sequence may run one extra step whose token is dropped: no output ever carries a token past a stop.
         A grammar row's mask for N + 1 needs N's tokens on the host: a batch with grammar rows launches its
-        forward only; N resolves after it as usual, N + 1's masks fill in threads while the front end runs, and
-        the next call takes them and enqueues N + 1's sampling first thing (`_sample_deferred`), then launches
-        N + 2's forward behind it: the device runs a forward while the host resolves and runs the front end.
+        forward only; N resolves after it as usual, N + 1's masks fill in threads while the front end runs and
+        the next call schedules N + 2 and prepares its inputs; then it enqueues N + 1's sampling
+        (`_sample_deferred`) and N + 2's forward behind it: the device runs a forward while the host resolves
+        and runs the front end.
         Penalties take a pending token on the device and need nothing of the kind (worker/penalties.py). A
         profiled pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
         outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
-        self._sample_deferred()
+        if self.lanes is not None or (self.unsampled is not None and self.unsampled.needs_sync):
+            self._sample_deferred()  # a prefill lane may read that step's tokens; a profiled step resolves now
         if self.pending is not None and self.pending.needs_sync:
             outputs += self._resolve()
         batch = self._schedule_lanes() if self.lanes is not None else self.scheduler.schedule()
-        launched = self._launch(batch) if batch.seqs else None
+        host = self.runner.prepare(batch) if batch.seqs else None  # host work beside the masks' fill
+        self._sample_deferred()
+        launched = self._launch(batch, host) if batch.seqs else None
         if launched is None and self.pending is None:
             if self.prefill_pending is not None:  # only a prefill batch is running: wait for it, then go on
                 self._finish_prefill()
@@ -276,14 +280,15 @@ class EngineCore:
         self.scheduler.register_blocks(run.batch)
         self.lanes.prefill_done()
 
-    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """Launch the batch; with grammar rows in it, its forward only (`_sample_deferred` enqueues the rest)."""
+    def _launch(self, batch: ScheduledBatch, host: dict | None = None) -> LaunchedStep:
+        """Launch the batch (`host`: its inputs from `ModelRunner.prepare`, if made already); with grammar rows in
+        it, its forward only (`_sample_deferred` enqueues the rest)."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
         structured = any(seq.grammar is not None for seq in batch.seqs)
-        step = self.runner.launch(batch, self.pending, defer_sampling=structured)
+        step = self.runner.launch(batch, self.pending, defer_sampling=structured, host=host)
         self.scheduler.advance(batch)
         self.num_steps += 1
         positions = step.positions

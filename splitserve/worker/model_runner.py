@@ -245,18 +245,23 @@ class ModelRunner:
         """Run one step synchronously (start-up profiling, benchmarks, scripts)."""
         return self.resolve(self.launch(batch))
 
+    def prepare(self, batch: ScheduledBatch) -> dict[str, np.ndarray]:
+        """A batch's host-side inputs (numpy; placeholders stay placeholders), for `launch`."""
+        return prepare_inputs(batch, self.block_size)
+
     @torch.no_grad()
-    def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None,
-               defer_sampling: bool = False) -> LaunchedStep:
+    def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None, defer_sampling: bool = False,
+               host: dict[str, np.ndarray] | None = None) -> LaunchedStep:
         """Enqueue one step on the device: inputs, forward, logits, sampling, and the copies of its results into
         pinned host memory, then an event. Nothing here waits for the device. Input tokens that are placeholders
         (sampled by `prev`, not resolved yet) are gathered from `prev`'s token tensor on the device.
         `defer_sampling`: stop after the logits; `sample` enqueues the rest (a structured-output step, whose
-        bitmask needs `prev` resolved: the core fills it meanwhile, while the device runs this forward)."""
+        bitmask needs `prev` resolved: the core fills it meanwhile, while the device runs this forward).
+        `host`: the batch's `prepare` made earlier (the core makes it while a bitmask fills)."""
         if batch.block_copies:  # forked sequences' own copy of a shared, partly filled block
             src, dst = (self._to_device(np.asarray(c, dtype=np.int64)) for c in zip(*batch.block_copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        host = prepare_inputs(batch, self.block_size)
+        host = self.prepare(batch) if host is None else host
         fill = self._pending_inputs(batch, host, prev)
         num_seqs = len(batch)
         choice = None
