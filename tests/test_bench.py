@@ -212,9 +212,11 @@ def test_hf_decode_loop_is_greedy_generation():
 
 def test_sampling_bench_modes_and_ratios(tmp_path, make_tiny_model):
     data, files = run_bench(tmp_path, "sampling", "--sampling-batch", "4", "--prompt-len", "8", "--new-tokens",
-                            "6", "--modes", "penalties")
+                            "6", "--modes", "penalties", "--sampling-repeats", "3")
     assert list(data["modes"]) == ["plain", "penalties"]  # plain always runs: the ratios' denominator
     assert data["modes"]["plain"]["ratio_to_plain"] == 1.0 and data["modes"]["penalties"]["decode_tok_s"] > 0
+    for mode in data["modes"].values():  # each mode: its median round of three
+        assert mode["decode_tok_s"] == sorted(mode["rounds_tok_s"])[1] and len(mode["rounds_tok_s"]) == 3
     assert data["goals"]["penalties"]["goal"] == 0.9
     assert any(f.endswith(".md") for f in files)
     # json: a model folder with a tokenizer; the schema's output keeps the fixed length (the bench checks it)
@@ -229,9 +231,10 @@ def test_sampling_bench_modes_and_ratios(tmp_path, make_tiny_model):
     assert data["modes"]["json"]["fixed_length"]  # the schema cannot close before max_tokens: a fair ratio
 
 
-@pytest.mark.parametrize("mode,message", [("json", "needs a tokenizer"), ("bogus", "unknown sampling mode")])
-def test_sampling_bench_refuses_modes_it_cannot_run(tmp_path, mode, message):
-    res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "sampling", "--modes", "plain", mode,
+@pytest.mark.parametrize("args,message", [(["json"], "needs a tokenizer"), (["bogus"], "unknown sampling mode"),
+                                          (["penalties", "--sampling-repeats", "0"], "--sampling-repeats must be")])
+def test_sampling_bench_refuses_what_it_cannot_run(tmp_path, args, message):
+    res = subprocess.run([sys.executable, "-m", "splitserve", "bench", "sampling", "--modes", "plain", *args,
                           "--shape", "tiny", "--device", "cpu", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and message in res.stderr

@@ -90,6 +90,8 @@ def add_parser(sub, add_engine_args) -> None:
     samp.add_argument("--sampling-batch", type=int, default=64)
     samp.add_argument("--prompt-len", type=int, default=256)
     samp.add_argument("--new-tokens", type=int, default=256)
+    samp.add_argument("--sampling-repeats", type=int, default=3,
+                      help="rounds that run every mode once; each mode reports its median round")
     add_engine_args(bench)
     bench.set_defaults(func=run)
 
@@ -125,6 +127,8 @@ def run(args: argparse.Namespace) -> None:
             workloads.check_sampling_modes(args.modes)
             if "json" in args.modes and args.shape and not args.tokenizer:
                 raise ValueError("mode 'json' needs a tokenizer: give --tokenizer DIR with --shape")
+            if args.sampling_repeats < 1:
+                raise ValueError(f"--sampling-repeats must be >= 1, got {args.sampling_repeats}")
         except ValueError as e:
             raise SystemExit(f"splitserve bench sampling: {e}") from None
     if "hf-compiled" in args.compare and args.workload not in ("latency", "smallbatch"):
@@ -150,7 +154,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.workload == "throughput":
         result = workloads.throughput(llm, args.num_requests, tuple(args.input_range), tuple(args.output_range))
     elif args.workload == "sampling":
-        result = workloads.sampling(llm, args.modes, args.sampling_batch, args.prompt_len, args.new_tokens)
+        result = workloads.sampling(llm, args.modes, args.sampling_batch, args.prompt_len, args.new_tokens,
+                                    repeats=args.sampling_repeats)
     else:
         result = workloads.smallbatch(llm)
     result.update(meta)

@@ -89,7 +89,8 @@ def latency_peers(r: dict) -> str:
 
 def sampling_table(r: dict) -> str:
     lines = [f"Batch {r['batch']}, prompts of {r['prompt_len']} tokens, {r['new_tokens']} new tokens each "
-             f"(ignore_eos); decode tok/s per mode, ratio to plain sampling of the same run.\n\n",
+             f"(ignore_eos); decode tok/s per mode (the median of {r.get('repeats', 1)} rounds, each running every "
+             "mode once), ratio to plain sampling of the same run.\n\n",
              "| mode | decode tok/s | ÷ plain | goal |\n|---|---|---|---|\n"]
     for mode, m in r["modes"].items():
         g = r["goals"].get(mode)
