@@ -10,9 +10,9 @@ that cost is paid at every decode step (docs/STRUCTURED-OUTPUT.md has the measur
   needs nothing from the front end); a request is not scheduled until its grammar is ready. Each Sequence
   owns a matcher advanced by each of its accepted tokens; a sequence that arrives with output tokens (the
   PD decode worker) gets a matcher that replays them. Preemption keeps the output tokens and so the matcher.
-- Every step with a structured row fills a token bitmask on the host for those rows only (while the device
-  runs the forward pass), split over a few persistent threads; the sampler applies it on the device
-  (layers/sampler.py).
+- Every step with a structured row fills a token bitmask on the host for those rows only, split over a few
+  persistent threads, while the device runs the forward pass and the engine thread runs the front end and
+  schedules the next step; the sampler applies it on the device (layers/sampler.py).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ logger = logging.getLogger("splitserve")
 COMPILE_TIMEOUT_S = 30.0
 COMPILE_THREADS = 2
 GRAMMAR_CACHE_BYTES = 256 << 20
-# Threads that fill one step's bitmask: one per CPU this process may run on, at most 8. The fill runs while the
-# engine thread waits for it (and, async on a GPU, the device runs the forward), so little else wants the CPUs
-# then; a batch-64 JSON fill is 2-3 ms of work on one core (8 shares of it would be ~0.4 ms), and each further
-# thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time (docs/STRUCTURED-OUTPUT.md).
+# Threads that fill one step's bitmask: one per CPU this process may run on, at most 8. The engine thread needs
+# a CPU of its own meanwhile; a batch-64 JSON fill is 2-3 ms of work on one core (8 shares of it would be ~0.4
+# ms), and each further thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time; on an
+# H200's 16-core host 15 threads were no faster than 8 (docs/STRUCTURED-OUTPUT.md).
 MAX_FILL_THREADS = 8
 # xgrammar's messages start with a timestamp, the C++ file and line: noise to a client.
 _NOISE = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
@@ -141,7 +141,7 @@ class StructuredOutputManager:
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 on the host, grown as needed
         # The fill's own threads, started once: xgrammar's BatchGrammarMatcher(max_threads > 1) starts and joins a
         # new thread pool on every call (its ThreadPool cannot be reused after Join), which costs more than the
-        # fill itself for cheap grammars. The calling thread fills one share, the pool the others.
+        # fill itself for cheap grammars. Every share runs in the pool: the engine thread goes on meanwhile.
         self.fill_threads = fill_threads or default_fill_threads()
         self._fill_pool = concurrent.futures.ThreadPoolExecutor(self.fill_threads, thread_name_prefix="splitserve-mask")
         self._fillers: list | None = None  # one single-threaded xgrammar.BatchGrammarMatcher per share

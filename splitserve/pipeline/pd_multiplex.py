@@ -326,9 +326,11 @@ def warm_up(runner, partitions: dict, prefill_streams: list[torch.cuda.Stream]) 
     runner.execute(fake_batch(cfg.max_num_seqs, 1, runner.block_size, runner.num_kv_blocks))
     # The decode step's one eager GEMM, lm_head, at every row count it can get: a row count cuBLAS had not run
     # before blocked the host in that call for as long as the prefill piece beside it ran.
+    # Measured on an H200 (scripts/probe_first_gemm.py): 22-36 ms, about every 8th row count; never a second time.
     hidden = torch.zeros(cfg.max_num_seqs, runner.hf_config.hidden_size, dtype=runner.dtype, device=runner.device)
-    for rows in range(1, cfg.max_num_seqs + 1):
-        runner.model.compute_logits(hidden[:rows])
+    with torch.no_grad():
+        for rows in range(1, cfg.max_num_seqs + 1):
+            runner.model.compute_logits(hidden[:rows])
     torch.cuda.synchronize(runner.device)
     # the largest staging copy: a prefill's int64 token inputs, or block tables of the most rows at full width
     largest = 8 * max(tokens, cfg.max_num_seqs * -(-runner.max_model_len // runner.block_size))
