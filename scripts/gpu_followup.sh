@@ -25,6 +25,11 @@ export SPLITSERVE_TEST_QWEN_TOKENIZER=$PWD/.gpu/qwen-tokenizer
 t0=$(date +%s)
 stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 quiet() { grep --line-buffered -v "^\[transformers\]"; }
+sampling() {  # bench sampling, 0.6B batch 64: plain, penalties, JSON; $1: time limit, then more options
+  timeout "$1" python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling "${@:2}" 2>&1 | quiet | tail -6
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 if [[ ${PART:-a} == c ]]; then
   stamp "first-GEMM probe"
@@ -33,9 +38,7 @@ if [[ ${PART:-a} == c ]]; then
   timeout 100 python3 scripts/pdmux_stall_probe.py --rate 9 --duration-s 15 --slow-ms 40 \
     --out "$out/stalls.json" 2>&1 | quiet | grep -v '"t_s"' | tail -1
   stamp "sampling"
-  timeout 90 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -5
+  sampling 90 --sampling-repeats 1
   stamp "pipeline 0.6B"
   timeout 200 python3 -m splitserve bench pipeline --shapes qwen3-0.6b --splits 32 48 --microbatch-fractions 0.5 0.6 \
     --out "$out" --name pipeline-qwen3-0.6b 2>&1 | quiet | tail -12
@@ -45,9 +48,7 @@ if [[ ${PART:-a} == c ]]; then
     "structured or penalt or pd_multiplex_matches or triton_kernels" 2>&1 | tail -4
 elif [[ ${PART:-a} == e ]]; then
   stamp "sampling, 3 rounds (the fill beside scheduling and input preparation; not measured yet)"
-  timeout 240 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" --sampling-repeats 3 \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -5
+  sampling 240 --sampling-repeats 3
   stamp "gpu tests"
   timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -k \
     "structured or penalt or pd_multiplex" 2>&1 | tail -6
@@ -69,9 +70,7 @@ elif [[ ${PART:-a} == a ]]; then
   timeout 110 python3 scripts/pdmux_stall_probe.py --rate 9 --duration-s 15 --slow-ms 40 \
     --out "$out/stalls.json" 2>&1 | quiet | grep -v '"t_s"' | tail -3
   stamp "sampling"
-  timeout 100 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling 2>&1 | quiet | tail -8
+  sampling 100 --sampling-repeats 1
   stamp "re-cut probe"
   OUT=$out timeout 150 python3 scripts/probe_recut.py qwen3-8b 1024 512 40 48 2>&1 | quiet | tail -10
   rm -f "$out"/*.png
