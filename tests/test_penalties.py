@@ -25,8 +25,10 @@ EOS = 2  # make_tiny_model's eos_token_id
 def _runner_stub(vocab: int):
     stub = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
                                  _to_device=torch.from_numpy, penalty_state=None, _bias_cache=None,
-                                 _penalty_cache=None)
+                                 _batch_cache=None)
     stub._bias_tensors = lambda biased: ModelRunner._bias_tensors(stub, biased)
+    stub._batch_rows = lambda seqs: ModelRunner._batch_rows(stub, seqs)
+    stub._penalty_tensors = lambda seqs, prev=None: ModelRunner._penalty_tensors(stub, seqs, prev)
     return stub
 
 
@@ -100,9 +102,20 @@ def test_sampled_rows_take_penalties_and_logprobs_stay_raw():
     torch.testing.assert_close(chosen, logits.log_softmax(-1)[[0, 1], [40, 41]])  # raw, before the bias
 
 
+def test_per_request_sampling_tensors_are_kept_while_the_batch_is_the_same():
+    stub = _runner_stub(8)
+    a, b = _seq([1], [], temperature=0.5, top_k=3), _seq([2], [], temperature=1.5, presence_penalty=0.5)
+    first = ModelRunner._sampling_tensors(stub, [a, b])
+    again = ModelRunner._sampling_tensors(stub, [a, b])
+    assert again.temperature is first.temperature  # not rebuilt, nor uploaded again
+    assert again.presence.data_ptr() == first.presence.data_ptr()  # a row of the same factors
+    swapped = ModelRunner._sampling_tensors(stub, [b, a])  # other rows: rebuilt, in the new order
+    assert swapped.temperature.tolist() == [1.5, 0.5] and swapped.top_k.tolist() == [0, 3]
+    assert swapped.presence.tolist() == [0.5, 0.0]
+
+
 def test_no_penalty_keeps_the_fast_path():
-    st = ModelRunner._sampling_tensors(types.SimpleNamespace(device=torch.device("cpu")),
-                                       [_seq([1, 2], [3], temperature=0)])
+    st = ModelRunner._sampling_tensors(_runner_stub(8), [_seq([1, 2], [3], temperature=0)])
     assert st.all_greedy and not st.any_penalty and st.counts is None and st.seen is None
 
 

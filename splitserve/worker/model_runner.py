@@ -163,7 +163,7 @@ class ModelRunner:
         self.last_decode_path: DecodePath | None = None
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
         self._bias_cache: tuple | None = None  # (key, params kept alive, device tensors): see _bias_tensors
-        self._penalty_cache: _PenaltyRows | None = None  # the last batch's: see _penalty_tensors
+        self._batch_cache: _BatchRows | None = None  # the last batch's: see _batch_rows
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
@@ -412,36 +412,25 @@ class ModelRunner:
                 out.append((seq.seq_id, targets, self._info_to_host(info), k))
         return out
 
+    def _batch_rows(self, seqs: list[Sequence]) -> _BatchRows:
+        """The batch's per-request sampling inputs, kept while it is the same requests in the same rows."""
+        kept = self._batch_cache
+        if kept is None or kept.seqs != seqs:
+            kept = self._batch_cache = _BatchRows(seqs, self._to_device)
+        return kept
+
     def _sampling_tensors(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> SamplingTensors:
-        params = [s.sampling_params for s in seqs]
-        want = [p.logprobs for p in params if p.logprobs is not None]
-        penalties = self._penalty_tensors(seqs, prev) if any(p.has_penalties for p in params) else {}
-        if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
-            return SamplingTensors(None, None, None, None, [], True, False, False, False,
-                                   max(want) if want else None, **penalties)
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int64)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-        generators = [s.generator for s in seqs]  # made when the request entered the core
-        up = self._upload  # pinned: a pageable host-to-device copy may wait for the stream
-        return SamplingTensors(
-            temperature=up(temperature), top_k=up(top_k), top_p=up(top_p), min_p=up(min_p),
-            generators=generators, all_greedy=all(p.temperature == 0 for p in params),
-            any_top_k=any(p.top_k > 0 for p in params), any_top_p=any(p.top_p < 1 for p in params),
-            any_min_p=any(p.min_p > 0 for p in params), max_logprobs=max(want) if want else None, **penalties)
+        kept = self._batch_rows(seqs)
+        penalties = self._penalty_tensors(seqs, prev) if kept.any_penalty else {}
+        return SamplingTensors(*kept.sampling, **penalties)
 
     def _penalty_tensors(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> dict:
         """The logit processors' inputs for this step. logit_bias and the min_tokens mask are small lists built
         here; the [B, V] seen / count tensors of the repetition, frequency and presence penalties come from the
         runner's PenaltyState (worker/penalties.py), which scatters only the tokens added since the last step
         and rebuilds a sequence's row from its token ids whenever it cannot show the row is current (new
-        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it.
-        What depends on the requests only (which rows use what, the factors) is kept while the batch is the same
-        requests in the same rows: the decode loop's host time per step is what this costs."""
-        kept = self._penalty_cache
-        if kept is None or kept.seqs != seqs:
-            kept = self._penalty_cache = _PenaltyRows(seqs, self._to_device)
+        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it."""
+        kept = self._batch_rows(seqs)
         out: dict = {"any_penalty": True}
         ban_rows, ban_ids = [], []
         for r, seq in kept.min_tokens:
@@ -486,13 +475,28 @@ class ModelRunner:
         return tensors
 
 
-class _PenaltyRows:
-    """Which rows of a batch use which logit processor, and the penalty factors on the device: constant while
-    the batch is the same requests in the same rows (it keeps them alive: their ids stay theirs)."""
+class _BatchRows:
+    """A batch's sampling inputs that depend on its requests only: the per-row tensors of temperature, top-k,
+    top-p and min-p, the generators, which rows want logprobs, which use which logit processor, and the penalty
+    factors. The decode loop's host time per step is what rebuilding and uploading them every step cost; kept
+    while the batch is the same requests in the same rows (it keeps them alive: their ids stay theirs)."""
 
     def __init__(self, seqs: list[Sequence], to_device: Callable[[np.ndarray], torch.Tensor]):
         self.seqs = list(seqs)
         params = [s.sampling_params for s in seqs]
+        want = [p.logprobs for p in params if p.logprobs is not None]
+        max_logprobs = max(want) if want else None
+        if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
+            self.sampling = (None, None, None, None, [], True, False, False, False, max_logprobs)
+        else:  # SamplingTensors' fields, in order; pinned uploads: a pageable one may wait for the stream
+            self.sampling = (
+                to_device(np.array([p.temperature for p in params], dtype=np.float32)),
+                to_device(np.array([max(p.top_k, 0) for p in params], dtype=np.int64)),
+                to_device(np.array([p.top_p for p in params], dtype=np.float32)),
+                to_device(np.array([p.min_p for p in params], dtype=np.float32)),
+                [s.generator for s in seqs], False, any(p.top_k > 0 for p in params),
+                any(p.top_p < 1 for p in params), any(p.min_p > 0 for p in params), max_logprobs)
+        self.any_penalty = any(p.has_penalties for p in params)
         self.biased = [(r, p) for r, p in enumerate(params) if p.logit_bias]
         self.min_tokens = [(r, s) for r, s in enumerate(seqs) if s.sampling_params.min_tokens > 0]
         rep = [p.repetition_penalty != 1 for p in params]
