@@ -10,12 +10,14 @@ requests bring a system message (the default one has tokens beyond it).
 import concurrent.futures
 import json
 import re
+import sys
 import threading
 import time
 
 import pytest
 
 from splitserve import LLM, SamplingParams, StructuredOutputsParams
+from splitserve.engine import structured_output
 from splitserve.engine.structured_output import StructuredOutputManager
 
 VOCAB = 10240  # holds the chat template's tokens when the request brings its own system message
@@ -284,7 +286,12 @@ def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
                 if not allowed:
                     break
                 assert g.matcher.accept_token(rng.choice(allowed))
-        bitmask, rows = manager.fill_bitmask(grammars)
+        before = sys.getswitchinterval()
+        fill = manager.start_fill(grammars)  # the engine thread's Python must not hold the fill threads back
+        # (CPython keeps the interval in whole microseconds)
+        assert sys.getswitchinterval() == pytest.approx(min(structured_output.FILL_SWITCH_INTERVAL_S, before), abs=1e-6)
+        bitmask, rows = fill.result()
+        assert sys.getswitchinterval() == pytest.approx(before, abs=1e-6)  # and only while a fill is in flight
         assert rows == [i for i, g in enumerate(grammars) if g is not None]
         for i in rows:
             grammars[i].matcher.fill_next_token_bitmask(one, 0)
@@ -296,8 +303,6 @@ def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
 def test_fill_threads_follow_the_usable_cpus(monkeypatch):
     import os
 
-    from splitserve.engine import structured_output
-
     for cpus, threads in ((1, 1), (2, 2), (6, 6), (16, 8), (192, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
         assert structured_output.default_fill_threads() == threads
@@ -306,8 +311,6 @@ def test_fill_threads_follow_the_usable_cpus(monkeypatch):
 def test_a_mixed_batch_samples_the_same_tokens_with_one_or_four_fill_threads(tiny_dir, monkeypatch):
     """Seeded rows of two grammar kinds and plain rows, their masks filled by one thread and by four: the masks
     are the same, so the tokens are too."""
-    from splitserve.engine import structured_output
-
     params = ([json_params(300 + i) for i in range(6)]
               + [SamplingParams(temperature=1, seed=i, max_tokens=16,
                                 structured_outputs=StructuredOutputsParams(regex=r"[a-z]{2,5}-[0-9]{2}"))

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,14 @@ GRAMMAR_CACHE_BYTES = 256 << 20
 # ms), and each further thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time; on an
 # H200's 16-core host 15 threads were no faster than 8 (docs/STRUCTURED-OUTPUT.md).
 MAX_FILL_THREADS = 8
+# While a fill runs in those threads, the engine thread runs the front end and the scheduler: Python that holds the
+# GIL. A fill thread needs the GIL to start its share and to hand it back, and CPython passes the GIL on only after
+# the switch interval (5 ms by default): the fill waited for the engine thread instead of running beside it. While
+# a fill is in flight the interval is this.
+FILL_SWITCH_INTERVAL_S = 1e-4
+_switch_lock = threading.Lock()
+_fills_in_flight = 0
+_saved_switch_interval = 0.0
 # xgrammar's messages start with a timestamp, the C++ file and line: noise to a client.
 _NOISE = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 _JSON_OBJECT = '{"type": "object"}'
@@ -231,9 +240,22 @@ class StructuredOutputManager:
         shares = min(self.fill_threads, len(rows))
         # Strided shares (rows j, j + k, ...): rows in costly states (inside a string) spread over the threads.
         # Each call is C++ without the GIL, so the shares run in parallel, beside the engine thread.
-        return BitmaskFill(bitmask, rows, [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask,
-                                                                  matchers[j::shares], bitmask, rows[j::shares])
-                                           for j in range(shares)])
+        futures = [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask, matchers[j::shares],
+                                          bitmask, rows[j::shares]) for j in range(shares)]
+        _switch_interval_for_fills(+1)
+        return BitmaskFill(bitmask, rows, futures)
+
+
+def _switch_interval_for_fills(change: int) -> None:
+    """Count fills in flight (+1 / -1); FILL_SWITCH_INTERVAL_S while any is, the interval found before otherwise."""
+    global _fills_in_flight, _saved_switch_interval
+    with _switch_lock:
+        if _fills_in_flight == 0 and change > 0:
+            _saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(FILL_SWITCH_INTERVAL_S, _saved_switch_interval))
+        _fills_in_flight += change
+        if _fills_in_flight == 0:
+            sys.setswitchinterval(_saved_switch_interval)
 
 
 class BitmaskFill:
@@ -246,8 +268,11 @@ class BitmaskFill:
         """(host bitmask, its filled rows) once every share is done, or None when no row has a grammar; raises
         what a share raised, after all have stopped writing into the buffer."""
         concurrent.futures.wait(self.shares)
-        for future in self.shares:
-            future.result()
+        if self.shares:
+            _switch_interval_for_fills(-1)
+            shares, self.shares = self.shares, []
+            for future in shares:
+                future.result()
         return None if self.bitmask is None else (self.bitmask, self.rows)
 
 
