@@ -9,6 +9,14 @@ from splitserve.models.loader import resolve_model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+def sigint_as_in_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with Ctrl-C: SIGINT's default action, whatever the test runner
+    inherited (a shell's background job ignores SIGINT, and children inherit that, so Ctrl-C would do nothing)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
     return resolve_model(None)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import sigint_as_in_a_terminal
 
 from splitserve import cli
 
@@ -203,7 +204,8 @@ class _Pipe:
 @pytest.mark.slow  # a real session: model load, a streamed answer stopped by SIGINT, a second answer
 def test_chat_ctrl_c_stops_the_answer_then_quits_at_the_prompt(default_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "splitserve", "chat", "--max-tokens", "500", "--device", "cpu"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_as_in_a_terminal)
     out, err = _Pipe(proc.stdout), _Pipe(proc.stderr)
     try:
         at = out.wait_for("> ")

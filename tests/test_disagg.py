@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as tmp
-from conftest import random_prompts
+from conftest import random_prompts, sigint_as_in_a_terminal
 
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
@@ -190,7 +190,7 @@ def test_ctrl_c_stops_everything(tiny_dir, tmp_path):
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     pids = [int(x) for x in proc.stdout.readline().split()]
     assert len(pids) == 2, proc.stderr.read()
     assert proc.stdout.readline().strip() == "3"
