@@ -51,7 +51,7 @@ elif [[ ${PART:-a} == e ]]; then
   sampling 240 --sampling-repeats 3
   stamp "gpu tests"
   timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=line -k \
-    "structured or penalt or pd_multiplex" 2>&1 | tail -6
+    "structured or penalt or pd_multiplex" 2>&1 | tail -15
 elif [[ ${PART:-a} == f ]]; then
   stamp "pipeline 8B, the whole grid"
   timeout 570 python3 -m splitserve bench pipeline --shapes qwen3-8b --splits 40 48 --microbatch-fractions 0.5 0.6 \
