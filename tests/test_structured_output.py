@@ -190,6 +190,21 @@ def test_async_structured_steps_equal_the_synchronous_loop_and_sample_before_the
     assert core.pending is None is core.unsampled and llm.stats()["kv_used_blocks"] == 0
 
 
+def test_shutdown_with_a_mask_fill_in_flight_restores_the_switch_interval(tiny_dir):
+    before = sys.getswitchinterval()
+    llm = LLM(tiny_dir, device="cpu")
+    core = llm.engine.core
+    llm.engine.add_request(PROMPT, json_params(0))
+    for _ in range(20):  # prefill, then the structured steps: one leaves its masks filling
+        llm.engine.step()
+        if core.mask_fill is not None:
+            break
+    assert core.mask_fill is not None
+    assert sys.getswitchinterval() < before
+    core.shutdown()
+    assert sys.getswitchinterval() == pytest.approx(before, abs=1e-6)
+
+
 def test_abort_between_a_structured_forward_and_its_sampling(llm):
     """An aborted request's row in a forward whose sampling is still deferred: its token is dropped, its matcher
     is gone (the row samples unmasked), the others go on, and every block comes back."""

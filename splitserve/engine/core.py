@@ -9,6 +9,7 @@ end's (engine.py). A PD worker (disagg/) runs one core each and moves sequences 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -158,6 +159,10 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Nothing to stop in-process but the grammar threads (the PD client stops its workers here)."""
+        if self.mask_fill is not None:  # let it finish: the switch interval it lowered is restored then
+            self.mask_fill, fill = None, self.mask_fill
+            with contextlib.suppress(Exception):  # its error, if any, belongs to a step that will not run
+                fill.result()
         if self.structured is not None:
             self.structured.shutdown()
 
