@@ -24,9 +24,7 @@ EOS = 2  # make_tiny_model's eos_token_id
 # ---- the sampler against plain math ----
 def _runner_stub(vocab: int):
     stub = types.SimpleNamespace(vocab_size=vocab, device=torch.device("cpu"), eos_token_ids=(EOS,),
-                                 _to_device=torch.from_numpy, penalty_state=None, _bias_cache=None,
-                                 _batch_cache=None)
-    stub._bias_tensors = lambda biased: ModelRunner._bias_tensors(stub, biased)
+                                 _to_device=torch.from_numpy, penalty_state=None, _batch_cache=None)
     stub._batch_rows = lambda seqs: ModelRunner._batch_rows(stub, seqs)
     stub._penalty_tensors = lambda seqs, prev=None: ModelRunner._penalty_tensors(stub, seqs, prev)
     return stub

@@ -310,8 +310,8 @@ class EngineCore:
         return step
 
     def _sample_deferred(self) -> None:
-        """Fill the masks of the structured step launched last (its matchers have seen every token: the step
-        before it resolved after it launched) and enqueue its sampling. The step it follows has resolved, so
+        """Take the masks of the structured step launched last (filling since the step before it resolved, or
+        filled now) and enqueue its sampling. The step it follows has resolved, so
         its bitmask copy from the shared pinned buffer has run before this fill writes there again."""
         step, self.unsampled = self.unsampled, None
         fill, self.mask_fill = self.mask_fill, None

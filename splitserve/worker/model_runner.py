@@ -24,7 +24,6 @@ from splitserve.models.llama import CausalLM
 from splitserve.models.loader import load_weights
 from splitserve.models.registry import arch_flags
 from splitserve.outputs import Logprob
-from splitserve.sampling_params import SamplingParams
 from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
@@ -162,7 +161,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.last_decode_path: DecodePath | None = None
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
-        self._bias_cache: tuple | None = None  # (key, params kept alive, device tensors): see _bias_tensors
         self._batch_cache: _BatchRows | None = None  # the last batch's: see _batch_rows
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -293,7 +291,7 @@ class ModelRunner:
     @torch.no_grad()
     def sample(self, step: LaunchedStep, grammar: tuple[torch.Tensor, list[int]] | None = None) -> LaunchedStep:
         """Enqueue a launched step's sampling (if it has rows that sample), the host copies and its event.
-        `grammar`: the structured-output (host bitmask, its rows) of `StructuredOutputManager.fill_bitmask`."""
+        `grammar`: the structured-output (host bitmask, its rows) of `BitmaskFill.result`."""
         if step.logits is not None:
             st = step.sampling
             if grammar is not None:
@@ -335,7 +333,7 @@ class ModelRunner:
         enqueued at once fills the stream's launch queue, and the host then blocks in a launch until the device
         has worked most of it off; a piece at a time, the core's decode steps go on meanwhile."""
         assert not batch.block_copies and not any(batch.samples()), "launch_in_pieces: a batch that samples"
-        host = prepare_inputs(batch, self.block_size)
+        host = self.prepare(batch)
         input_ids, positions, meta = self._eager_inputs(batch, host, self._pending_inputs(batch, host, prev))
         hidden, residual = self.model.embed_tokens(input_ids), None
         for start in range(0, self.num_layers, layers_per_piece):
@@ -425,11 +423,12 @@ class ModelRunner:
         return SamplingTensors(*kept.sampling, **penalties)
 
     def _penalty_tensors(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> dict:
-        """The logit processors' inputs for this step. logit_bias and the min_tokens mask are small lists built
-        here; the [B, V] seen / count tensors of the repetition, frequency and presence penalties come from the
-        runner's PenaltyState (worker/penalties.py), which scatters only the tokens added since the last step
-        and rebuilds a sequence's row from its token ids whenever it cannot show the row is current (new
-        sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts need nothing from it."""
+        """The logit processors' inputs for this step. The min_tokens mask is a small list built here; logit_bias
+        comes with the batch (`_BatchRows`); the [B, V] seen / count tensors of the repetition, frequency and
+        presence penalties come from the runner's PenaltyState (worker/penalties.py), which scatters only the
+        tokens added since the last step and rebuilds a sequence's row from its token ids whenever it cannot show
+        the row is current (new sequence, PD hand-over, n > 1 child, changed tokens), so preemption and aborts
+        need nothing from it."""
         kept = self._batch_rows(seqs)
         out: dict = {"any_penalty": True}
         ban_rows, ban_ids = [], []
@@ -439,8 +438,8 @@ class ModelRunner:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 ban_rows += [r] * len(stop_ids)
                 ban_ids += stop_ids
-        if kept.biased:
-            out["bias"] = self._bias_tensors(kept.biased)
+        if kept.bias is not None:
+            out["bias"] = kept.bias
         if ban_rows:
             out["banned"] = (self._to_device(np.asarray(ban_rows, dtype=np.int64)),
                              self._to_device(np.asarray(ban_ids, dtype=np.int64)))
@@ -456,29 +455,11 @@ class ModelRunner:
                 out["counts"], out["frequency"], out["presence"] = counts, kept.factors[1], kept.factors[2]
         return out
 
-    def _bias_tensors(self, biased: list[tuple[int, SamplingParams]]) -> tuple:
-        """(rows, token ids, biases) on the device for the (batch row, params) pairs with a logit_bias, reused
-        while the batch keeps the same requests in the same rows: a request's bias is constant, and up to
-        1,024 entries per row would otherwise be a long Python list to build every step."""
-        key = [(r, id(p)) for r, p in biased]
-        cached = self._bias_cache
-        if cached is not None and cached[0] == key:
-            return cached[2]
-        rows, ids, values = [], [], []
-        for r, p in biased:
-            rows += [r] * len(p.logit_bias)
-            ids += p.logit_bias.keys()
-            values += p.logit_bias.values()
-        tensors = (self._to_device(np.asarray(rows, dtype=np.int64)), self._to_device(np.asarray(ids, dtype=np.int64)),
-                   self._to_device(np.asarray(values, dtype=np.float32)))
-        self._bias_cache = (key, [p for _, p in biased], tensors)  # the params stay alive: their ids stay theirs
-        return tensors
-
 
 class _BatchRows:
     """A batch's sampling inputs that depend on its requests only: the per-row tensors of temperature, top-k,
-    top-p and min-p, the generators, which rows want logprobs, which use which logit processor, and the penalty
-    factors. The decode loop's host time per step is what rebuilding and uploading them every step cost; kept
+    top-p and min-p, the generators, which rows want logprobs, which use which logit processor, the logit_bias
+    entries and the penalty factors. Rebuilt and uploaded every step they cost the decode loop host time; kept
     while the batch is the same requests in the same rows (it keeps them alive: their ids stay theirs)."""
 
     def __init__(self, seqs: list[Sequence], to_device: Callable[[np.ndarray], torch.Tensor]):
@@ -497,7 +478,17 @@ class _BatchRows:
                 [s.generator for s in seqs], False, any(p.top_k > 0 for p in params),
                 any(p.top_p < 1 for p in params), any(p.min_p > 0 for p in params), max_logprobs)
         self.any_penalty = any(p.has_penalties for p in params)
-        self.biased = [(r, p) for r, p in enumerate(params) if p.logit_bias]
+        # logit_bias: (rows, token ids, biases); up to 1,024 entries per row, a long list to build every step
+        biased = [(r, p) for r, p in enumerate(params) if p.logit_bias]
+        self.bias = None
+        if biased:
+            rows, ids, values = [], [], []
+            for r, p in biased:
+                rows += [r] * len(p.logit_bias)
+                ids += p.logit_bias.keys()
+                values += p.logit_bias.values()
+            self.bias = (to_device(np.asarray(rows, dtype=np.int64)), to_device(np.asarray(ids, dtype=np.int64)),
+                         to_device(np.asarray(values, dtype=np.float32)))
         self.min_tokens = [(r, s) for r, s in enumerate(seqs) if s.sampling_params.min_tokens > 0]
         rep = [p.repetition_penalty != 1 for p in params]
         count = [p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params]
