@@ -273,7 +273,7 @@ def test_preemption_keeps_the_matchers_right(tiny_dir):
 
 
 def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
-    """The manager's fill split over threads (strided shares, rows without a grammar between them) against
+    """The manager's fill in xgrammar's threads (3 here; rows without a grammar between them) against
     xgrammar's own one-matcher fill of each row, with the matchers spread over different states."""
     import random
 
@@ -300,7 +300,7 @@ def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
                     break
                 assert g.matcher.accept_token(rng.choice(allowed))
         before = sys.getswitchinterval()
-        fill = manager.start_fill(grammars)  # the engine thread's Python must not hold the fill threads back
+        fill = manager.start_fill(grammars)  # the engine thread's Python must not hold the fill thread back
         # (CPython keeps the interval in whole microseconds)
         assert sys.getswitchinterval() == pytest.approx(min(structured_output.FILL_SWITCH_INTERVAL_S, before), abs=1e-6)
         bitmask, rows = fill.result()

@@ -10,9 +10,10 @@ that cost is paid at every decode step (docs/STRUCTURED-OUTPUT.md has the measur
   needs nothing from the front end); a request is not scheduled until its grammar is ready. Each Sequence
   owns a matcher advanced by each of its accepted tokens; a sequence that arrives with output tokens (the
   PD decode worker) gets a matcher that replays them. Preemption keeps the output tokens and so the matcher.
-- Every step with a structured row fills a token bitmask on the host for those rows only, split over a few
-  persistent threads, while the device runs the forward pass and the engine thread runs the front end and
-  schedules the next step; the sampler applies it on the device (layers/sampler.py).
+- Every step with a structured row fills a token bitmask on the host for those rows only, in one call of xgrammar's
+  batch fill (its C++ threads) made from one persistent Python thread, while the device runs the forward pass and
+  the engine thread runs the front end and schedules the next step; the sampler applies it on the device
+  (layers/sampler.py).
 """
 
 from __future__ import annotations
@@ -39,15 +40,18 @@ logger = logging.getLogger("splitserve")
 COMPILE_TIMEOUT_S = 30.0
 COMPILE_THREADS = 2
 GRAMMAR_CACHE_BYTES = 256 << 20
-# Threads that fill one step's bitmask: one per CPU this process may run on, at most 8. The engine thread needs
-# a CPU of its own meanwhile; a batch-64 JSON fill is 2-3 ms of work on one core (8 shares of it would be ~0.4
-# ms), and each further thread adds a hand-off. On a 2-core box two threads took 0.66-0.76x one's time; on an
-# H200's 16-core host 15 threads were no faster than 8 (docs/STRUCTURED-OUTPUT.md).
+# C++ threads that fill one step's bitmask: one per CPU this process may run on, at most 8, and one per
+# ROWS_PER_FILL_THREAD rows. A batch-64 JSON fill is 2-3 ms of work on one core; xgrammar starts its threads anew
+# on every call (its pool cannot be reused after Join), 10-20 us each, against 2-50 us per row. On an H200's
+# 16-core host 15 threads were no faster than 8 (docs/STRUCTURED-OUTPUT.md).
 MAX_FILL_THREADS = 8
-# While a fill runs in those threads, the engine thread runs the front end and the scheduler: Python that holds the
-# GIL. A fill thread needs the GIL to start its share and to hand it back, and CPython passes the GIL on only after
-# the switch interval (5 ms by default): the fill waited for the engine thread instead of running beside it. While
-# a fill is in flight the interval is this.
+ROWS_PER_FILL_THREAD = 8
+# While a fill runs, the engine thread runs the front end and the scheduler: Python that holds the GIL. The fill's
+# Python thread needs the GIL to start the call and to return from it, and CPython passes the GIL on only after the
+# switch interval (5 ms by default): the fill waited for the engine thread instead of running beside it. While a
+# fill is in flight the interval is this. One Python thread per fill, not one per share: with 8 the hand-offs
+# queued, and the engine thread waited 0.84-0.89 ms a step for the fill against 0.26-0.35 ms with one (H200,
+# scripts/probe_json_step.py).
 FILL_SWITCH_INTERVAL_S = 1e-4
 _switch_lock = threading.Lock()
 _fills_in_flight = 0
@@ -148,12 +152,10 @@ class StructuredOutputManager:
         self._compiler = None
         self._compiler_lock = threading.Lock()
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 on the host, grown as needed
-        # The fill's own threads, started once: xgrammar's BatchGrammarMatcher(max_threads > 1) starts and joins a
-        # new thread pool on every call (its ThreadPool cannot be reused after Join), which costs more than the
-        # fill itself for cheap grammars. Every share runs in the pool: the engine thread goes on meanwhile.
-        self.fill_threads = fill_threads or default_fill_threads()
-        self._fill_pool = concurrent.futures.ThreadPoolExecutor(self.fill_threads, thread_name_prefix="splitserve-mask")
-        self._fillers: list | None = None  # one single-threaded xgrammar.BatchGrammarMatcher per share
+        self.fill_threads = fill_threads or default_fill_threads()  # the most C++ threads one fill uses
+        # The Python thread that makes the fill's call, so that the engine thread goes on meanwhile.
+        self._fill_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="splitserve-mask")
+        self._fillers: dict[int, Any] = {}  # C++ threads -> xgrammar.BatchGrammarMatcher
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -223,27 +225,26 @@ class StructuredOutputManager:
         return self.start_fill(grammars).result()
 
     def start_fill(self, grammars: list[SequenceGrammar | None]) -> BitmaskFill:
-        """`fill_bitmask` in the fill threads; the caller goes on (the engine thread runs the front end meanwhile)
+        """`fill_bitmask` in the fill thread; the caller goes on (the engine thread runs the front end meanwhile)
         and takes the result when it needs it. The matchers must not accept tokens, and the host bitmask must
         not be read, until then."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
         if not rows:
-            return BitmaskFill(None, rows, [])
+            return BitmaskFill(None, rows, None)
         xgr = _xgrammar()
         if self._bitmask is None or self._bitmask.shape[0] < len(grammars):
             bitmask = xgr.allocate_token_bitmask(max(len(grammars), 64), self.vocab_size)
             self._bitmask = bitmask.pin_memory() if self.device.type == "cuda" else bitmask
-        if self._fillers is None:
-            self._fillers = [xgr.BatchGrammarMatcher(max_threads=1) for _ in range(self.fill_threads)]
+        threads = max(1, min(self.fill_threads, -(-len(rows) // ROWS_PER_FILL_THREAD)))
+        filler = self._fillers.get(threads)
+        if filler is None:
+            filler = self._fillers[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
         bitmask = self._bitmask[: len(grammars)]
-        matchers = [grammars[i].matcher for i in rows]
-        shares = min(self.fill_threads, len(rows))
-        # Strided shares (rows j, j + k, ...): rows in costly states (inside a string) spread over the threads.
-        # Each call is C++ without the GIL, so the shares run in parallel, beside the engine thread.
-        futures = [self._fill_pool.submit(self._fillers[j].batch_fill_next_token_bitmask, matchers[j::shares],
-                                          bitmask, rows[j::shares]) for j in range(shares)]
+        # One call, C++ without the GIL: the engine thread goes on beside it.
+        future = self._fill_pool.submit(filler.batch_fill_next_token_bitmask, [grammars[i].matcher for i in rows],
+                                        bitmask, rows)
         _switch_interval_for_fills(+1)
-        return BitmaskFill(bitmask, rows, futures)
+        return BitmaskFill(bitmask, rows, future)
 
 
 def _switch_interval_for_fills(change: int) -> None:
@@ -259,20 +260,19 @@ def _switch_interval_for_fills(change: int) -> None:
 
 
 class BitmaskFill:
-    """A bitmask fill under way in the fill threads."""
+    """A bitmask fill under way in the fill thread."""
 
-    def __init__(self, bitmask: torch.Tensor | None, rows: list[int], shares: list[concurrent.futures.Future]):
-        self.bitmask, self.rows, self.shares = bitmask, rows, shares
+    def __init__(self, bitmask: torch.Tensor | None, rows: list[int], future: concurrent.futures.Future | None):
+        self.bitmask, self.rows, self.future = bitmask, rows, future
 
     def result(self) -> tuple[torch.Tensor, list[int]] | None:
-        """(host bitmask, its filled rows) once every share is done, or None when no row has a grammar; raises
-        what a share raised, after all have stopped writing into the buffer."""
-        concurrent.futures.wait(self.shares)
-        if self.shares:
+        """(host bitmask, its filled rows) once the fill is done, or None when no row has a grammar; raises what
+        the fill raised, after it has stopped writing into the buffer."""
+        if self.future is not None:
+            future, self.future = self.future, None
+            concurrent.futures.wait([future])
             _switch_interval_for_fills(-1)
-            shares, self.shares = self.shares, []
-            for future in shares:
-                future.result()
+            future.result()
         return None if self.bitmask is None else (self.bitmask, self.rows)
 
 
