@@ -124,7 +124,7 @@ if cuda:
     logits = torch.randn(B, V, device="cuda")
     st = SamplingTensors(torch.ones(B, device="cuda"), torch.zeros(B, dtype=torch.int64, device="cuda"),
                          torch.full((B,), 0.95, device="cuda"), torch.zeros(B, device="cuda"), [None] * B,
-                         False, False, True, False, None)
+                         False, 0, True, False, None)
     mask = torch.randint(-2**31, 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, device="cuda")
 
     def device_ms(fn, n=50):
@@ -139,7 +139,13 @@ if cuda:
         host = (time.perf_counter() - t) * 1e3 / n
         torch.cuda.synchronize()
         return {"device_ms": s.elapsed_time(e) / n, "host_enqueue_ms": host}
+    def sort_top_p():  # the sampler's top-p before kernels/top_p.py: a sort, a scan and a scatter back
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        cut = sorted_logits.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs >= 0.95, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter_(-1, order, cut).softmax(dim=-1)
     alone = {"sample (top_p 0.95)": device_ms(lambda: sample(logits, st)),
+             "top-p by sort (previous sampler)": device_ms(sort_top_p),
              "apply_bitmask (xgrammar)": device_ms(lambda: apply_bitmask(logits.clone(), mask, None)),
              "clone only": device_ms(lambda: logits.clone())}
     print(json.dumps(alone, indent=1))

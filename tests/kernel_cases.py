@@ -178,7 +178,7 @@ def check_count_penalties(device="cpu", seed=0):
         rep[0] = 1.0
         freq, pres = (torch.rand(b, generator=g) * 4 - 2).to(device), (torch.rand(b, generator=g) * 4 - 2).to(device)
         for s_, c_ in ((seen, counts), (seen, None), (None, counts)):
-            st = SamplingTensors(None, None, None, None, [], True, False, False, False, None, any_penalty=True,
+            st = SamplingTensors(None, None, None, None, [], True, 0, False, False, None, any_penalty=True,
                                  seen=s_, repetition=rep if s_ is not None else None, counts=c_,
                                  frequency=freq if c_ is not None else None, presence=pres if c_ is not None else None)
             ref = apply_penalties(logits.cpu(), SamplingTensors(**{k: (x.cpu() if torch.is_tensor(x) else x)
@@ -189,4 +189,34 @@ def check_count_penalties(device="cpu", seed=0):
             assert not torch.equal(ref, logits.cpu()), "the reference changed nothing: the test would prove nothing"
             # one rounding per op in both (an FMA on the GPU may round f * c once less: 1 ulp)
             assert torch.allclose(got.cpu(), ref, rtol=1e-6, atol=1e-5), (b, v, (got.cpu() - ref).abs().max().item())
+    return "ok"
+
+
+def check_top_p_floor(device="cpu", seed=0, vocab_sizes=(50, 4099, 9000), tol=1e-4):
+    """Each row's top-p floor (kernels/top_p.py on `device`; the sampler's sort reference on the CPU) against a
+    float64 oracle: the fewest most likely tokens whose mass reaches the target. Flat, peaked and top-k-cut rows,
+    targets from 0.05 to past the row's mass. fp32 sums in another order may move the boundary by the tokens whose
+    float64 mass before them lies within `tol` of the target, no further; most rows have no such token."""
+    from splitserve.kernels.top_p import top_p_floor as kernel
+    from splitserve.layers.sampler import top_p_floor as reference
+
+    g = torch.Generator().manual_seed(seed)
+    checked = exact = 0
+    for v in vocab_sizes:
+        for scale in (0.05, 1.0, 4.0, 12.0):
+            probs = (torch.randn(8, v, generator=g) * scale).softmax(-1)
+            probs[6, torch.randperm(v, generator=g)[: v - 7]] = 0.0  # top-k cut: 7 left, not renormalised
+            target = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.5, 1.5]) * probs.sum(-1)
+            before = probs.double().sort(-1, descending=True).values.cumsum(-1)
+            before = before - probs.double().sort(-1, descending=True).values
+            t = target.double()[:, None]
+            lo, hi = (before < t - tol).sum(-1).clamp(min=1), (before < t + tol).sum(-1).clamp(min=1)
+            for name, floor in (("kernel", kernel(probs.to(device), target.to(device)).cpu()),
+                                ("reference", reference(probs, target))):
+                kept = (probs >= floor[:, None]).sum(-1)  # a floor keeps the most likely tokens, a prefix
+                for r in range(8):
+                    assert lo[r] <= kept[r] <= hi[r], (name, v, scale, r, int(kept[r]), int(lo[r]), int(hi[r]))
+                    checked += 1
+                    exact += int(lo[r] == hi[r])
+    assert exact >= checked // 2, (checked, exact)  # most rows were checked to the token
     return "ok"

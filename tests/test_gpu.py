@@ -497,6 +497,12 @@ def test_count_penalties_kernel_matches_reference():
     assert check_count_penalties(device="cuda") == "ok"
 
 
+def test_top_p_floor_kernel_matches_a_float64_oracle():
+    from kernel_cases import check_top_p_floor
+
+    assert check_top_p_floor(device="cuda", vocab_sizes=(50, 4099, 151936)) == "ok"
+
+
 # ---- PD multiplexing (issue 13): prefill beside decode on one GPU ----
 
 def _pd_workload(llm, prompts_long, prompts_short, params):

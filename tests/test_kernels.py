@@ -56,6 +56,12 @@ print(check_count_penalties(), "count penalties")
 """
 
 
+TOP_P_SCRIPT = SHIM + r"""
+from kernel_cases import check_top_p_floor
+print(check_top_p_floor(), "top-p floor")
+"""
+
+
 def _interpret(script: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
@@ -75,3 +81,7 @@ def test_fused_qk_norm_rope_store_matches_torch_reference_in_interpreter():
 
 def test_count_penalties_kernel_matches_torch_reference_in_interpreter():
     assert "ok count penalties" in _interpret(PENALTIES_SCRIPT)
+
+
+def test_top_p_floor_kernel_matches_a_float64_oracle_in_interpreter():
+    assert "ok top-p floor" in _interpret(TOP_P_SCRIPT)

@@ -72,7 +72,7 @@ def test_penalties_match_plain_math_and_greedy_takes_them():
     seqs = _rows(V)
     torch.manual_seed(0)
     logits = torch.randn(len(seqs), V) * 3
-    st = SamplingTensors(None, None, None, None, [], True, False, False, False, None,
+    st = SamplingTensors(None, None, None, None, [], True, 0, False, False, None,
                          **ModelRunner._penalty_tensors(_runner_stub(V), seqs))
     got = apply_penalties(logits, st).double().numpy()
     want = np.stack([_oracle(logits[i].numpy(), s) for i, s in enumerate(seqs)])
@@ -93,7 +93,7 @@ def test_sampled_rows_take_penalties_and_logprobs_stay_raw():
     logits = torch.randn(2, V)
     params = [s.sampling_params for s in seqs]
     st = SamplingTensors(torch.tensor([p.temperature for p in params]), torch.tensor([5, 5]),
-                         torch.tensor([1.0, 0.9]), torch.zeros(2), [None, None], False, True, True, False, 2,
+                         torch.tensor([1.0, 0.9]), torch.zeros(2), [None, None], False, 5, True, False, 2,
                          **ModelRunner._penalty_tensors(_runner_stub(V), seqs))
     tokens, (chosen, _rank, _top) = sample(logits, st)
     assert tokens.tolist() == [40, 41]

@@ -27,7 +27,7 @@ class SamplingTensors:
     min_p: torch.Tensor  # [B] float32
     generators: list  # per row: torch.Generator or None
     all_greedy: bool
-    any_top_k: bool
+    max_top_k: int  # the largest top_k of a row (0: no row uses top-k)
     any_top_p: bool
     any_min_p: bool
     max_logprobs: int | None  # None: no row wants logprobs
@@ -83,22 +83,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
         tokens = greedy
     else:
         temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
-        scaled = logits / temp[:, None]
-        if st.any_top_k or st.any_top_p:
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            if st.any_top_k:
-                k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, logits.shape[-1]))
-                rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-                sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
-            if st.any_top_p:
-                sorted_probs = sorted_logits.softmax(dim=-1)
-                mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-                sorted_logits = sorted_logits.masked_fill(mass_before >= st.top_p[:, None], float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter_(-1, order, sorted_logits)
-        probs = scaled.softmax(dim=-1)
-        if st.any_min_p:
-            floor = st.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
+        probs = filter_probs((logits / temp[:, None]).softmax(dim=-1), st)
         noise = torch.empty_like(probs).exponential_()
         for i, gen in enumerate(st.generators):
             if gen is not None:
@@ -110,6 +95,34 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
     if st.max_logprobs is not None:  # raw: before penalties, bias and temperature
         logprob_info = token_logprobs(raw.log_softmax(dim=-1), tokens, st.max_logprobs)
     return tokens, logprob_info
+
+
+def filter_probs(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Top-k, then top-p, then min-p: each keeps a row's probabilities at or above a floor and zeroes the rest (not
+    renormalised: the exponential race's argmax does not depend on a row's scale). Ties at a floor are all kept."""
+    if st.max_top_k:
+        k = min(st.max_top_k, probs.shape[-1])
+        kth = probs.topk(k, dim=-1).values.gather(-1, (st.top_k.clamp(1, k) - 1)[:, None])
+        probs = probs.masked_fill((probs < kth) & (st.top_k > 0)[:, None], 0.0)
+    if st.any_top_p:
+        target = st.top_p * probs.sum(dim=-1) if st.max_top_k else st.top_p  # top-p of what top-k kept
+        probs = probs.masked_fill(probs < top_p_floor(probs, target)[:, None], 0.0)
+    if st.any_min_p:
+        probs = probs.masked_fill(probs < st.min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def top_p_floor(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B]: the smallest probability of each row's nucleus, the fewest most likely tokens whose mass reaches
+    `target` [B] (a row whose whole mass is below it keeps everything). A Triton bisection on CUDA
+    (kernels/top_p.py); this sort on the CPU, its reference."""
+    if probs.is_cuda:
+        from splitserve.kernels.top_p import top_p_floor as kernel
+
+        return kernel(probs.contiguous(), target)
+    sorted_p = probs.sort(dim=-1, descending=True).values
+    kept = ((sorted_p.cumsum(dim=-1) - sorted_p) < target[:, None]).sum(dim=-1)  # a prefix: mass before it < target
+    return sorted_p.gather(-1, (kept.clamp(min=1) - 1)[:, None])[:, 0]
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int):

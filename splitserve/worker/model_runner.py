@@ -468,14 +468,14 @@ class _BatchRows:
         want = [p.logprobs for p in params if p.logprobs is not None]
         max_logprobs = max(want) if want else None
         if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
-            self.sampling = (None, None, None, None, [], True, False, False, False, max_logprobs)
+            self.sampling = (None, None, None, None, [], True, 0, False, False, max_logprobs)
         else:  # SamplingTensors' fields, in order; pinned uploads: a pageable one may wait for the stream
             self.sampling = (
                 to_device(np.array([p.temperature for p in params], dtype=np.float32)),
                 to_device(np.array([max(p.top_k, 0) for p in params], dtype=np.int64)),
                 to_device(np.array([p.top_p for p in params], dtype=np.float32)),
                 to_device(np.array([p.min_p for p in params], dtype=np.float32)),
-                [s.generator for s in seqs], False, any(p.top_k > 0 for p in params),
+                [s.generator for s in seqs], False, max(max(p.top_k, 0) for p in params),
                 any(p.top_p < 1 for p in params), any(p.min_p > 0 for p in params), max_logprobs)
         self.any_penalty = any(p.has_penalties for p in params)
         # logit_bias: (rows, token ids, biases); up to 1,024 entries per row, a long list to build every step
