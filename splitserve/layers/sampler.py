@@ -114,7 +114,7 @@ def filter_probs(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 def top_p_floor(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[B]: the smallest probability of each row's nucleus, the fewest most likely tokens whose mass reaches
-    `target` [B] (a row whose whole mass is below it keeps everything). A Triton bisection on CUDA
+    `target` [B] (a row whose whole mass is below it keeps everything). A Triton search on CUDA
     (kernels/top_p.py); this sort on the CPU, its reference."""
     if probs.is_cuda:
         from splitserve.kernels.top_p import top_p_floor as kernel
