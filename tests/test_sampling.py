@@ -65,6 +65,19 @@ def test_min_p_never_emits_excluded(peaked):
     assert min(sizes) < 100
 
 
+def test_greedy_rows_beside_sampled_rows_take_hf_argmax(peaked):
+    """A batch of greedy and sampled rows: each greedy row's tokens are HF's argmax at every step (the sampler
+    makes the greedy choice per row only when the batch has a greedy row)."""
+    path, llm, hf = peaked
+    prompts = random_prompts(4, 5, 20, seed=22)
+    params = [SamplingParams(temperature=t, top_p=0.9, max_tokens=16, ignore_eos=True) for t in (0, 1.0, 0, 0.8)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out, p in zip(prompts, outs, params):
+        if p.temperature == 0:
+            gen = out.outputs[0].token_ids
+            assert gen == hf_step_logits(hf, prompt, gen).argmax(-1).tolist()
+
+
 def test_seeded_runs_reproduce_and_do_not_depend_on_the_batch(peaked):
     _, llm, _ = peaked
     prompt = random_prompts(1, 10, 10, seed=23)[0]

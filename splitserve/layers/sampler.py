@@ -31,6 +31,7 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     max_logprobs: int | None  # None: no row wants logprobs
+    any_greedy: bool = True  # some row has temperature 0 (False: no greedy argmax and no per-row choice to make)
     # Logit processors; all None / False when no row uses one (then `sample` does no extra work at all).
     any_penalty: bool = False
     bias: tuple | None = None  # (rows [N] int64, token ids [N] int64, biases [N] float32)
@@ -78,18 +79,18 @@ def sample(logits: torch.Tensor, st: SamplingTensors):
         if logits is raw and st.max_logprobs is not None:
             logits = logits.clone()  # logprobs stay raw
         apply_bitmask(logits, st.grammar_bitmask, st.grammar_rows)
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1) if st.any_greedy else None
     if st.all_greedy:
         tokens = greedy
     else:
-        temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
+        temp = torch.where(st.temperature > 0, st.temperature, 1.0) if st.any_greedy else st.temperature
         probs = filter_probs((logits / temp[:, None]).softmax(dim=-1), st)
         noise = torch.empty_like(probs).exponential_()
         for i, gen in enumerate(st.generators):
             if gen is not None:
                 noise[i].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(st.temperature > 0, sampled, greedy)
+        tokens = torch.where(st.temperature > 0, sampled, greedy) if st.any_greedy else sampled
 
     logprob_info = None
     if st.max_logprobs is not None:  # raw: before penalties, bias and temperature

@@ -468,7 +468,7 @@ class _BatchRows:
         want = [p.logprobs for p in params if p.logprobs is not None]
         max_logprobs = max(want) if want else None
         if all(p.temperature == 0 for p in params):  # greedy: argmax only, no per-row tensors to upload
-            self.sampling = (None, None, None, None, [], True, 0, False, False, max_logprobs)
+            self.sampling = (None, None, None, None, [], True, 0, False, False, max_logprobs, True)
         else:  # SamplingTensors' fields, in order; pinned uploads: a pageable one may wait for the stream
             self.sampling = (
                 to_device(np.array([p.temperature for p in params], dtype=np.float32)),
@@ -476,7 +476,8 @@ class _BatchRows:
                 to_device(np.array([p.top_p for p in params], dtype=np.float32)),
                 to_device(np.array([p.min_p for p in params], dtype=np.float32)),
                 [s.generator for s in seqs], False, max(max(p.top_k, 0) for p in params),
-                any(p.top_p < 1 for p in params), any(p.min_p > 0 for p in params), max_logprobs)
+                any(p.top_p < 1 for p in params), any(p.min_p > 0 for p in params), max_logprobs,
+                any(p.temperature == 0 for p in params))
         self.any_penalty = any(p.has_penalties for p in params)
         # logit_bias: (rows, token ids, biases); up to 1,024 entries per row, a long list to build every step
         biased = [(r, p) for r, p in enumerate(params) if p.logit_bias]
