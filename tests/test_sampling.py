@@ -65,6 +65,34 @@ def test_min_p_never_emits_excluded(peaked):
     assert min(sizes) < 100
 
 
+def test_top_k_top_p_min_p_compose_in_vllm_order():
+    """top-k, then top-p over what top-k kept (renormalised), then min-p: the sampler's kept tokens per row against a
+    float64 oracle that sorts and renormalises at each stage, rows using none, some or all of them."""
+    from splitserve.layers.sampler import SamplingTensors, filter_probs
+
+    g = torch.Generator().manual_seed(5)
+    B, V = 6, 300
+    probs = (torch.randn(B, V, generator=g) * 3).softmax(-1)
+    top_k = torch.tensor([0, 5, 50, 0, 20, 300])
+    top_p = torch.tensor([0.9, 1.0, 0.7, 0.5, 0.95, 1.0])
+    min_p = torch.tensor([0.0, 0.1, 0.05, 0.0, 0.2, 0.0])
+    st = SamplingTensors(torch.ones(B), top_k, top_p, min_p, [None] * B, False, int(top_k.max()), True, True, None,
+                         any_greedy=False)
+    kept = filter_probs(probs, st) > 0
+    for r in range(B):
+        p = probs[r].double()
+        order = p.argsort(descending=True)
+        keep = torch.ones(V, dtype=torch.bool)
+        if top_k[r] > 0:
+            keep[order[int(top_k[r]):]] = False
+        q = torch.where(keep, p, 0.0)
+        sq = (q / q.sum())[order]
+        keep[order[(sq.cumsum(0) - sq) >= float(top_p[r])]] = False
+        keep &= p >= float(min_p[r]) * p.max()
+        assert torch.equal(kept[r], keep), (r, int(kept[r].sum()), int(keep.sum()))
+    assert kept.sum(-1).tolist() != [V] * B and kept[5].all()  # the filters cut, and a row with none keeps all
+
+
 def test_greedy_rows_beside_sampled_rows_take_hf_argmax(peaked):
     """A batch of greedy and sampled rows: each greedy row's tokens are HF's argmax at every step (the sampler
     makes the greedy choice per row only when the batch has a greedy row)."""
