@@ -63,6 +63,28 @@ def test_invalid_sampling_values(kwargs, message):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("field, value", [("top_k", 1.5), ("top_k", 10**30), ("min_p", 2.0), ("temperature", -1.0),
+                                          ("logprobs", 10**6), ("n", 0), ("top_p", float("nan"))])
+def test_a_field_changed_after_building_is_checked_again(llm, field, value):
+    """The checks run when a SamplingParams is built; a field set afterwards is checked when the request is made,
+    before any work, so it cannot fail the other requests of the call (it did: a TypeError inside the step)."""
+    bad = SamplingParams(temperature=1.0, max_tokens=4, seed=0)
+    setattr(bad, field, value)
+    with pytest.raises(ValueError, match=field) as info:
+        llm.generate([[1, 2, 3, 4], [1, 2, 3, 4]], [GREEDY, bad], use_tqdm=False)
+    assert "prompt 1" in str(info.value)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+    assert llm.generate([[1, 2, 3, 4]], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
+def test_a_request_keeps_the_values_it_was_made_with(llm):
+    """The engine takes its own copy: changing the caller's SamplingParams after submitting changes nothing."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    request = llm.engine.make_request([1, 2, 3, 4], params)
+    params.max_tokens, params.temperature = 1, 1.0
+    assert request.sampling_params.max_tokens == 6 and request.sampling_params.temperature == 0
+
+
 def test_sampling_values_at_their_bounds_run(llm):
     """The extremes of each range reach the sampler and work (torch.Generator takes any signed 64-bit seed)."""
     params = [SamplingParams(temperature=0.8, seed=seed, top_k=top_k, max_tokens=4, ignore_eos=True, logprobs=20)

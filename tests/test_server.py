@@ -270,6 +270,23 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, what, en
     assert ok_status == 200 and ok["usage"]["completion_tokens"] == 2
 
 
+def test_null_sampling_fields_take_their_defaults(server):
+    """OpenAI's API and vLLM accept null for these; it means the default (greedy output stays the same)."""
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 0}
+    status, want = http("POST", server + "/v1/completions", body)
+    assert status == 200
+    nulls = dict.fromkeys(["top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"])
+    status, got = http("POST", server + "/v1/completions", {**body, **nulls})
+    assert status == 200, got
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+
+
+def test_a_field_outside_the_vocabulary_is_named(server):
+    for field, value in (("logit_bias", {"999999": 5}), ("stop_token_ids", [999999])):
+        status, got = http("POST", server + "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value})
+        assert status == 400 and got["error"]["param"] == field, got
+
+
 def test_api_key_is_checked(server):
     for key in (None, "wrong"):
         status, body = http("GET", server + "/v1/models", key=key)

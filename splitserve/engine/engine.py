@@ -10,6 +10,7 @@ prefill and a decode worker (disagg/coordinator.py). Both answer the same calls:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Protocol
 
@@ -83,6 +84,10 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        # The request's own copy, checked again (the checks run when a SamplingParams is built, and its fields
+        # can be set after that): a value changed since fails here, and a later change cannot reach the request.
+        so = params.structured_outputs
+        params = dataclasses.replace(params, structured_outputs=None if so is None else dataclasses.replace(so))
         text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:

@@ -71,6 +71,9 @@ async def _off_loop(fn: Callable[..., T], *args) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
+_PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))  # to name a 400's param
+
+
 class _Admission:
     """Prompts admitted and not yet answered (being tokenized, queued or generated). Beyond `limit` a request
     is answered 429 at once, so overload is pushed back to clients instead of queueing without bound.
@@ -356,8 +359,9 @@ class OpenAIServer:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         except GrammarError as e:
             raise APIError(400, str(e), param="response_format") from None
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="prompt") from None
+        except (ValueError, TypeError) as e:  # the engine's messages start with the field they are about
+            word = str(e).split(" ")[0]
+            raise APIError(400, str(e), param=word if word in _PARAM_FIELDS else "prompt") from None
 
     def make_all(self, prompts: list, params: SamplingParams, request_ids: list[str]) -> list[RequestState]:
         """Every prompt's completions, in choice order (prompt-major, as OpenAI's `index`)."""

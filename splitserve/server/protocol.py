@@ -80,6 +80,11 @@ class StructuredOutputsBody(BaseModel):
     json_object: bool | None = None
 
 
+def _or(value, default):
+    """A field sent as null takes its default."""
+    return default if value is None else value
+
+
 class _Common(BaseModel):
     """Fields shared by both endpoints (OpenAI's, then vLLM-style extensions)."""
     model_config = _STRICT
@@ -91,17 +96,17 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None  # null: the default, as in OpenAI's API and vLLM (also below)
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (JSON keys are strings: "50256") -> bias
     user: str | None = None
     # extensions
-    top_k: int = -1
-    min_p: float = 0.0
+    top_k: int | None = None
+    min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)
     skip_special_tokens: bool = True
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -168,12 +173,13 @@ class _Common(BaseModel):
         structured = self.structured_outputs_params()
         try:
             return SamplingParams(
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p,
+                temperature=_or(self.temperature, 1.0),
+                top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0),
                 max_tokens=max_tokens, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, logit_bias=self.logit_bias,
+                presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+                repetition_penalty=_or(self.repetition_penalty, 1.0), min_tokens=self.min_tokens,
+                logit_bias=self.logit_bias,
                 include_stop_str_in_output=self.include_stop_str_in_output, n=self.n,
                 prompt_logprobs=self.prompt_logprobs, structured_outputs=structured)
         except ValueError as e:
