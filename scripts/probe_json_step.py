@@ -22,7 +22,7 @@ ap.add_argument("--new-tokens", type=int, default=128)
 ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--shape", default="qwen3-0.6b")
 ap.add_argument("--modes", nargs="+", default=["plain", "json", "plain", "json"])
-# a JSON fill variant (mode "json:sw1e-5"): the switch interval 1e-5 s during fills
+# variants: "json:sw1e-5" (the switch interval 1e-5 s during fills), "json:eager" (no sampling CUDA graph)
 
 args = ap.parse_args()
 
@@ -82,8 +82,12 @@ def start_fill_spanned(self, grammars):
 structured_output.StructuredOutputManager.start_fill = start_fill_spanned
 
 
+sampler_graphs = core.runner.sampler_graphs
+
+
 def use_variant(variant: str) -> None:
     structured_output.FILL_SWITCH_INTERVAL_S = 1e-5 if "sw1e-5" in variant else 1e-4
+    core.runner.sampler_graphs = None if "eager" in variant else sampler_graphs  # "json:eager": no sampling graph
 
 
 rng = np.random.default_rng(0)

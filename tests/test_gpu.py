@@ -126,17 +126,23 @@ def test_bf16_logits_close_and_greedy_matches_hf(qwen3_06b):
 
 
 def test_cuda_graph_path_equals_eager(qwen3_06b):
-    prompts = random_prompts(13, 10, 300, seed=1, vocab=151936)
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    """Greedy rows equal with and without CUDA graphs; beside them sampled rows, so the sampling runs as a graph
+    too (worker/sampler_graphs.py)."""
+    prompts = random_prompts(16, 10, 300, seed=1, vocab=151936)
+    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)] * 13
+    params += [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=48, ignore_eos=True)] * 3
     kw = dict(max_model_len=1024, gpu_memory_utilization=0.4, dtype="float32", max_num_seqs=32)
     eager = LLM(qwen3_06b, enforce_eager=True, **kw)
     eager_out = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert eager.stats()["sampler_graphs"] is None
     del eager
     torch.cuda.empty_cache()
     graphed = LLM(qwen3_06b, **kw)
     assert graphed.stats()["cuda_graphs"], "no CUDA graphs were captured"
     graph_out = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
-    assert graph_out == eager_out
+    assert graph_out[:13] == eager_out[:13]
+    assert all(len(o) == 48 for o in graph_out[13:])
+    assert graphed.stats()["sampler_graphs"]["replays"] >= 47, graphed.stats()["sampler_graphs"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -489,6 +495,82 @@ def test_structured_json_on_the_gpu(qwen3_06b, tmp_path):
         assert len(value["tags"]) <= 3 and set(value["tags"]) <= {"a", "b"}
     alone = llm.generate(["Hello"], plain, use_tqdm=False)[0].outputs[0].token_ids
     assert outs[32].outputs[0].token_ids == alone  # a plain row beside 32 grammar rows is untouched
+
+
+def test_sampler_graph_samples_as_the_eager_sampler():
+    """The sampling CUDA graph (worker/sampler_graphs.py) against the eager sampler's own pieces, 13 rows padded to
+    a bucket of 16: greedy rows take the eager argmax after logit_bias, a min_tokens ban, the repetition penalty
+    and the grammar mask (each built so that applying it twice changes the token), sampled rows take only tokens
+    the eager filters keep, the draws follow the probabilities (chi-square over 400 replays), a row without a
+    grammar is not masked, one graph serves every replay, and seeded or logprob batches go eager."""
+    from splitserve.layers.sampler import SamplingTensors, apply_penalties, filter_probs
+    from splitserve.worker.sampler_graphs import SamplerGraphs
+
+    V, B, dev = 4099, 13, torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    base = torch.randn(B, V, device=dev, generator=gen) * 3
+    base[:3] = torch.randn(3, V, device=dev, generator=gen) * 0.5  # greedy rows with planted winners
+    base[0, 10], base[0, 11] = 5.0, 3.5  # 10 seen: 5 / 1.3 = 3.85 still wins; twice 2.96 would lose to 11
+    base[1, 20], base[1, 21] = 3.0, 4.0  # bias +0.6 on 20: 3.6 loses to 21; twice 4.2 would win
+    base[2, 30], base[2, 31], base[2, 32] = 6.0, 5.0, 4.0  # 30 banned, 31 outside row 2's grammar: 32
+    temperature = [0, 0, 0, 1, 1, 1, 1, 0.7, 1.3, 1, 1, 1, 0]
+    top_k = [0, 0, 0, 4, 0, 50, 0, 0, 0, 0, 0, 0, 0]
+    top_p = [1, 1, 1, 1, 0.9, 1, 0.5, 0.95, 1, 1, 0.8, 1, 1]
+    min_p = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0.1, 0, 0, 0]
+    seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    seen[0, 10] = True
+    repetition = torch.ones(B, device=dev)
+    repetition[0] = 1.3
+    grammar_rows = [2, 10, 11]
+    allowed = torch.rand(B, V, device=dev, generator=gen) < 0.3
+    allowed[2, 31], allowed[2, 30], allowed[2, 32] = False, True, True
+    bits = (allowed[:, : V // 32 * 32].reshape(B, -1, 32).int() << torch.arange(32, device=dev)).sum(-1)
+    tail = (allowed[:, V // 32 * 32:].int() << torch.arange(V % 32, device=dev)).sum(-1, keepdim=True)
+    host_bitmask = torch.cat([bits, tail], 1).to(torch.int32).cpu().pin_memory()
+    host_bitmask[[r for r in range(B) if r not in grammar_rows]] = 0  # garbage where no grammar: must not apply
+    tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=dev)  # noqa: E731
+    st = SamplingTensors(tensor(temperature), tensor(top_k, torch.int64), tensor(top_p), tensor(min_p), [None] * B,
+                         False, max(top_k), True, True, None, True, any_penalty=True,
+                         bias=(tensor([1], torch.int64), tensor([20], torch.int64), tensor([0.6])),
+                         banned=(tensor([2], torch.int64), tensor([30], torch.int64)), seen=seen,
+                         repetition=repetition)
+    # The eager reference, piece by piece.
+    masked = apply_penalties(base, st)
+    for r in grammar_rows:
+        masked[r, ~allowed[r]] = float("-inf")
+    greedy = masked.argmax(-1)
+    assert greedy[:3].tolist() == [10, 21, 32]
+    temp = torch.where(st.temperature > 0, st.temperature, 1.0)
+    kept = filter_probs((masked / temp[:, None]).softmax(-1), st) > 0
+    probs3 = (masked[3] / temperature[3]).softmax(-1) * kept[3]
+    probs3 = probs3 / probs3.sum()
+
+    graphs = SamplerGraphs(dev, V, [8, 16])
+    draws = []
+    for _ in range(400):
+        logits = graphs.logits_for(B)
+        logits.copy_(base)
+        tokens = graphs.sample(logits, st, (host_bitmask, grammar_rows))
+        assert tokens is not None and tokens.shape == (B,)
+        tokens = tokens.tolist()
+        for r in range(B):
+            if temperature[r] == 0:
+                assert tokens[r] == greedy[r].item(), (r, tokens[r], greedy[r].item())
+            else:
+                assert kept[r, tokens[r]], (r, tokens[r])
+        draws.append(tokens[3])
+    assert graphs.stats()["graphs"] == 1 and graphs.replays == 400
+    support = kept[3].nonzero()[:, 0].tolist()
+    assert len(support) == 4 and set(draws) <= set(support)
+    expected = probs3[support].double().cpu() * len(draws)
+    observed = torch.tensor([draws.count(t) for t in support], dtype=torch.float64)
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 25.0, (observed.tolist(), expected.tolist())  # 3 degrees of freedom: p < 2e-5 to fail by chance
+    seeded = SamplingTensors(**{**st.__dict__, "generators": [torch.Generator(device=dev)] + [None] * (B - 1)})
+    with_logprobs = SamplingTensors(**{**st.__dict__, "max_logprobs": 2})
+    assert graphs.sample(graphs.logits_for(B), seeded) is None
+    assert graphs.sample(graphs.logits_for(B), with_logprobs) is None
+    assert graphs.stats()["eager_steps"] == {"seeded rows": 1, "logprobs": 1}
 
 
 def test_count_penalties_kernel_matches_reference():

@@ -398,6 +398,7 @@ class EngineCore:
             "decode_path": gauges.decode_path, "decode_pipeline": self.decode_pipeline.stats(graphs),
             "decode_memory_sm": gauges.decode_memory_sm, "decode_compute_sm": gauges.decode_compute_sm,
             "cuda_graphs": graphs.buckets if graphs else [],
+            "sampler_graphs": runner.sampler_graphs.stats() if runner.sampler_graphs else None,
             "graph_capture_time_s": graphs.capture_time_s if graphs else 0.0,
             "graph_memory_bytes": graphs.memory_bytes if graphs else 0, "startup_time_s": self.startup_time_s,
         }

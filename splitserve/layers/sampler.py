@@ -47,19 +47,20 @@ class SamplingTensors:
     grammar_rows: torch.Tensor | None = None
 
 
-def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """The processed logits (a new tensor; `logits` is left as it is)."""
-    raw = logits
+def apply_penalties(logits: torch.Tensor, st: SamplingTensors, inplace: bool = False) -> torch.Tensor:
+    """The processed logits: a new tensor, or `logits` itself with `inplace` (the CUDA graph sampler's static rows;
+    the CPU's repetition and count penalties are out of place, so use the result)."""
+    if not inplace:
+        logits = logits.clone()
     if st.bias is not None:
         rows, ids, values = st.bias  # (row, id) pairs are unique: a gather and a plain scatter, no sort
-        logits = logits.index_put((rows, ids), logits[rows, ids] + values)
+        logits.index_put_((rows, ids), logits[rows, ids] + values)
     if st.banned is not None:
-        logits = logits.index_put(st.banned, logits.new_full((), float("-inf")))  # a fill: no host copy
+        logits.index_put_(st.banned, logits.new_full((), float("-inf")))  # a fill: no host copy
     if logits.is_cuda and (st.seen is not None or st.counts is not None):  # one pass, not eight (kernels/)
         from splitserve.kernels.penalties import apply_count_penalties_
 
-        return apply_count_penalties_(logits.clone() if logits is raw else logits, st.seen, st.repetition,
-                                      st.counts, st.frequency, st.presence)
+        return apply_count_penalties_(logits, st.seen, st.repetition, st.counts, st.frequency, st.presence)
     if st.seen is not None:
         penalty = st.repetition[:, None]
         logits = torch.where(st.seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)

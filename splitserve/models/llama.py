@@ -182,9 +182,11 @@ class CausalLM(nn.Module):
                 stages.append(Stage("compute", i, f"post{i}", layer.compute_post))
         return stages
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [N, V]; written into `out` when given (the CUDA graph sampler's static rows)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)
 
     # ---- weight loading: HF names -> merged parameters ----
     _merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -28,6 +28,7 @@ from splitserve.worker.cpu_threads import set_cpu_threads
 from splitserve.worker.decode_graphs import EAGER, DecodeGraphs, DecodePath
 from splitserve.worker.inputs import fake_batch, prepare_inputs
 from splitserve.worker.penalties import PenaltyState
+from splitserve.worker.sampler_graphs import SamplerGraphs
 
 logger = logging.getLogger("splitserve")
 
@@ -163,9 +164,11 @@ class ModelRunner:
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
         self._batch_cache: _BatchRows | None = None  # the last batch's: see _batch_rows
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
+        self.sampler_graphs: SamplerGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
                                        self.block_size, self.num_kv_blocks, config.decode_pipeline_profiling)
+            self.sampler_graphs = SamplerGraphs(self.device, self.vocab_size, self.graphs.buckets)
 
     # ---- KV cache ----
     def kv_block_bytes(self) -> int:
@@ -282,7 +285,8 @@ class ModelRunner:
         if samplers:
             if len(samplers) < num_seqs or choice is None:  # gather the rows that sample (always all in decode)
                 hidden = hidden[self._to_device(host["logits_indices"])]
-            step.logits = self.model.compute_logits(hidden)
+            out = None if self.sampler_graphs is None else self.sampler_graphs.logits_for(len(samplers))
+            step.logits = self.model.compute_logits(hidden, out)
             # Built now, whether sampling is deferred or not: penalties and min_tokens read the token lists as
             # they are at launch (the core appends this step's placeholders next).
             step.sampling = self._sampling_tensors(samplers, prev)
@@ -294,14 +298,18 @@ class ModelRunner:
         `grammar`: the structured-output (host bitmask, its rows) of `BitmaskFill.result`."""
         if step.logits is not None:
             st = step.sampling
-            if grammar is not None:
-                bitmask, rows = grammar
-                st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
-                # A mixed batch masks its grammar rows only. Their indices go up pinned as well: given a list,
-                # xgrammar copies it from pageable memory, a copy CUDA may make wait for the stream (the forward).
-                st.grammar_rows = (None if len(rows) == len(step.samplers)
-                                   else self._to_device(np.asarray(rows, dtype=np.int32)))
-            step.tokens, logprob_info = sample(step.logits, st)
+            graphed = None if self.sampler_graphs is None else self.sampler_graphs.sample(step.logits, st, grammar)
+            if graphed is not None:
+                step.tokens, logprob_info = graphed, None
+            else:
+                if grammar is not None:
+                    bitmask, rows = grammar
+                    st.grammar_bitmask = bitmask.to(self.device, non_blocking=True)  # pinned on CUDA
+                    # A mixed batch masks its grammar rows only. Their indices go up pinned as well: given a list,
+                    # xgrammar copies it from pageable memory, a copy CUDA may make wait for the stream.
+                    st.grammar_rows = (None if len(rows) == len(step.samplers)
+                                       else self._to_device(np.asarray(rows, dtype=np.int32)))
+                step.tokens, logprob_info = sample(step.logits, st)
             step.host.append(self._to_host(step.tokens))
             if logprob_info is not None:
                 step.host += self._info_to_host(logprob_info)

