@@ -5,6 +5,7 @@ Qwen3-0.6B shape, random weights, batch 64 x 256-token prompts. Needs a Qwen tok
 Usage: OUT=dir python3 scripts/probe_json_step.py [--new-tokens 128] [--batch 64] [--shape qwen3-0.6b]"""
 import argparse
 import collections
+import gc
 import json
 import os
 import time
@@ -64,7 +65,11 @@ timed(structured_output.StructuredOutputManager, "start_fill")
 timed(core.runner, "sample", "runner.sample (enqueue)", device_span=True)
 timed(core.runner, "launch", "runner.launch (enqueue)", device_span=True)
 timed(core.runner, "resolve", "runner.resolve (event wait + tolist)")
-timed(core, "_append", "_append (accept, finish checks)")
+timed(core, "_append", "_append (finish checks)")
+timed(core, "_resolve_step", "_resolve_step (accept + _append)")
+if core.runner.sampler_graphs is not None:
+    timed(core.runner.sampler_graphs, "sample", "sampler_graphs.sample")
+    timed(torch.cuda.CUDAGraph, "replay", "CUDAGraph.replay (decode + sampling)")
 fill_spans: list[float] = []
 _start_fill = structured_output.StructuredOutputManager.start_fill
 
@@ -88,6 +93,10 @@ sampler_graphs = core.runner.sampler_graphs
 def use_variant(variant: str) -> None:
     structured_output.FILL_SWITCH_INTERVAL_S = 1e-5 if "sw1e-5" in variant else 1e-4
     core.runner.sampler_graphs = None if "eager" in variant else sampler_graphs  # "json:eager": no sampling graph
+    wide = "t16" in variant  # "json:t16": 16 fill threads of 4 rows each (default: 8 rows per thread, at most 8)
+    structured_output.ROWS_PER_FILL_THREAD = 4 if wide else 8
+    if core.structured is not None:
+        core.structured.fill_threads = 16 if wide else structured_output.default_fill_threads()
 
 
 rng = np.random.default_rng(0)
@@ -99,9 +108,11 @@ for name in args.modes:
     mode, _, variant = name.partition(":")
     use_variant(variant)
     wall.clear(), calls.clear(), gpu_spans.clear(), fill_spans.clear()
-    t = time.perf_counter()
+    gc0 = [g["collections"] for g in gc.get_stats()]
+    t, cpu = time.perf_counter(), time.thread_time()
     llm.generate(prompts, SAMPLING_MODES[mode](args.new_tokens, tok), use_tqdm=False)
-    total = time.perf_counter() - t
+    total, cpu = time.perf_counter() - t, time.thread_time() - cpu
+    gcs = [g["collections"] - c for g, c in zip(gc.get_stats(), gc0)]
     if cuda:
         torch.cuda.synchronize()
     steps = calls["core.step"]
@@ -109,11 +120,13 @@ for name in args.modes:
     row = {"mode": name, "fill_wall_ms_median": float(np.median(spans) * 1e3) if spans else None, "steps": steps,
            "ms_per_step": total * 1e3 / steps,
            "front_end_ms": (total - wall["core.step"]) * 1e3 / steps,
+           "engine_thread_cpu_ms": cpu * 1e3 / steps, "gc_collections_per_generation": gcs,
            "engine_ms": {k: v * 1e3 / steps for k, v in wall.items()}, "calls": dict(calls),
            "device_ms": {k: float(np.median([s.elapsed_time(e) for s, e in v])) for k, v in gpu_spans.items()}}
     results.append(row)
-    print(f"=== {name}: {row['ms_per_step']:.3f} ms/step, front end {row['front_end_ms']:.3f}, fill wall (median) "
-          f"{row['fill_wall_ms_median']} ms", flush=True)
+    print(f"=== {name}: {row['ms_per_step']:.3f} ms/step (engine thread CPU {row['engine_thread_cpu_ms']:.3f}), "
+          f"front end {row['front_end_ms']:.3f}, fill wall (median) {row['fill_wall_ms_median']} ms, gc {gcs}",
+          flush=True)
     for k, v in sorted(row["engine_ms"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:44s} {v:7.3f} ms/step  ({calls[k]} calls)")
     for k, v in row["device_ms"].items():

@@ -19,7 +19,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, split_lanes
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from splitserve.engine.structured_output import BitmaskFill, StructuredOutputManager
+from splitserve.engine.structured_output import BitmaskFill, StructuredOutputManager, accept_tokens
 from splitserve.outputs import Logprob
 from splitserve.pipeline.pd_multiplex import (
     PREFILL_LAYERS_PER_PIECE,
@@ -338,25 +338,32 @@ class EngineCore:
                 if seq.seq_id in result.prompt_logprobs and seq.prompt_logprobs is not None:
                     seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         logprobs = result.logprobs or [None] * len(step.samplers)
+        live = [self.requests.get(seq.request_id) is seq for seq in step.samplers]  # else finished or aborted
+        # The grammar rows' matchers take their tokens in one call (a Python call per row costs more than the work).
+        rows = [i for i, (seq, alive) in enumerate(zip(step.samplers, live)) if alive and seq.grammar is not None]
+        accepted = dict(zip(rows, accept_tokens([step.samplers[i].grammar.matcher for i in rows],
+                                                [result.tokens[i] for i in rows]))) if rows else {}
         outputs = []
-        for seq, pos, token, entry in zip(step.samplers, step.positions, result.tokens, logprobs):
+        for i, (seq, pos, token, entry) in enumerate(zip(step.samplers, step.positions, result.tokens, logprobs)):
             seq.token_ids[pos] = token
-            if self.requests.get(seq.request_id) is seq:  # else finished or aborted meanwhile: dropped
-                outputs.append(self._append(seq, pos, token, entry))
+            if live[i]:
+                outputs.append(self._append(seq, pos, token, entry, accepted.get(i)))
         return outputs
 
-    def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None) -> CoreOutput:
+    def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None,
+                accepted: bool | None) -> CoreOutput:
+        """Finish checks and the output of one resolved token; `accepted`: whether its grammar took it (None: no
+        grammar)."""
         params = seq.sampling_params
         num_output = pos + 1 - seq.num_prompt_tokens  # a later step's placeholder may follow it already
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and num_output == 1:
             prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
         may_stop = num_output > params.min_tokens  # the sampler masks EOS / stop ids until then
-        matcher = seq.grammar.matcher if seq.grammar is not None else None
-        if matcher is not None and not matcher.accept_token(token):  # cannot happen under the mask; say so if it does
+        if accepted is False:  # cannot happen under the mask; say so if it does
             logger.error("request %s: its grammar rejected the sampled token %d", seq.request_id, token)
             seq.finish_reason = "abort"
-        elif matcher is not None and matcher.is_terminated():  # the grammar is complete (its EOS accepted)
+        elif accepted and seq.grammar.matcher.is_terminated():  # the grammar is complete (its EOS accepted)
             seq.finish_reason = "stop"
         elif may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"

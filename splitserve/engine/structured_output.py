@@ -280,3 +280,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tenso
     """Set to -inf, in place, the logits of the tokens a row's grammar forbids (rows None: every row);
     xgrammar's own kernel on the device (CUDA or Triton on a GPU, C++ on the CPU)."""
     _xgrammar().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
+def accept_tokens(matchers: list, tokens: list[int]) -> list[bool]:
+    """Each matcher takes its token (one call into xgrammar for the batch); whether each was accepted."""
+    return _xgrammar().BatchGrammarMatcher.batch_accept_token(matchers, tokens)
