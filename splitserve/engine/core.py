@@ -19,7 +19,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, split_lanes
 from splitserve.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from splitserve.engine.structured_output import BitmaskFill, StructuredOutputManager
+from splitserve.engine.structured_output import BitmaskFill, StructuredOutputManager, accept_tokens
 from splitserve.outputs import Logprob
 from splitserve.pipeline.pd_multiplex import (
     PREFILL_LAYERS_PER_PIECE,
@@ -74,7 +74,6 @@ class EngineCore:
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.unsampled: LaunchedStep | None = None  # a structured step's forward, its sampling not enqueued yet
         self.mask_fill: BitmaskFill | None = None  # its grammar bitmask, filling in threads meanwhile
-        self.late_outputs: list[CoreOutput] = []  # ends found outside a resolve, for the next `step` to return
         self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
@@ -153,7 +152,7 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         """Requests to schedule, a prefill batch still running, or a pending step holding a token to deliver."""
-        if self.scheduler.has_unfinished() or self.compiling or self.prefill_pending is not None or self.late_outputs:
+        if self.scheduler.has_unfinished() or self.compiling or self.prefill_pending is not None:
             return True
         return any(self.requests.get(s.request_id) is s for step in (self.pending, self.unsampled) if step is not None
                    for s in step.samplers)
@@ -201,9 +200,7 @@ class EngineCore:
         Penalties take a pending token on the device and need nothing of the kind (worker/penalties.py). A
         profiled pipelined step resolves before the next launch (its stage events live in the graph)."""
         t0 = time.perf_counter()
-        outputs, self.late_outputs = self.late_outputs, []
-        if self.compiling:
-            outputs += self._admit_compiled()
+        outputs: list[CoreOutput] = self._admit_compiled() if self.compiling else []
         if self.lanes is not None or (self.unsampled is not None and self.unsampled.needs_sync):
             self._sample_deferred()  # a prefill lane may read that step's tokens; a profiled step resolves now
         if self.pending is not None and self.pending.needs_sync:
@@ -323,13 +320,6 @@ class EngineCore:
             if fill is None:
                 fill = self.structured.start_fill([s.grammar for s in step.samplers])
             self.pending = self.runner.sample(step, fill.result())
-            for seq in fill.rejected:  # cannot happen under the mask; say so if it does
-                if self.requests.get(seq.request_id) is seq:
-                    logger.error("request %s: its grammar rejected a sampled token", seq.request_id)
-                    seq.grammar, seq.finish_reason = None, "abort"
-                    self.scheduler.finish(seq)  # its token in this step is dropped at resolve
-                    del self.requests[seq.request_id]
-                    self.late_outputs.append(CoreOutput(seq.request_id, [], None, "abort"))
 
     def _resolve(self) -> list[CoreOutput]:
         """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""
@@ -348,30 +338,39 @@ class EngineCore:
                 if seq.seq_id in result.prompt_logprobs and seq.prompt_logprobs is not None:
                     seq.prompt_logprobs += result.prompt_logprobs[seq.seq_id]
         logprobs = result.logprobs or [None] * len(step.samplers)
+        live = [self.requests.get(seq.request_id) is seq for seq in step.samplers]  # else finished or aborted
+        # The grammar rows' matchers take their tokens in one call (a Python call per row costs more than the work).
+        rows = [i for i, (seq, alive) in enumerate(zip(step.samplers, live)) if alive and seq.grammar is not None]
+        accepted = dict(zip(rows, accept_tokens([step.samplers[i].grammar.matcher for i in rows],
+                                                [result.tokens[i] for i in rows]))) if rows else {}
         outputs = []
-        for seq, pos, token, entry in zip(step.samplers, step.positions, result.tokens, logprobs):
+        for i, (seq, pos, token, entry) in enumerate(zip(step.samplers, step.positions, result.tokens, logprobs)):
             seq.token_ids[pos] = token
-            if self.requests.get(seq.request_id) is seq:  # else finished or aborted meanwhile: dropped
-                outputs.append(self._append(seq, pos, token, entry))
+            if live[i]:
+                outputs.append(self._append(seq, pos, token, entry, accepted.get(i)))
         return outputs
 
-    def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None) -> CoreOutput:
+    def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None,
+                accepted: bool | None) -> CoreOutput:
+        """Finish checks and the output of one resolved token; `accepted`: whether its grammar took it (None: no
+        grammar)."""
         params = seq.sampling_params
         num_output = pos + 1 - seq.num_prompt_tokens  # a later step's placeholder may follow it already
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and num_output == 1:
             prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
         may_stop = num_output > params.min_tokens  # the sampler masks EOS / stop ids until then
-        if seq.grammar is not None and token in self.structured.stop_token_ids:
-            seq.finish_reason = "stop"  # the grammar is complete: the mask allows a stop token only then
+        if accepted is False:  # cannot happen under the mask; say so if it does
+            logger.error("request %s: its grammar rejected the sampled token %d", seq.request_id, token)
+            seq.finish_reason = "abort"
+        elif accepted and seq.grammar.matcher.is_terminated():  # the grammar is complete (its EOS accepted)
+            seq.finish_reason = "stop"
         elif may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"
         elif may_stop and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif num_output >= params.max_tokens or pos + 1 >= self.max_model_len:
             seq.finish_reason = "length"  # known at launch already (not scheduled since)
-        elif seq.grammar is not None:  # the next fill's thread makes the matcher take it, off this thread
-            self.structured.accept_later(seq.grammar.matcher, token, seq)
         if seq.finish_reason is not None:
             # A step launched after this one may still write this sequence's KV into the blocks freed here. Safe:
             # device work is stream-ordered, so whoever gets a block next writes (and reads) it after that step.

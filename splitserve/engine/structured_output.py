@@ -156,9 +156,6 @@ class StructuredOutputManager:
         # The Python thread that makes the fill's call, so that the engine thread goes on meanwhile.
         self._fill_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="splitserve-mask")
         self._fillers: dict[int, Any] = {}  # C++ threads -> xgrammar.BatchGrammarMatcher
-        self._to_accept: list[tuple[Any, int, Any]] = []  # (matcher, token, owner), for the next fill's thread
-        # The tokens that complete a grammar (a matcher that accepts one terminates), known once the compiler is.
-        self.stop_token_ids: frozenset[int] = frozenset()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -178,7 +175,6 @@ class StructuredOutputManager:
                                                           stop_token_ids=self.eos_token_ids or None)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS,
                                                      cache_limit_bytes=GRAMMAR_CACHE_BYTES)
-                self.stop_token_ids = frozenset(info.stop_token_ids)
             return self._compiler
 
     def _compile(self, kind: str, text: str):
@@ -228,20 +224,13 @@ class StructuredOutputManager:
         (the other rows are left as they are and not applied), and those rows; None when there are none."""
         return self.start_fill(grammars).result()
 
-    def accept_later(self, matcher, token: int, owner) -> None:
-        """Queue a sampled token for its matcher. The next fill's thread makes the queued matchers take their tokens
-        (one call, in order) before it fills, off the engine thread; `BitmaskFill.rejected` names the owners whose
-        matcher refused its token (which the mask makes impossible)."""
-        self._to_accept.append((matcher, token, owner))
-
     def start_fill(self, grammars: list[SequenceGrammar | None]) -> BitmaskFill:
-        """`fill_bitmask` in the fill thread, after the queued tokens are accepted; the caller goes on (the engine
-        thread runs the front end meanwhile) and takes the result when it needs it. The matchers must not be
-        used, and the host bitmask must not be read, until then."""
+        """`fill_bitmask` in the fill thread; the caller goes on (the engine thread runs the front end meanwhile)
+        and takes the result when it needs it. The matchers must not accept tokens, and the host bitmask must
+        not be read, until then."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
-        if not rows:  # the queued tokens wait for the next fill: nothing reads those matchers before it
+        if not rows:
             return BitmaskFill(None, rows, None)
-        accept, self._to_accept = self._to_accept, []
         xgr = _xgrammar()
         if self._bitmask is None or self._bitmask.shape[0] < len(grammars):
             bitmask = xgr.allocate_token_bitmask(max(len(grammars), 64), self.vocab_size)
@@ -252,22 +241,10 @@ class StructuredOutputManager:
             filler = self._fillers[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
         bitmask = self._bitmask[: len(grammars)]
         # One call, C++ without the GIL: the engine thread goes on beside it.
-        future = self._fill_pool.submit(_accept_and_fill, accept, filler, [grammars[i].matcher for i in rows],
+        future = self._fill_pool.submit(filler.batch_fill_next_token_bitmask, [grammars[i].matcher for i in rows],
                                         bitmask, rows)
         _switch_interval_for_fills(+1)
         return BitmaskFill(bitmask, rows, future)
-
-
-def _accept_and_fill(accept: list[tuple[Any, int, Any]], filler, matchers: list, bitmask: torch.Tensor,
-                     rows: list[int]) -> list:
-    """In the fill thread (xgrammar's calls release the GIL): the queued tokens, then the bitmask. Returns the
-    owners of the tokens refused."""
-    rejected = []
-    if accept:
-        taken = _xgrammar().BatchGrammarMatcher.batch_accept_token([m for m, _, _ in accept], [t for _, t, _ in accept])
-        rejected = [owner for (_, _, owner), ok in zip(accept, taken) if not ok]
-    filler.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-    return rejected
 
 
 def _switch_interval_for_fills(change: int) -> None:
@@ -287,7 +264,6 @@ class BitmaskFill:
 
     def __init__(self, bitmask: torch.Tensor | None, rows: list[int], future: concurrent.futures.Future | None):
         self.bitmask, self.rows, self.future = bitmask, rows, future
-        self.rejected: list = []  # owners of queued tokens their matcher refused (`accept_later`), once done
 
     def result(self) -> tuple[torch.Tensor, list[int]] | None:
         """(host bitmask, its filled rows) once the fill is done, or None when no row has a grammar; raises what
@@ -296,7 +272,7 @@ class BitmaskFill:
             future, self.future = self.future, None
             concurrent.futures.wait([future])
             _switch_interval_for_fills(-1)
-            self.rejected = future.result()
+            future.result()
         return None if self.bitmask is None else (self.bitmask, self.rows)
 
 
@@ -304,3 +280,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tenso
     """Set to -inf, in place, the logits of the tokens a row's grammar forbids (rows None: every row);
     xgrammar's own kernel on the device (CUDA or Triton on a GPU, C++ on the CPU)."""
     _xgrammar().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
+def accept_tokens(matchers: list, tokens: list[int]) -> list[bool]:
+    """Each matcher takes its token (one call into xgrammar for the batch); whether each was accepted."""
+    return _xgrammar().BatchGrammarMatcher.batch_accept_token(matchers, tokens)
