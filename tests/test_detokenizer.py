@@ -50,3 +50,36 @@ def test_decoder_takes_the_backend_only_where_the_text_is_the_same(default_model
     calls = []
     tok.decode = lambda ids, **kw: calls.append(ids) or "x"
     assert decoder(tok, True)([5]) == "x" and calls == [[5]]
+
+
+def test_decode_stream_emits_what_the_window_emits(default_model_dir, monkeypatch):
+    """Behind a fast tokenizer the detokenizer is the tokenizers library's DecodeStream: token by token the same text
+    as the two-decode window (the reference here, with the stream turned off), special tokens skipped or kept,
+    over random ids (partial characters, specials, prompts that end inside a character) and real text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from splitserve.engine import detokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    rng = random.Random(0)
+    specials = tok.all_special_ids
+    cases = [(tok.encode("Hello there:"), tok.encode(" naïve café — 東京で🍣を食べた 🤖👍🏽 Ωμέγα ✓"))]
+    cases += [([rng.randrange(len(tok)) for _ in range(rng.randint(1, 9))],
+               [rng.choice(specials + [rng.randrange(len(tok)) for _ in range(6)]) for _ in range(60)])
+              for _ in range(300)]
+    mid = tok.encode("Tokyo 🍣")[:-1]  # the emoji is several byte tokens: this prompt ends inside it
+    assert tok.decode(mid).endswith("\ufffd")
+    cases.append((mid, tok.encode("🍣 sushi")))
+    streamed = 0
+    for skip in (True, False):
+        for prompt, out in cases:
+            fast = IncrementalDetokenizer(tok, prompt, skip)
+            streamed += fast._stream is not None
+            with monkeypatch.context() as m:
+                m.setattr(detokenizer, "rust_backend", lambda t: None)
+                window = IncrementalDetokenizer(tok, prompt, skip)
+            assert window._stream is None
+            assert [fast.step(t) for t in out] == [window.step(t) for t in out], (prompt, out, skip)
+    assert streamed > 500  # the stream served almost every case

@@ -74,6 +74,7 @@ class EngineCore:
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.unsampled: LaunchedStep | None = None  # a structured step's forward, its sampling not enqueued yet
         self.mask_fill: BitmaskFill | None = None  # its grammar bitmask, filling in threads meanwhile
+        self.fill_next: LaunchedStep | None = None  # a step whose masks start filling once the resolve accepted
         self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
@@ -218,7 +219,11 @@ class EngineCore:
             if self.compiling and not outputs:
                 self.structured.wait([seq.grammar for seq, _ in self.compiling], 0.01)
             return outputs
-        outputs += self._resolve()  # step N; the device is already busy with N + 1
+        # Step N; the device is already busy with N + 1, whose masks (if it has grammar rows) start filling as soon
+        # as N's tokens are accepted.
+        self.fill_next = launched if launched is not None and not launched.sampled else None
+        outputs += self._resolve()
+        unfilled, self.fill_next = self.fill_next, None  # still `launched` if no step resolved just now
         if launched is not None:
             self.scheduler.register_blocks(launched.batch)  # after N: N + 1's inputs are real tokens now
             if launched.sampled:
@@ -228,7 +233,7 @@ class EngineCore:
             if not self.async_scheduling or not self.scheduler.has_unfinished():
                 self._sample_deferred()  # synchronous, or nothing left to overlap with: flush
                 outputs += self._resolve()
-            elif not launched.sampled:  # its matchers are up to date (the step before resolved): fill meanwhile
+            elif unfilled is launched:  # its matchers are up to date already: fill meanwhile
                 self.mask_fill = self.structured.start_fill([s.grammar for s in launched.samplers])
         elapsed = time.perf_counter() - t0
         if launched is None or not launched.batch.is_decode:
@@ -341,29 +346,38 @@ class EngineCore:
         live = [self.requests.get(seq.request_id) is seq for seq in step.samplers]  # else finished or aborted
         # The grammar rows' matchers take their tokens in one call (a Python call per row costs more than the work).
         rows = [i for i, (seq, alive) in enumerate(zip(step.samplers, live)) if alive and seq.grammar is not None]
-        accepted = dict(zip(rows, accept_tokens([step.samplers[i].grammar.matcher for i in rows],
-                                                [result.tokens[i] for i in rows]))) if rows else {}
+        ends: dict[int, str] = {}  # row -> how its grammar ended it: "abort" (token refused) or "stop" (complete)
+        if rows:
+            matchers = [step.samplers[i].grammar.matcher for i in rows]
+            for i, m, ok in zip(rows, matchers, accept_tokens(matchers, [result.tokens[i] for i in rows])):
+                if not ok or m.is_terminated():
+                    ends[i] = "stop" if ok else "abort"
+        fill_next, self.fill_next = self.fill_next, None
+        if fill_next is not None:  # the next step's masks need only the matchers: fill them beside the rest
+            ended = {id(step.samplers[i]) for i in ends}
+            self.mask_fill = self.structured.start_fill([None if id(s) in ended else s.grammar
+                                                         for s in fill_next.samplers])
         outputs = []
         for i, (seq, pos, token, entry) in enumerate(zip(step.samplers, step.positions, result.tokens, logprobs)):
             seq.token_ids[pos] = token
             if live[i]:
-                outputs.append(self._append(seq, pos, token, entry, accepted.get(i)))
+                outputs.append(self._append(seq, pos, token, entry, ends.get(i)))
         return outputs
 
     def _append(self, seq: Sequence, pos: int, token: int, logprobs: dict[int, Logprob] | None,
-                accepted: bool | None) -> CoreOutput:
-        """Finish checks and the output of one resolved token; `accepted`: whether its grammar took it (None: no
-        grammar)."""
+                grammar_end: str | None = None) -> CoreOutput:
+        """Finish checks and the output of one resolved token; `grammar_end`: "abort" when its grammar refused it,
+        "stop" when it completed the grammar."""
         params = seq.sampling_params
         num_output = pos + 1 - seq.num_prompt_tokens  # a later step's placeholder may follow it already
         prompt_logprobs = None
         if seq.prompt_logprobs is not None and num_output == 1:
             prompt_logprobs = seq.prompt_logprobs  # complete now: handed out with the first token, once
         may_stop = num_output > params.min_tokens  # the sampler masks EOS / stop ids until then
-        if accepted is False:  # cannot happen under the mask; say so if it does
+        if grammar_end == "abort":  # cannot happen under the mask; say so if it does
             logger.error("request %s: its grammar rejected the sampled token %d", seq.request_id, token)
             seq.finish_reason = "abort"
-        elif accepted and seq.grammar.matcher.is_terminated():  # the grammar is complete (its EOS accepted)
+        elif grammar_end == "stop":  # the grammar is complete (its EOS accepted)
             seq.finish_reason = "stop"
         elif may_stop and not params.ignore_eos and token in self.model.eos_token_ids:
             seq.finish_reason = "stop"
