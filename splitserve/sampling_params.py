@@ -12,6 +12,7 @@ import functools
 import json as json_module
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("splitserve")
@@ -157,6 +158,14 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (a seed from np.random, a float32 top_p) as Python's
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+                setattr(self, f.name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
+                setattr(self, f.name, float(value))
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature <= TEMPERATURE_MAX:

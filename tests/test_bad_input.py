@@ -85,6 +85,22 @@ def test_a_request_keeps_the_values_it_was_made_with(llm):
     assert request.sampling_params.max_tokens == 6 and request.sampling_params.temperature == 0
 
 
+def test_numpy_scalars_are_taken_as_python_numbers(llm):
+    """A seed from np.random or a float32 top_p is a number like any other (kept as a Python int / float), with the
+    same checks: the output equals the one made with Python values."""
+    import numpy as np
+
+    given = SamplingParams(temperature=np.float32(0.5), top_p=np.float32(0.75), top_k=np.int64(20),
+                           seed=np.int64(7), max_tokens=np.int32(5), ignore_eos=True)
+    plain = SamplingParams(temperature=0.5, top_p=float(np.float32(0.75)), top_k=20, seed=7, max_tokens=5,
+                           ignore_eos=True)
+    assert type(given.seed) is int and type(given.top_p) is float and type(given.max_tokens) is int
+    outs = llm.generate([[1, 2, 3, 4]] * 2, [given, plain], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids and len(outs[0].outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="temperature must be"):
+        SamplingParams(temperature=np.float32("nan"))
+
+
 def test_sampling_values_at_their_bounds_run(llm):
     """The extremes of each range reach the sampler and work (torch.Generator takes any signed 64-bit seed)."""
     params = [SamplingParams(temperature=0.8, seed=seed, top_k=top_k, max_tokens=4, ignore_eos=True, logprobs=20)

@@ -442,8 +442,12 @@ def test_server_fields_on_both_endpoints(server):
 
 
 @pytest.mark.parametrize("fields, param, message", [
-    ({"guided_json": {"type": "foo"}}, "response_format", "invalid json schema"),
-    ({"guided_regex": "(ab"}, "response_format", "invalid regex"),
+    ({"guided_json": {"type": "foo"}}, "guided_json", "invalid json schema"),
+    ({"guided_regex": "(ab"}, "guided_regex", "invalid regex"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar", "invalid grammar"),
+    ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs", "invalid regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format", "invalid json schema"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "at most one structured-output constraint"),
     ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema.schema"),

@@ -351,21 +351,25 @@ class OpenAIServer:
                                 f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input "
                                 f"tokens ({max_tokens} > {self.max_model_len} - {num_prompt_tokens}).", param=param)
 
-    def make_requests(self, prompt, params, request_id: str) -> list[RequestState]:
-        """Tokenize and validate one prompt: its n completions (blocking: call it through _off_loop)."""
+    def make_requests(self, prompt, params, request_id: str, structured_field: str = "response_format"
+                      ) -> list[RequestState]:
+        """Tokenize and validate one prompt: its n completions (blocking: call it through _off_loop).
+        `structured_field`: the body field a bad schema / regex / grammar came from."""
         try:
             return self.llm.make_requests(prompt, params, request_id)
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
         except GrammarError as e:
-            raise APIError(400, str(e), param="response_format") from None
+            raise APIError(400, str(e), param=structured_field) from None
         except (ValueError, TypeError) as e:  # the engine's messages start with the field they are about
             word = str(e).split(" ")[0]
             raise APIError(400, str(e), param=word if word in _PARAM_FIELDS else "prompt") from None
 
-    def make_all(self, prompts: list, params: SamplingParams, request_ids: list[str]) -> list[RequestState]:
+    def make_all(self, prompts: list, params: SamplingParams, request_ids: list[str],
+                 structured_field: str = "response_format") -> list[RequestState]:
         """Every prompt's completions, in choice order (prompt-major, as OpenAI's `index`)."""
-        return [c for p, rid in zip(prompts, request_ids) for c in self.make_requests(p, params, rid)]
+        return [c for p, rid in zip(prompts, request_ids)
+                for c in self.make_requests(p, params, rid, structured_field)]
 
     async def collect(self, request: Request, gens) -> list[_Choice]:
         """Run requests to the end; if the client goes away meanwhile, abort them."""
@@ -430,7 +434,7 @@ class OpenAIServer:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         async with self.lane(prompts):
-            seqs = await _off_loop(self.make_all, prompts, params, ids)
+            seqs = await _off_loop(self.make_all, prompts, params, ids, body.structured_field())
         if explicit:
             for s in seqs:
                 self.check_max_tokens(params.max_tokens, s.num_prompt_tokens)
@@ -494,7 +498,7 @@ class OpenAIServer:
             else:
                 self.check_max_tokens(requested, len(prompt_ids), param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        seqs = await _off_loop(self.make_requests, prompt_ids, params, request_id)
+        seqs = await _off_loop(self.make_requests, prompt_ids, params, request_id, body.structured_field())
         gens = [self.llm.generate(s) for s in seqs]
         base = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         if body.stream:

@@ -138,6 +138,13 @@ class _Common(BaseModel):
     def unsupported(self) -> list[str]:
         return []
 
+    def structured_field(self) -> str:
+        """The body field its structured-output constraint came from: what a 400 about that constraint names."""
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(self, name) is not None:
+                return name
+        return "response_format"
+
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         """The one structured-output constraint the body asks for (two fields that both constrain: a 400)."""
         given: dict[str, dict] = {}
