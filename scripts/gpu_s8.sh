@@ -10,15 +10,7 @@
 # Usage: OUT=folder PART=a bash scripts/gpu_s8.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s8}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false SPLITSERVE_CACHE=/tmp/sscache
-export SPLITSERVE_TEST_QWEN_TOKENIZER=$PWD/.gpu/qwen-tokenizer
-t0=$(date +%s)
-stamp() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
-quiet() { grep --line-buffered -v "^\[transformers\]"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+source scripts/gpu_env.sh
 if [[ ${PART:-a} == a ]]; then
   stamp "GPU tests"
   timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "sampler_graph or cuda_graph_path or structured_json \
@@ -27,9 +19,7 @@ or top_p or count_penalties or n_completions" 2>&1 | tail -15 | tee "$out/gpu-te
   OUT=$out timeout 150 python3 scripts/probe_json_step.py --modes plain plain:eager penalties penalties:eager json \
     json:eager plain json 2>&1 | quiet | grep -v "^  device: \|^{" | head -80
   stamp "bench sampling"
-  timeout 200 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 3 2>&1 | quiet | tail -8
+  sampling 200 --sampling-repeats 3
 fi
 if [[ ${PART:-a} == b ]]; then
   stamp "GPU tests"
@@ -39,18 +29,14 @@ if [[ ${PART:-a} == b ]]; then
   OUT=$out timeout 150 python3 scripts/probe_json_step.py --modes plain json penalties plain json penalties \
     2>&1 | quiet | grep -v "^  device: \|^{" | head -120
   stamp "bench sampling"
-  timeout 200 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 5 2>&1 | quiet | tail -8
+  sampling 200 --sampling-repeats 5
 fi
 if [[ ${PART:-a} == c ]]; then
   stamp "the whole GPU suite"
   timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
     | tee "$out/gpu-tests.log"
   stamp "bench sampling"
-  timeout 150 python3 -m splitserve bench sampling --shape qwen3-0.6b --sampling-batch 64 --prompt-len 256 \
-    --new-tokens 256 --modes plain penalties json --tokenizer "$PWD/.gpu/qwen-tokenizer" \
-    --gpu-memory-utilization 0.45 --out "$out" --name sampling --sampling-repeats 5 2>&1 | quiet | tail -8
+  sampling 150 --sampling-repeats 5
 fi
 if [[ ${PART:-a} == d ]]; then
   stamp "P2: smallbatch against hf-compiled"

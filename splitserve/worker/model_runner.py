@@ -164,7 +164,7 @@ class ModelRunner:
         self.last_decode_path: DecodePath | None = None
         self.penalty_state: PenaltyState | None = None  # made on the first step with a count-based penalty
         self._batch_cache: _BatchRows | None = None  # the last batch's: see _batch_rows
-        self.sampler_graphs: SamplerGraphs | None = None  # CUDA graphs of the sampling, once the decode graphs are
+        self.sampler_graphs: SamplerGraphs | None = None  # the sampling as CUDA graphs (made with the decode graphs)
         self.num_kv_blocks = self._allocate_kv_cache()  # runs one profiling prefill on CUDA
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs, max_model_len,
