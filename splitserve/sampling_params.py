@@ -44,6 +44,19 @@ def _warn_once(message: str) -> None:  # once per process: a server must not log
     logger.warning(message)
 
 
+def _python(value):
+    """A numpy scalar or array (0-d included) as the Python number, bool or list it holds; anything else as it is."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # Fraction and the like
+        return float(value)
+    return value
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -158,14 +171,12 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # numpy scalars (a seed from np.random, a float32 top_p) as Python's
-            if not f.init:
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
-                setattr(self, f.name, int(value))
-            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
-                setattr(self, f.name, float(value))
+        for f in dataclasses.fields(self):  # numpy values (a seed from np.random, a float32 top_p) as Python's
+            if f.init:
+                setattr(self, f.name, _python(getattr(self, f.name)))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature <= TEMPERATURE_MAX:
@@ -193,7 +204,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_list = stops
-        ids = self.stop_token_ids or []
+        ids = [_python(t) for t in self.stop_token_ids or []]
         if any(not _is_int(t) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
@@ -209,8 +220,6 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
         self.logit_bias = self._checked_logit_bias(self.logit_bias)
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError(f"include_stop_str_in_output must be a bool, got {self.include_stop_str_in_output!r}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams, "
                              f"got {type(self.structured_outputs).__name__}")
@@ -226,6 +235,7 @@ class SamplingParams:
             raise ValueError(f"logit_bias has at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         out = {}
         for key, value in bias.items():
+            key, value = _python(key), _python(value)
             tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
             if not _is_int(tid) or tid < 0:
                 raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")

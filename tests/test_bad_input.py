@@ -99,6 +99,30 @@ def test_numpy_scalars_are_taken_as_python_numbers(llm):
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids and len(outs[0].outputs[0].token_ids) == 5
     with pytest.raises(ValueError, match="temperature must be"):
         SamplingParams(temperature=np.float32("nan"))
+    # inside lists and dicts, and whole arrays
+    listed = SamplingParams(stop_token_ids=np.array([5, 6]), stop=np.array(["x", "y"]),
+                            logit_bias={np.int64(5): np.float32(1.5)}, include_stop_str_in_output=np.bool_(True))
+    assert (listed.stop_token_ids, listed.stop_list, listed.logit_bias) == ([5, 6], ["x", "y"], {5: 1.5})
+    assert listed.include_stop_str_in_output is True
+    # prompts of numpy ids (a list of them, or an array) are the same prompt
+    ids = [1, 2, 3, 4]
+    p = SamplingParams(temperature=0, max_tokens=3)
+    outs = llm.generate([ids, [np.int64(t) for t in ids], {"prompt_token_ids": np.array(ids)}], p, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("prompt, message", [([1, 2.0], "must be integers"), ([True, 2], "must be integers"),
+                                             (["1"], "must be integers"), ([1, 10**9], "outside the vocabulary")])
+def test_prompt_ids_that_are_not_token_ids_are_named(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+@pytest.mark.parametrize("field", ["ignore_eos", "skip_special_tokens", "include_stop_str_in_output"])
+@pytest.mark.parametrize("value", [None, "no", 0, [1]])
+def test_flags_must_be_true_or_false(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be true or false"):
+        SamplingParams(**{field: value})
 
 
 def test_sampling_values_at_their_bounds_run(llm):

@@ -329,6 +329,45 @@ def test_threaded_mask_fill_equals_xgrammar_row_by_row(tiny_dir):
         manager.shutdown()
 
 
+def test_the_compile_time_limit_counts_from_its_start_not_from_the_queue(tiny_dir, monkeypatch):
+    """Compiles slower than the limit, one per compile thread, and a fast one queued behind them for longer than
+    the limit: the slow ones fail with the time-limit error, the fast one compiles (its wait in the queue is not
+    its compile time)."""
+    import torch
+
+    monkeypatch.setattr(structured_output, "COMPILE_TIMEOUT_S", 2.0)
+    manager = StructuredOutputManager(tiny_dir, VOCAB, frozenset([2]), torch.device("cpu"))
+    try:
+        manager.compiler()  # built now: the fast compile below is only its own work
+        real = manager._compile
+
+        def compile_(kind, text):
+            if text == "slow":
+                time.sleep(3.0)
+                text = "a"
+            return real(kind, text)
+
+        monkeypatch.setattr(manager, "_compile", compile_)
+        slow = [manager.submit(StructuredOutputsParams(regex="slow")) for _ in range(structured_output.COMPILE_THREADS)]
+        fast = manager.submit(StructuredOutputsParams(regex="[0-9]+"))
+        results: dict[int, str] = {}
+        deadline = time.monotonic() + 30
+        while len(results) < len(slow) + 1 and time.monotonic() < deadline:
+            for i, g in enumerate(slow + [fast]):
+                if i in results:
+                    continue
+                try:
+                    if manager.make_ready(g, []):
+                        results[i] = "ready"
+                except ValueError as e:
+                    results[i] = str(e)
+            time.sleep(0.05)
+        assert results[len(slow)] == "ready", results
+        assert all("took longer than 2 s to compile" in results[i] for i in range(len(slow))), results
+    finally:
+        manager.shutdown()
+
+
 def test_fill_threads_follow_the_usable_cpus(monkeypatch):
     import os
 

@@ -11,6 +11,7 @@ prefill and a decode worker (disagg/coordinator.py). Both answer the same calls:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from typing import Protocol
 
@@ -22,6 +23,11 @@ from splitserve.engine.request_state import RequestState
 from splitserve.models.loader import load_tokenizer, resolve_model, resolve_model_spec
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
+
+
+def _as_int(value):
+    """A numpy integer (or any integral number but a bool) as a Python int; anything else as it is."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 class PromptTooLongError(ValueError):
@@ -105,10 +111,13 @@ class LLMEngine:
             if token_ids and max(token_ids) >= self.vocab_size:  # else the step would fail every request in it
                 raise ValueError(f"the tokenizer gave token id {max(token_ids)}, outside this model's vocabulary "
                                  f"[0, {self.vocab_size}): the model folder's tokenizer does not fit its model")
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
-            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)
-                   or not 0 <= t < self.vocab_size]
+        elif isinstance(prompt, (list, tuple)) or (hasattr(prompt, "tolist") and getattr(prompt, "ndim", 0) == 1):
+            ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a 1-d numpy array or tensor too
+            token_ids = [t if type(t) is int else _as_int(t) for t in ids]
+            not_ints = [t for t in token_ids if type(t) is not int]
+            if not_ints:
+                raise ValueError(f"prompt token ids must be integers, got {not_ints[:5]}")
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         else:

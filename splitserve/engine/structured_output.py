@@ -26,7 +26,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,8 +128,10 @@ def check(params: StructuredOutputsParams) -> None:
 @dataclass
 class SequenceGrammar:
     """One sequence's grammar: its compile (shared by equal specs through the compiler's cache), then its matcher."""
-    future: concurrent.futures.Future
-    submitted: float = field(default_factory=time.monotonic)
+    future: concurrent.futures.Future | None = None
+    # When a compile thread took it up: the time limit counts from there, not from the queue (another client's
+    # slow schemas ahead of it in the queue must not run out a fast one's time).
+    started: float | None = None
     matcher: Any = None  # xgrammar.GrammarMatcher once ready
 
 
@@ -190,7 +192,13 @@ class StructuredOutputManager:
         return compiler.compile_grammar(text)
 
     def submit(self, params: StructuredOutputsParams) -> SequenceGrammar:
-        return SequenceGrammar(self.pool.submit(self._compile, *params.spec()))
+        grammar = SequenceGrammar()
+        grammar.future = self.pool.submit(self._compile_timed, grammar, *params.spec())
+        return grammar
+
+    def _compile_timed(self, grammar: SequenceGrammar, kind: str, text: str):
+        grammar.started = time.monotonic()
+        return self._compile(kind, text)
 
     def make_ready(self, grammar: SequenceGrammar, output_token_ids: list[int]) -> bool:
         """True once the grammar is compiled and its matcher has replayed `output_token_ids` (tokens generated
@@ -198,7 +206,8 @@ class StructuredOutputManager:
         if grammar.matcher is not None:
             return True
         if not grammar.future.done():
-            if time.monotonic() - grammar.submitted > COMPILE_TIMEOUT_S:
+            started = grammar.started
+            if started is not None and time.monotonic() - started > COMPILE_TIMEOUT_S:
                 grammar.future.cancel()
                 raise ValueError(f"the grammar took longer than {COMPILE_TIMEOUT_S:g} s to compile")
             return False

@@ -171,7 +171,8 @@ class _Common(BaseModel):
         try:
             return StructuredOutputsParams(**kwargs)
         except ValueError as e:
-            raise APIError(400, f"{param}: {e}", param=param) from None
+            message = str(e) if str(e).startswith(param) else f"{param}: {e}"
+            raise APIError(400, message, param=param) from None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bad = self.unsupported()
