@@ -44,7 +44,7 @@ def _warn_once(message: str) -> None:  # once per process: a server must not log
     logger.warning(message)
 
 
-def _python(value):
+def as_python(value):
     """A numpy scalar or array (0-d included) as the Python number, bool or list it holds; anything else as it is."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -173,7 +173,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy values (a seed from np.random, a float32 top_p) as Python's
             if f.init:
-                setattr(self, f.name, _python(getattr(self, f.name)))
+                setattr(self, f.name, as_python(getattr(self, f.name)))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -204,7 +204,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_list = stops
-        ids = [_python(t) for t in self.stop_token_ids or []]
+        ids = [as_python(t) for t in self.stop_token_ids or []]
         if any(not _is_int(t) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
@@ -235,7 +235,7 @@ class SamplingParams:
             raise ValueError(f"logit_bias has at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         out = {}
         for key, value in bias.items():
-            key, value = _python(key), _python(value)
+            key, value = as_python(key), as_python(value)
             tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
             if not _is_int(tid) or tid < 0:
                 raise ValueError(f"logit_bias keys must be non-negative token ids, got {key!r}")

@@ -11,7 +11,6 @@ prefill and a decode worker (disagg/coordinator.py). Both answer the same calls:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from typing import Protocol
 
@@ -22,12 +21,7 @@ from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.request_state import RequestState
 from splitserve.models.loader import load_tokenizer, resolve_model, resolve_model_spec
 from splitserve.outputs import RequestOutput
-from splitserve.sampling_params import SamplingParams
-
-
-def _as_int(value):
-    """A numpy integer (or any integral number but a bool) as a Python int; anything else as it is."""
-    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+from splitserve.sampling_params import SamplingParams, as_python
 
 
 class PromptTooLongError(ValueError):
@@ -113,7 +107,7 @@ class LLMEngine:
                                  f"[0, {self.vocab_size}): the model folder's tokenizer does not fit its model")
         elif isinstance(prompt, (list, tuple)) or (hasattr(prompt, "tolist") and getattr(prompt, "ndim", 0) == 1):
             ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a 1-d numpy array or tensor too
-            token_ids = [t if type(t) is int else _as_int(t) for t in ids]
+            token_ids = [t if type(t) is int else as_python(t) for t in ids]
             not_ints = [t for t in token_ids if type(t) is not int]
             if not_ints:
                 raise ValueError(f"prompt token ids must be integers, got {not_ints[:5]}")
