@@ -74,7 +74,6 @@ class EngineCore:
         self.pending: LaunchedStep | None = None  # launched, not resolved yet (async scheduling)
         self.unsampled: LaunchedStep | None = None  # a structured step's forward, its sampling not enqueued yet
         self.mask_fill: BitmaskFill | None = None  # its grammar bitmask, filling in threads meanwhile
-        self.fill_next: LaunchedStep | None = None  # a step whose masks start filling once the resolve accepted
         self.prefill_pending: PrefillRun | None = None  # PD multiplexing: the prefill batch still running
         self.num_steps = 0
         self.prefill_time_s = 0.0
@@ -221,9 +220,8 @@ class EngineCore:
             return outputs
         # Step N; the device is already busy with N + 1, whose masks (if it has grammar rows) start filling as soon
         # as N's tokens are accepted.
-        self.fill_next = launched if launched is not None and not launched.sampled else None
-        outputs += self._resolve()
-        unfilled, self.fill_next = self.fill_next, None  # still `launched` if no step resolved just now
+        filled = self.pending is not None and launched is not None and not launched.sampled
+        outputs += self._resolve(fill_next=launched if filled else None)
         if launched is not None:
             self.scheduler.register_blocks(launched.batch)  # after N: N + 1's inputs are real tokens now
             if launched.sampled:
@@ -233,7 +231,7 @@ class EngineCore:
             if not self.async_scheduling or not self.scheduler.has_unfinished():
                 self._sample_deferred()  # synchronous, or nothing left to overlap with: flush
                 outputs += self._resolve()
-            elif unfilled is launched:  # its matchers are up to date already: fill meanwhile
+            elif not launched.sampled and not filled:  # no step resolved just now: its matchers are up to date
                 self.mask_fill = self.structured.start_fill([s.grammar for s in launched.samplers])
         elapsed = time.perf_counter() - t0
         if launched is None or not launched.batch.is_decode:
@@ -326,17 +324,18 @@ class EngineCore:
                 fill = self.structured.start_fill([s.grammar for s in step.samplers])
             self.pending = self.runner.sample(step, fill.result())
 
-    def _resolve(self) -> list[CoreOutput]:
-        """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs."""
+    def _resolve(self, fill_next: LaunchedStep | None = None) -> list[CoreOutput]:
+        """Resolve the pending step, if any: write its tokens over the placeholders, finish checks, outputs.
+        `fill_next`: a launched structured step whose masks start filling once this step's tokens are accepted."""
         step, self.pending = self.pending, None
         if step is None:
             return []
-        outputs = self._resolve_step(step)
+        outputs = self._resolve_step(step, fill_next)
         if self.prefill_pending is not None and not self.lanes.is_done(self.prefill_pending):
             self.pd_multiplex["decode_done_while_prefill_ran"] += 1  # seen: the lanes overlap on the device
         return outputs
 
-    def _resolve_step(self, step: LaunchedStep) -> list[CoreOutput]:
+    def _resolve_step(self, step: LaunchedStep, fill_next: LaunchedStep | None = None) -> list[CoreOutput]:
         result = self.runner.resolve(step)
         if result.prompt_logprobs:
             for seq in step.batch.seqs:
@@ -352,7 +351,6 @@ class EngineCore:
             for i, m, ok in zip(rows, matchers, accept_tokens(matchers, [result.tokens[i] for i in rows])):
                 if not ok or m.is_terminated():
                     ends[i] = "stop" if ok else "abort"
-        fill_next, self.fill_next = self.fill_next, None
         if fill_next is not None:  # the next step's masks need only the matchers: fill them beside the rest
             ended = {id(step.samplers[i]) for i in ends}
             self.mask_fill = self.structured.start_fill([None if id(s) in ended else s.grammar

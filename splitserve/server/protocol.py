@@ -138,15 +138,8 @@ class _Common(BaseModel):
     def unsupported(self) -> list[str]:
         return []
 
-    def structured_field(self) -> str:
-        """The body field its structured-output constraint came from: what a 400 about that constraint names."""
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-            if getattr(self, name) is not None:
-                return name
-        return "response_format"
-
-    def structured_outputs_params(self) -> StructuredOutputsParams | None:
-        """The one structured-output constraint the body asks for (two fields that both constrain: a 400)."""
+    def _structured_given(self) -> dict[str, dict]:
+        """The body's structured-output constraints: {field: StructuredOutputsParams kwargs}."""
         given: dict[str, dict] = {}
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
@@ -162,6 +155,15 @@ class _Common(BaseModel):
                 given[name] = {key: getattr(self, name)}
         if self.structured_outputs is not None:
             given["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        return given
+
+    def structured_field(self) -> str:
+        """The body field its structured-output constraint came from: what a 400 about that constraint names."""
+        return next(iter(self._structured_given()), "response_format")
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the body asks for (two fields that both constrain: a 400)."""
+        given = self._structured_given()
         if len(given) > 1:
             raise APIError(400, f"give at most one structured-output constraint, got {', '.join(given)}",
                            param=list(given)[1])
