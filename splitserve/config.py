@@ -51,6 +51,9 @@ class EngineConfig:
     # Schedule and launch step N + 1 before reading step N's tokens back (vLLM v1's default). None: on where
     # supported (the in-process core; PD workers step synchronously).
     async_scheduling: bool | None = None
+    # The engine core (scheduler + model runner) in a process of its own, the front end in this one (vLLM v1's
+    # split; engine/core_client.py): the two run in parallel instead of taking turns on one GIL.
+    engine_core_process: bool = False
     # Issue 13: prefill ‖ decode on one GPU over one KV cache. Each step schedules a decode batch (1 token per
     # running sequence whose prompt is done) and a prefill batch (prompt chunks) as two launches ("lanes").
     # Until the GPU part lands (green-context partitions) the lanes run one after the other, synchronously.
@@ -113,6 +116,11 @@ class EngineConfig:
                                                 or self.decode_compute_sm is not None):
             raise ValueError("decode_memory_sm / decode_compute_sm need enable_decode_pipeline=True")
         self._check_pd_multiplex()
+        if not isinstance(self.engine_core_process, bool):
+            raise ValueError(f"engine_core_process must be True or False, got {self.engine_core_process!r}")
+        if self.engine_core_process and self.enable_two_gpu_pd:
+            raise ValueError("engine_core_process and enable_two_gpu_pd cannot be combined: the two-GPU split "
+                             "already runs its cores in worker processes")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):

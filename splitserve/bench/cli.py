@@ -144,11 +144,11 @@ def run(args: argparse.Namespace) -> None:
         kwargs.setdefault("max_num_seqs", max(args.batch_sizes))
         kwargs.setdefault("max_model_len", max(args.context_lens) + 1)
     llm = LLM(model, **kwargs)
-    runner = llm.engine.core.runner
-    meta = {"model": args.shape or model or "SmolLM2-135M-Instruct",
-            "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "dtype": str(runner.dtype),
-            "engine": llm.stats()}
+    engine_stats = llm.stats()  # the core may run in another process (engine_core_process, PD)
+    core = engine_stats.get("decode", engine_stats)  # PD: the decode worker's
+    meta = {"model": args.shape or model or "SmolLM2-135M-Instruct", "device": core["device_name"],
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "dtype": f"torch.{core['dtype']}", "engine": engine_stats}
     if args.workload == "latency":
         result = workloads.latency(llm, args.batch_sizes, args.context_lens)
     elif args.workload == "throughput":
@@ -162,9 +162,10 @@ def run(args: argparse.Namespace) -> None:
     name = args.name or f"{args.workload}-{meta['model']}-{meta['device']}".replace(" ", "_").replace("/", "_")
     if args.compare:
         report.write(result, args.out, name)  # our numbers are on disk even if a peer hangs and gets killed
-        spec = (llm.engine.model.path, llm.config.load_format == "dummy", runner.device, runner.dtype)
+        spec = (llm.engine.model.path, llm.config.load_format == "dummy", torch.device(core["device"]),
+                getattr(torch, core["dtype"]))
         llm.shutdown()
-        del llm, runner  # free the device for the HF model (the engine's memory goes with it)
+        del llm  # free the device for the HF model (the engine's memory goes with it)
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         _hf_compare(args, spec, result)

@@ -1,8 +1,9 @@
 """The PD control channel's messages, each kind defined once as a typed record of plain values.
 
 Coordinator -> worker: Setup, Add (prefill), Offer (relayed to decode with its request), Accept/Reject
-(relayed to prefill), Abort, Stop. Worker -> coordinator: Hello, Ready, Outputs, Stats, Offer (prefill),
-Accept/Reject (decode), Error. KV bytes never travel here: they go worker to worker (kv_transfer.py).
+(relayed to prefill), Abort, GetStats, Stop. Worker -> coordinator: Hello, Ready, Outputs, Stats, Offer (prefill),
+Accept/Reject (decode), Error. The one-process core (engine/core_client.py) uses the same records, without
+the offers. KV bytes never travel here: they go worker to worker (kv_transfer.py).
 
 A request's prompt ids travel coordinator -> prefill (Add) and coordinator -> decode (with the Offer),
 never back: the coordinator attaches the request it already holds when it relays an offer.
@@ -10,7 +11,8 @@ never back: the coordinator attaches the request it already holds when it relays
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from operator import attrgetter
 
 from splitserve.config import EngineConfig
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
@@ -18,7 +20,7 @@ from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 
 @dataclass(frozen=True)
 class Hello:
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "core"
     pid: int
 
 
@@ -26,7 +28,9 @@ class Hello:
 class Setup:
     """Everything a worker needs, explicitly: its own engine config and the rendezvous of the KV channel."""
     config: EngineConfig
-    init_method: str  # "file://PATH" on one host; "env://" for two hosts (with master_addr/master_port)
+    # The KV channel's rendezvous: "file://PATH" on one host; "env://" for two hosts (with master_addr/master_port);
+    # None for the one-process core, which moves no KV.
+    init_method: str | None = None
     master_addr: str | None = None
     master_port: int | None = None
 
@@ -76,6 +80,18 @@ class Outputs:
     outputs: list[CoreOutput]
     gauges: CoreGauges
 
+    def __reduce__(self):
+        # On the wire as rows of plain values: a third of the time of pickling the dataclasses, which the sending
+        # core pays on its step loop every step (64 rows: 0.03 against 0.10 ms).
+        return _outputs, (self.role, list(map(_core_output_row, self.outputs)), self.gauges)
+
+
+_core_output_row = attrgetter(*(f.name for f in fields(CoreOutput)))
+
+
+def _outputs(role: str, rows: list[tuple], gauges: CoreGauges) -> Outputs:
+    return Outputs(role, [CoreOutput(*row) for row in rows], gauges)
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -87,6 +103,11 @@ class Stats:
 class Error:
     role: str
     traceback: str
+
+
+@dataclass(frozen=True)
+class GetStats:
+    """Asks a worker for a Stats answer now (the one-process core: `LLM.stats()`)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""Prefill and decode worker processes (M1). Each runs an engine core on its own device; neither detokenizes.
+"""Worker processes: prefill and decode (M1), or the whole engine core (`engine_core_process`). Each runs an
+engine core on its own device; none detokenizes.
 
 Prefill worker: schedules prompts (chunked, prefix-cached), samples the first token, reports it, and
 offers the sequence to the decode worker. Prefill pauses while too many offers wait (backpressure).
 Decode worker: admits an offer only when its KV cache has room, receives the blocks, and decodes the
 sequence in its running batch (CUDA graphs as in the core); its own preemption recomputes locally.
 
-Both are started as `python -m splitserve pd-worker` (locally by the coordinator, or by hand on another
+Core worker: the in-process core's loop in a process of its own (engine/core_client.py says why): steps while
+it has work, reports each step's outputs, takes requests and aborts between steps.
+
+All are started as `python -m splitserve pd-worker` (locally by their client, or by hand on another
 host): one launch path, and no user script is ever re-imported. Control messages are typed records over
 a signed channel to the coordinator (messages.py, channel.py); KV goes straight from worker to worker
 over torch.distributed (kv_transfer.py).
@@ -33,6 +37,7 @@ from splitserve.disagg.messages import (
     Accept,
     Add,
     Error,
+    GetStats,
     Hello,
     Offer,
     Outputs,
@@ -42,13 +47,13 @@ from splitserve.disagg.messages import (
     Stats,
     Stop,
 )
+from splitserve.disagg.procs import AUTHKEY_ENV
 from splitserve.engine.core import EngineCore
 from splitserve.engine.messages import CoreOutput
 from splitserve.engine.sequence import Sequence
 from splitserve.models.loader import resolve_model_spec
 
 logger = logging.getLogger("splitserve")
-AUTHKEY_ENV = "SPLITSERVE_PD_AUTHKEY"
 
 
 def worker_cli(argv: list[str] | None = None) -> None:
@@ -57,7 +62,7 @@ def worker_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--coordinator", required=True, help="HOST:PORT the coordinator listens on "
                                                              "(its pd_remote_decode)")
     parser.add_argument("--device", default="cuda:0", help="this host's device for the worker")
-    parser.add_argument("--role", choices=("prefill", "decode"), default="decode")
+    parser.add_argument("--role", choices=("prefill", "decode", "core"), default="decode")
     parser.add_argument("--connect-timeout", type=float, default=300.0)
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # set by a local coordinator
     args = parser.parse_args(argv)
@@ -87,15 +92,17 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
     channel.send(Hello(role, os.getpid()))
     try:
         setup: Setup = channel.recv()
-        torch_device = torch.device(device)
-        if torch_device.type == "cuda":
-            torch.cuda.set_device(torch_device)
-        rank = kv_transfer.PREFILL_RANK if role == "prefill" else kv_transfer.DECODE_RANK
-        if setup.master_addr:
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = setup.master_addr, str(setup.master_port)
-        kv_transfer.init_process_group(rank, torch_device, setup.init_method)
-        config = setup.config if setup.config.device == device else _on_device(setup.config, device)
-        worker = (PrefillWorker if role == "prefill" else DecodeWorker)(config, channel)
+        config = setup.config
+        if setup.init_method is not None:  # a PD worker: its own device, and the KV channel to the other one
+            torch_device = torch.device(device)
+            if torch_device.type == "cuda":
+                torch.cuda.set_device(torch_device)
+            rank = kv_transfer.PREFILL_RANK if role == "prefill" else kv_transfer.DECODE_RANK
+            if setup.master_addr:
+                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = setup.master_addr, str(setup.master_port)
+            kv_transfer.init_process_group(rank, torch_device, setup.init_method)
+            config = config if config.device == device else _on_device(config, device)
+        worker = {"prefill": PrefillWorker, "decode": DecodeWorker, "core": CoreWorker}[role](config, channel)
         channel.send(Ready(role, worker.core.max_model_len, worker.stats()))
         worker.run()
     except (EOFError, ConnectionError):
@@ -142,13 +149,16 @@ def _connect(address: tuple[str, int], key: bytes, timeout_s: float) -> Channel:
 
 class _Worker:
     role = ""
+    # PD workers step synchronously: the prefill worker detaches a sequence as soon as a step returns its first
+    # token, and the hand-over (token ids, generator state) needs that token resolved, with no step pending.
+    synchronous = True
 
     def __init__(self, config: EngineConfig, channel: Channel):
         self.channel = channel
         self.config = config
-        # Synchronous steps: the prefill worker detaches a sequence as soon as a step returns its first token,
-        # and the hand-over (token ids, generator state) needs that token resolved, with no step pending.
-        self.core = EngineCore(dataclasses.replace(config, async_scheduling=False), resolve_model_spec(config))
+        if self.synchronous:
+            config = dataclasses.replace(config, async_scheduling=False)
+        self.core = EngineCore(config, resolve_model_spec(config))
         self.kv_cache = self.core.runner.kv_cache
         self.num_transfers = 0
         self.transfer_bytes = 0
@@ -168,7 +178,10 @@ class _Worker:
                 msg = self.channel.recv()
                 if isinstance(msg, Stop):
                     return
-                self.handle(msg)
+                if isinstance(msg, GetStats):
+                    self.channel.send(Stats(self.role, self.stats()))
+                else:
+                    self.handle(msg)
                 timeout = 0.0
             self.progress()
 
@@ -179,6 +192,34 @@ class _Worker:
     def stats(self) -> dict:
         return {**self.core.stats(), "kv_transfers": self.num_transfers, "kv_transfer_bytes": self.transfer_bytes,
                 "pid": os.getpid()}
+
+
+class CoreWorker(_Worker):
+    """The whole engine core, async scheduling as configured: what `EngineCore` does in-process, in its own process."""
+    role = "core"
+    synchronous = False
+
+    def busy(self) -> bool:
+        return self.core.has_unfinished()
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, Add):
+            add_or_refuse(self, msg)
+        elif isinstance(msg, Abort):
+            self.core.abort(msg.request_ids)
+
+    def progress(self) -> None:
+        if self.core.has_unfinished():
+            self.report(self.core.step())
+
+
+def add_or_refuse(worker: _Worker, msg: Add) -> None:
+    """Add a request to the worker's core; one it refuses ends at once ("abort"), and the others go on."""
+    try:
+        worker.core.add(msg.request)
+    except ValueError as e:
+        logger.warning("request %s refused: %s", msg.request.request_id, e)
+        worker.report([CoreOutput(msg.request.request_id, [], None, finish_reason="abort")])
 
 
 class PrefillWorker(_Worker):
@@ -196,11 +237,7 @@ class PrefillWorker(_Worker):
 
     def handle(self, msg) -> None:
         if isinstance(msg, Add):
-            try:
-                self.core.add(msg.request)
-            except ValueError as e:  # this request only: the others go on
-                logger.warning("request %s refused: %s", msg.request.request_id, e)
-                self.report([CoreOutput(msg.request.request_id, [], None, finish_reason="abort")])
+            add_or_refuse(self, msg)
         elif isinstance(msg, Abort):  # an offered sequence is the decode side's to drop
             self.core.abort([r for r in msg.request_ids if r not in self.offered])
         elif isinstance(msg, Accept):

@@ -14,6 +14,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
+
 from splitserve.config import EngineConfig, ModelSpec
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
@@ -414,6 +416,7 @@ class EngineCore:
             "prefill_step_time_s": self.prefill_time_s, "decode_step_time_s": self.decode_time_s,
             "running": gauges.running, "waiting": gauges.waiting, "max_model_len": self.max_model_len,
             "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
+            "device_name": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
             "decode_path": gauges.decode_path, "decode_pipeline": self.decode_pipeline.stats(graphs),
             "decode_memory_sm": gauges.decode_memory_sm, "decode_compute_sm": gauges.decode_compute_sm,
             "cuda_graphs": graphs.buckets if graphs else [],

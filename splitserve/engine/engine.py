@@ -1,8 +1,9 @@
 """LLMEngine: the front end. Tokenizes and validates requests, talks to an engine core through a core
 client, and turns its token ids into text, stop strings, metrics and `RequestOutput`s.
 
-The core client is an `EngineCore` in this process, or, with `enable_two_gpu_pd`, a `PDClient` over a
-prefill and a decode worker (disagg/coordinator.py). Both answer the same calls:
+The core client is an `EngineCore` in this process; with `engine_core_process`, a `CoreProcClient` over
+the same core in a process of its own (core_client.py); with `enable_two_gpu_pd`, a `PDClient` over a
+prefill and a decode worker (disagg/coordinator.py). All answer the same calls:
 
     add(CoreRequest)   abort([request ids])   step() -> [CoreOutput]   has_unfinished()
     gauges() -> CoreGauges   stats() -> dict   max_model_len   shutdown()
@@ -45,6 +46,10 @@ def make_core_client(config: EngineConfig, model) -> CoreClient:
         from splitserve.disagg.coordinator import PDClient
 
         return PDClient(config, model)
+    if config.engine_core_process:
+        from splitserve.engine.core_client import CoreProcClient
+
+        return CoreProcClient(config, model)
     from splitserve.engine.core import EngineCore
 
     return EngineCore(config, model)

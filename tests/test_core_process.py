@@ -1,0 +1,114 @@
+"""The engine core in a process of its own (`engine_core_process`): the same outputs as the in-process core,
+the same failures seen at once, nothing left behind."""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import random_prompts
+
+from splitserve import LLM, SamplingParams
+from splitserve.disagg.procs import WorkerDiedError
+from splitserve.sampling_params import StructuredOutputsParams
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/status") as f:  # a zombie is dead too, but then nobody reaped it
+        return "zombie" not in f.read()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_model):
+    return make_tiny_model("qwen3", seed=7)
+
+
+def _requests():
+    """Greedy, seeded sampling with logprobs, a stop string, n > 1, prompt logprobs, penalties and a JSON schema,
+    over prompts that share a prefix, in a KV cache small enough that running sequences get preempted."""
+    shared = random_prompts(1, 40, 40, seed=99)[0]
+    prompts = random_prompts(6, 5, 60, seed=3)
+    prompts = prompts[:3] + [shared + p[:7] for p in prompts[3:]]
+    params = [SamplingParams(temperature=0, max_tokens=30 + 5 * i, ignore_eos=True) for i in range(3)]
+    params += [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=24, ignore_eos=True, logprobs=2),
+               SamplingParams(n=2, temperature=1.0, seed=6, max_tokens=20, ignore_eos=True, prompt_logprobs=1,
+                              presence_penalty=0.5, repetition_penalty=1.2),
+               SamplingParams(temperature=0.7, seed=7, max_tokens=40, structured_outputs=StructuredOutputsParams(
+                   json={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))]
+    return prompts, params
+
+
+def _texts(outs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.logprobs and [sorted(e) for e in c.logprobs])
+             for c in o.outputs] for o in outs]
+
+
+def test_core_process_gives_the_in_process_outputs(tiny_dir):
+    prompts, params = _requests()
+    engine_args = dict(device="cpu", num_kv_blocks=24, max_num_batched_tokens=64)  # 24 blocks: preemption
+    local = LLM(tiny_dir, **engine_args)
+    expected = local.generate(prompts, params, use_tqdm=False)
+    stop = expected[0].outputs[0].text[10:13]
+    expected_stop = local.generate(prompts[:1], dataclasses.replace(params[0], stop=[stop]), use_tqdm=False)
+    llm = LLM(tiny_dir, engine_core_process=True, **engine_args)
+    try:
+        pid = llm.engine.core.worker_pids()["core"]
+        assert pid != os.getpid() and _alive(pid)
+        got = llm.generate(prompts, params, use_tqdm=False)
+        got_stop = llm.generate(prompts[:1], dataclasses.replace(params[0], stop=[stop]), use_tqdm=False)
+        # an abort mid-run: the request ends, the others go on
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        a, b = (llm.engine.add_request(p, long) for p in prompts[:2])
+        while a.num_output_tokens < 3:
+            llm.engine.step()
+        llm.engine.abort(a.request_id)
+        while not b.is_finished:
+            llm.engine.step()
+        stats = llm.stats()
+    finally:
+        llm.shutdown()
+    assert _texts(got) == _texts(expected)
+    assert [o.prompt_logprobs is None for o in got] == [o.prompt_logprobs is None for o in expected]
+    assert _texts(got_stop) == _texts(expected_stop) and got_stop[0].outputs[0].finish_reason == "stop"
+    assert a.finish_reason == "abort" and 3 <= a.num_output_tokens < 200 and b.num_output_tokens == 200
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
+    assert stats["engine_core_process"]["pid"] == pid
+    assert stats["kv_used_blocks"] == 0 and not llm.engine.has_unfinished_requests()
+    assert not _alive(pid)  # shutdown stops it
+
+
+def test_killed_core_process_raises_at_once_and_the_engine_stays_dead(tiny_dir):
+    llm = LLM(tiny_dir, device="cpu", engine_core_process=True, max_model_len=2048)
+    pid = llm.engine.core.worker_pids()["core"]
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.time())
+        os.kill(pid, signal.SIGKILL)
+
+    prompts = random_prompts(8, 100, 300, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+    timer = threading.Timer(2.0, kill)
+    timer.start()
+    with pytest.raises(WorkerDiedError, match=r"the core worker \(pid \d+\) exited with code -9"):
+        llm.generate(prompts, params, use_tqdm=False)
+    raised_at = time.time()
+    timer.join()
+    # a product promise: a dead core is seen at once (its process sentinel), not after a time-out
+    assert killed_at and raised_at - killed_at[0] < 2.0, raised_at - killed_at[0]
+    assert not _alive(pid)
+    with pytest.raises(WorkerDiedError):
+        llm.generate(prompts[:1], params, use_tqdm=False)
+
+
+def test_core_process_flag_is_checked():
+    with pytest.raises(ValueError, match="engine_core_process must be True or False"):
+        LLM("unused", engine_core_process="yes")
+    with pytest.raises(ValueError, match="engine_core_process and enable_two_gpu_pd cannot be combined"):
+        LLM("unused", engine_core_process=True, enable_two_gpu_pd=True)
