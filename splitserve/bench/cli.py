@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> None:
     if args.workload == "latency":
         kwargs.setdefault("max_num_seqs", max(args.batch_sizes))
         kwargs.setdefault("max_model_len", max(args.context_lens) + 1)
+    if args.workload == "latency" and kwargs.get("engine_core_process"):
+        raise SystemExit("splitserve bench latency: times the model runner of an in-process core; "
+                         "leave out --engine-core-process")
     llm = LLM(model, **kwargs)
     engine_stats = llm.stats()  # the core may run in another process (engine_core_process, PD)
     core = engine_stats.get("decode", engine_stats)  # PD: the decode worker's

@@ -98,16 +98,18 @@ def throughput(llm, num_requests: int = 256, in_range=(100, 1024), out_range=(10
     prompts, out_lens = random_requests(num_requests, in_range, out_range, llm.engine.vocab_size, seed)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in out_lens]
     llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm up
-    engine = llm.engine.core
-    engine.prefill_time_s = engine.decode_time_s = 0.0
+    before = llm.stats()  # the core's step times (in this process or its own)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     total = time.perf_counter() - t0
+    after = llm.stats()
+    prefill_s, decode_s = (after.get(k, 0.0) - before.get(k, 0.0)
+                           for k in ("prefill_step_time_s", "decode_step_time_s"))
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"workload": "throughput", "num_requests": num_requests, "input_range": list(in_range),
             "output_range": list(out_range), "output_tokens": generated, "total_s": total,
-            "output_tok_s": generated / total, "prefill_step_time_s": engine.prefill_time_s,
-            "decode_step_time_s": engine.decode_time_s,
+            "output_tok_s": generated / total, "prefill_step_time_s": prefill_s,
+            "decode_step_time_s": decode_s,
             "requests": {"input_lens": [len(p) for p in prompts], "output_lens": out_lens}}
 
 
@@ -118,12 +120,18 @@ def smallbatch(llm, num_prompts: int = 4, prompt_len: int = 32, new_tokens: int 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm up
     outs = llm.generate(prompts, params, use_tqdm=False)
+    return {"workload": "smallbatch", "num_prompts": num_prompts, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, **decode_rate(outs), "ttft_s": max(o.metrics.time_to_first_token for o in outs)}
+
+
+def decode_rate(outs) -> dict:
+    """Decode tok/s of a batch: the tokens after the last request's first token, over the time from then to the
+    last token. Requests that start a step apart (a core in its own process takes them in as they come) then
+    count only where all of them decode."""
     first = max(o.metrics.first_token_time for o in outs)
     last = max(o.metrics.last_token_time for o in outs)
-    decode_tokens = num_prompts * (new_tokens - 1)
-    return {"workload": "smallbatch", "num_prompts": num_prompts, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "decode_s": last - first, "decode_tok_s": decode_tokens / (last - first),
-            "ttft_s": max(o.metrics.time_to_first_token for o in outs)}
+    tokens = sum(sum(t > first for t in o.metrics.token_times) for o in outs)
+    return {"decode_s": last - first, "decode_tok_s": tokens / (last - first)}
 
 
 # ---- sampling: decode tok/s with the logit processors on, against plain sampling in the same run ----
@@ -182,11 +190,8 @@ def sampling(llm, modes: list[str], batch: int = 64, prompt_len: int = 256, new_
         for mode in modes:
             outs = llm.generate(prompts, SAMPLING_MODES[mode](new_tokens, tokenizer), use_tqdm=False)
             lengths = [len(o.outputs[0].token_ids) for o in outs]
-            first = max(o.metrics.first_token_time for o in outs)
-            last = max(o.metrics.last_token_time for o in outs)
-            tokens = sum(sum(t > first for t in o.metrics.token_times) for o in outs)  # those after the last first
             rounds[mode].append({
-                "decode_s": last - first, "decode_tok_s": tokens / (last - first),
+                **decode_rate(outs),
                 # a row that ends early shrinks the batch: the ratio then understates that mode's speed
                 "fixed_length": all(n == new_tokens for n in lengths), "min_output_tokens": min(lengths),
                 "finish_reasons": dict(Counter(o.outputs[0].finish_reason for o in outs))})

