@@ -3,9 +3,10 @@
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
 them. Variants: off (the layout before), fused_qkv (q/k-norm + rotary + KV store in one kernel),
-and off again last (the
-drift of the run). Each variant also counts the kernels one graph replay launches, per point.
-Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch]
+and off again last (the drift of the run). With --split-min-keys K ...: instead, the fused layout with
+each K as the decode attention's shortest split-K chunk (`SPLIT_MIN_KEYS`, fixed in a graph at capture),
+then the first K again. Each variant also counts the kernels one graph replay launches, per point.
+Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch] [--split-min-keys K ...]
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from torch.profiler import ProfilerActivity, profile
 from splitserve import LLM
 from splitserve.bench import workloads
 from splitserve.bench.shapes import shape_folder
+from splitserve.kernels import paged_attention
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
 # name -> SPLITSERVE_FUSED_QKV (the one-split graphs were measured on 2026-11-30, gained nothing, and are gone)
 VARIANTS = [("off", False), ("fused_qkv", True), ("off_again", False)]
 
 
-def recapture(llm, fuse_qkv: bool) -> None:
+def recapture(llm, fuse_qkv: bool, split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
     runner = llm.engine.core.runner
+    paged_attention.SPLIT_MIN_KEYS = split_min_keys  # read by decode_splits when each graph is captured
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()
@@ -54,7 +57,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--points", nargs="+", required=True, help="BATCH:CTX")
     ap.add_argument("--smallbatch", action="store_true", help="also the 4 x 64 small-batch workload (P2)")
+    ap.add_argument("--split-min-keys", type=int, nargs="+", default=None)
     args = ap.parse_args()
+    variants = VARIANTS
+    if args.split_min_keys:
+        keys = args.split_min_keys + args.split_min_keys[:1]
+        variants = [(f"{'keys' if i < len(keys) - 1 else 'again'}{k}", True, k) for i, k in enumerate(keys)]
     points = [tuple(map(int, p.split(":"))) for p in args.points]
     batches, ctxs = sorted({b for b, _ in points}), sorted({c for _, c in points})
     llm = LLM(shape_folder(args.shape), load_format="dummy", max_num_seqs=max(batches),
@@ -62,8 +70,8 @@ def main() -> None:
     runner = llm.engine.core.runner
     result = {"shape": args.shape, "device": torch.cuda.get_device_name(runner.device), "torch": torch.__version__,
               "max_model_len": runner.max_model_len, "variants": {}}
-    for name, fuse_qkv in VARIANTS:
-        recapture(llm, fuse_qkv)
+    for name, fuse_qkv, *keys in variants:
+        recapture(llm, fuse_qkv, *keys)
         graphs = runner.graphs
         wanted, bandwidth = [], None
         for b, c in points:  # one point a call: the grid would also run every (batch, ctx) cross pair
@@ -73,8 +81,8 @@ def main() -> None:
                 p["kernels_per_replay"] = kernels_per_replay(llm, b, c)
             wanted.append(p)
             bandwidth = bandwidth or lat["copy_bandwidth_GBps"]
-        entry = {"fuse_qkv": fuse_qkv, "copy_bandwidth_GBps": bandwidth,
-                 "graph_capture_s": graphs.capture_time_s, "points": wanted}
+        entry = {"fuse_qkv": fuse_qkv, "split_min_keys": paged_attention.SPLIT_MIN_KEYS,
+                 "copy_bandwidth_GBps": bandwidth, "graph_capture_s": graphs.capture_time_s, "points": wanted}
         if args.smallbatch:
             entry["smallbatch"] = workloads.smallbatch(llm)
         result["variants"][name] = entry
@@ -83,8 +91,9 @@ def main() -> None:
               entry.get("smallbatch", {}).get("decode_tok_s", ""), flush=True)
         with open(args.out, "w") as f:  # after every variant: a timeout keeps what was measured
             json.dump(result, f, indent=1)
-    base = result["variants"]["off"]["points"]
-    print(f"\n{args.shape}: graph GPU ms (wall ms) per decode step, ratio to 'off'")
+    first = variants[0][0]
+    base = result["variants"][first]["points"]
+    print(f"\n{args.shape}: graph GPU ms (wall ms) per decode step, ratio to '{first}'")
     for i, p in enumerate(base):
         if "skipped" in p:
             print(f"  b{p['batch']} ctx{p['ctx']}: {p['skipped']}")

