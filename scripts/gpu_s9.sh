@@ -9,13 +9,14 @@
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s9}
 source scripts/gpu_env.sh
+keep() { for ext in json md; do mv "$out/sampling.$ext" "$out/sampling-$1.$ext"; done; }  # the last bench's files
 if [[ ${PART:-a} == a ]]; then
   stamp "bench sampling, in-process core"
   sampling 170 --sampling-repeats 5
-  mv "$out/sampling.json" "$out/sampling-in-process.json"; mv "$out/sampling.md" "$out/sampling-in-process.md"
+  keep in-process
   stamp "bench sampling, core process"
   sampling 170 --sampling-repeats 5 --engine-core-process
-  mv "$out/sampling.json" "$out/sampling-core-process.json"; mv "$out/sampling.md" "$out/sampling-core-process.md"
+  keep core-process
   for mode in in-process core-process; do
     stamp "smallbatch, $mode"
     flag=(); [[ $mode == core-process ]] && flag=(--engine-core-process)
@@ -36,10 +37,10 @@ if [[ ${PART:-a} == b ]]; then
   procs "after the suite" | tee -a "$out/processes.txt"
   stamp "bench sampling, in-process core"
   sampling 120 --sampling-repeats 5
-  mv "$out/sampling.json" "$out/sampling-in-process.json"; mv "$out/sampling.md" "$out/sampling-in-process.md"
+  keep in-process
   stamp "bench sampling, core process"
   sampling 120 --sampling-repeats 5 --engine-core-process
-  mv "$out/sampling.json" "$out/sampling-core-process.json"; mv "$out/sampling.md" "$out/sampling-core-process.md"
+  keep core-process
   procs "at the end" | tee -a "$out/processes.txt"
 fi
 if [[ ${PART:-a} == c ]]; then

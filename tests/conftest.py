@@ -91,6 +91,38 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return outs
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/status") as f:  # a zombie is dead too, but then nobody reaped it
+        return "zombie" not in f.read()
+
+
+def seconds_to_raise_after_kill(run, pid: int, after_s: float, error: type, match: str) -> float:
+    """SIGKILL `pid` `after_s` seconds into `run()`, which must raise `error` matching `match`: the seconds from
+    the kill to the raise."""
+    import signal
+    import threading
+    import time
+
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.time())
+        os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(after_s, kill)
+    timer.start()
+    with pytest.raises(error, match=match):
+        run()
+    raised_at = time.time()
+    timer.join()
+    assert killed_at, "run() raised before the kill"
+    return raised_at - killed_at[0]
+
+
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()

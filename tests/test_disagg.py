@@ -15,22 +15,12 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as tmp
-from conftest import random_prompts, sigint_as_in_a_terminal
+from conftest import process_alive, random_prompts, seconds_to_raise_after_kill, sigint_as_in_a_terminal
 
 from splitserve import LLM, SamplingParams
 from splitserve.config import EngineConfig
 from splitserve.disagg import kv_transfer
 from splitserve.disagg.coordinator import WorkerDiedError, listen_address, pd_devices
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/status") as f:  # a zombie is dead too, but then nobody reaped it
-        return "zombie" not in f.read()
-
 
 # ---- KV transfer on its own ----
 SENT_BLOCKS, RECV_BLOCKS = [3, 7, 1], [0, 5, 2]
@@ -148,25 +138,15 @@ def test_pd_sampling_seeded_matches_colocated_and_stop_strings(tiny_dir):
 def test_killed_worker_raises_quickly_and_leaves_no_process(tiny_dir, victim):
     llm = LLM(tiny_dir, device="cpu", enable_two_gpu_pd=True, max_model_len=2048)
     pids = llm.engine.core.worker_pids()
-    killed_at = []
-
-    def kill():
-        killed_at.append(time.time())
-        os.kill(pids[victim], signal.SIGKILL)
-
     # long requests keep both workers busy (new prompts keep arriving at prefill as earlier ones decode)
     prompts = random_prompts(16, 200, 600, seed=1)
     params = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
-    timer = threading.Timer(3.0, kill)
-    timer.start()
-    with pytest.raises(WorkerDiedError, match=f"the {victim} worker"):
-        llm.generate(prompts, params, use_tqdm=False)
-    raised_at = time.time()
-    timer.join()
+    delay = seconds_to_raise_after_kill(lambda: llm.generate(prompts, params, use_tqdm=False), pids[victim], 3.0,
+                                        WorkerDiedError, f"the {victim} worker")
     # a product promise: a dead worker is seen at once (its process sentinel), the other one is stopped
-    assert killed_at and raised_at - killed_at[0] < 2.0, raised_at - killed_at[0]
+    assert delay < 2.0, delay
     for pid in pids.values():
-        assert not _alive(pid), pid
+        assert not process_alive(pid), pid
     with pytest.raises(WorkerDiedError):  # the engine stays dead and says so
         llm.generate(prompts[:1], params, use_tqdm=False)
 
@@ -200,7 +180,7 @@ def test_ctrl_c_stops_everything(tiny_dir, tmp_path):
     assert proc.returncode == 130 and "interrupted" in out, err
     assert "Traceback" not in err, err
     for pid in pids:
-        assert not _alive(pid)
+        assert not process_alive(pid)
 
 
 def test_pd_flags_are_validated(monkeypatch, caplog):
@@ -273,7 +253,7 @@ def test_server_in_pd_mode(tiny_dir):
         proc.wait(timeout=30)
     assert proc.returncode == 0
     for pid in pids:
-        assert not _alive(pid)
+        assert not process_alive(pid)
 
 
 def test_two_host_launch_with_a_decode_worker_started_by_hand(tiny_dir, monkeypatch):
