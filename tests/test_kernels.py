@@ -35,9 +35,6 @@ print("ok", check_case(*SPLIT_CASES[0][0], num_splits=1))
 pa._merge_splits_kernel = merge
 for case, splits in SPLIT_CASES:
     print("ok split", splits, check_case(*case, num_splits=splits))
-pa.SPLIT_MIN_CHUNK = 64  # a short context in a many-split launch: fewer, longer splits, the rest empty
-for case, splits in SPLIT_CASES:
-    print("ok split floor", splits, check_case(*case, num_splits=splits))
 check_fused(dtype=torch.float32)
 check_fused(dtype=torch.float16)
 print("ok fused")
@@ -74,7 +71,7 @@ def _interpret(script: str) -> str:
 
 
 def test_triton_kernels_match_torch_reference_in_interpreter():
-    assert _interpret(SCRIPT).count("ok") == 15
+    assert _interpret(SCRIPT).count("ok") == 12
 
 
 def test_fused_qk_norm_rope_store_matches_torch_reference_in_interpreter():

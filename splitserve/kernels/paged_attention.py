@@ -39,7 +39,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, TILE_IN_ONE_BLOCK: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TILE_IN_ONE_BLOCK: tl.constexpr,
 ):
     # KV heads vary fastest: the programs running side by side read whole token rows of the same blocks
     kv_head = tl.program_id(0)
@@ -71,9 +71,6 @@ def _paged_attention_kernel(
     later_queries = q_len - (q_tile + 1) * BLOCK_Q
     kv_end = seq_len - later_queries * (later_queries > 0).to(tl.int32)
     chunk = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    # A graph fixes NUM_SPLITS at capture for its longest context; a shorter one runs in fewer, longer splits
-    # (the others find nothing to do and leave an empty part), so its merge stays cheap.
-    chunk = tl.maximum(chunk, MIN_CHUNK)
     kv_start = split * chunk
     kv_stop = tl.minimum(kv_start + chunk, kv_end)
     for start in range(kv_start, kv_stop, BLOCK_N):
@@ -167,8 +164,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         KV_BLOCK_SIZE=kv_block_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NUM_SPLITS=num_splits,
-        TILE_IN_ONE_BLOCK=kv_block_size % tiles["BLOCK_N"] == 0,
-        MIN_CHUNK=triton.cdiv(SPLIT_MIN_CHUNK, tiles["BLOCK_N"]) * tiles["BLOCK_N"], **tiles,
+        TILE_IN_ONE_BLOCK=kv_block_size % tiles["BLOCK_N"] == 0, **tiles,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -186,7 +182,6 @@ _SM_COUNT: dict = {}
 
 
 SPLIT_MIN_KEYS = 256  # no split shorter than this: a context up to this long is never split
-SPLIT_MIN_CHUNK = 16  # at run time, no split walks fewer keys than this (unless it is the last)
 
 
 def decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:
