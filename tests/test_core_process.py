@@ -3,6 +3,9 @@ the same failures seen at once, nothing left behind."""
 
 import dataclasses
 import os
+import signal
+import threading
+import time
 
 import pytest
 from conftest import process_alive, random_prompts, seconds_to_raise_after_kill
@@ -91,3 +94,54 @@ def test_core_process_flag_is_checked():
         LLM("unused", engine_core_process="yes")
     with pytest.raises(ValueError, match="engine_core_process and enable_two_gpu_pd cannot be combined"):
         LLM("unused", engine_core_process=True, enable_two_gpu_pd=True)
+
+
+def test_outputs_that_arrive_while_stats_waits_are_delivered(tiny_dir):
+    llm = LLM(tiny_dir, device="cpu", engine_core_process=True)
+    try:
+        client = llm.engine.core
+        request = llm.engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+        while request.request_id in client.requests:  # the core finishes it while only stats() takes messages in
+            llm.stats()
+        assert llm.engine.has_unfinished_requests()  # its outputs wait for the next step()
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+    finally:
+        llm.shutdown()
+    assert request.finish_reason == "length" and request.num_output_tokens == 5
+
+
+def test_an_engine_built_in_a_thread_outlives_that_thread(tiny_dir):
+    built = []
+    thread = threading.Thread(target=lambda: built.append(LLM(tiny_dir, device="cpu", engine_core_process=True)))
+    thread.start()
+    thread.join()
+    llm = built[0]
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_a_config_the_core_refuses_is_a_value_error(tiny_dir):
+    with pytest.raises(ValueError, match="does not fit the KV cache") as info:
+        LLM(tiny_dir, device="cpu", engine_core_process=True, num_kv_blocks=2, max_model_len=1024)
+    assert "Traceback" not in str(info.value)
+
+
+def test_server_reports_a_dead_core_at_once(tiny_dir):
+    from test_server import http, running_server
+
+    with running_server(tiny_dir, "--engine-core-process") as url:
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3}
+        assert http("POST", url + "/v1/completions", body)[0] == 200
+        status, stats = http("GET", url + "/stats")
+        pid = stats["engine_core_process"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 5  # the pidfd fires at once; 5 s leaves room for a loaded box
+        while http("GET", url + "/health", key=None)[0] == 200:
+            assert time.time() < deadline, "/health still says ok after the core died"
+            time.sleep(0.05)
+        assert http("POST", url + "/v1/completions", body)[0] == 503
+        assert http("GET", url + "/stats")[0] >= 500  # an answer, not a hang

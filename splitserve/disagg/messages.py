@@ -103,6 +103,7 @@ class Stats:
 class Error:
     role: str
     traceback: str
+    refused: str | None = None  # a ValueError's message: the engine config is wrong (raised as such by the client)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,17 @@ from multiprocessing.connection import wait
 
 from splitserve.disagg.channel import Channel, handshake
 from splitserve.disagg.messages import Error, Hello, Outputs, Ready, Setup, Stats, Stop
-from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
+from splitserve.engine.messages import CoreDiedError, CoreGauges, CoreOutput, CoreRequest
 
 logger = logging.getLogger("splitserve")
 AUTHKEY_ENV = "SPLITSERVE_PD_AUTHKEY"
+LOG_LEVEL_ENV = "SPLITSERVE_WORKER_LOG_LEVEL"  # a local worker logs at its client's level
 POLL_S = 0.005
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 0.5  # a worker told to stop gets this long before it is killed
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(CoreDiedError):
     pass
 
 
@@ -78,7 +79,7 @@ class ProcClient:
         self.listener.settimeout(0.2)
         host, port = self.listener.getsockname()[:2]
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        env = {**os.environ, AUTHKEY_ENV: key}
+        env = {**os.environ, AUTHKEY_ENV: key, LOG_LEVEL_ENV: str(logger.getEffectiveLevel())}
         for role in setups:
             proc = None
             if role in local:
@@ -102,6 +103,8 @@ class ProcClient:
             self._poll(0.1)
             if time.time() > deadline:
                 raise WorkerDiedError(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
+        self.listener.close()  # every role has its connection: nobody else may queue on the port
+        self.listener = None
 
     def _accept(self, key: bytes, accepted: list) -> None:
         """Accept worker connections until every role has one. A peer with a wrong key, or one that says
@@ -126,6 +129,13 @@ class ProcClient:
                 logger.warning("refused a control connection from %s: %s", peer[0], e)
             return
         accepted.append((hello, channel))
+
+    def alive(self) -> bool:
+        """False once a worker has died, seen at once from any thread (its sentinel), even while no step runs."""
+        if self.dead is not None:
+            return False
+        sentinels = [w.sentinel for w in self.workers.values() if w.sentinel is not None]
+        return not sentinels or not wait(sentinels, timeout=0)
 
     def worker_pids(self) -> dict[str, int]:
         return {role: w.proc.pid for role, w in self.workers.items() if w.proc is not None}
@@ -195,6 +205,10 @@ class ProcClient:
         elif isinstance(msg, Stats):
             worker.stats = msg.stats
         elif isinstance(msg, Error):
+            if worker.max_model_len is None and msg.refused is not None:  # the config, refused before it was ready
+                self.shutdown(STOP_GRACE_S)
+                self.dead = f"the {msg.role} worker refused its config: {msg.refused}"
+                raise ValueError(msg.refused)
             self._died(f"the {msg.role} worker failed:\n{msg.traceback}")
         else:
             self._relay(worker, msg)

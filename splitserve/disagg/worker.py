@@ -21,8 +21,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections import deque
@@ -47,7 +49,7 @@ from splitserve.disagg.messages import (
     Stats,
     Stop,
 )
-from splitserve.disagg.procs import AUTHKEY_ENV
+from splitserve.disagg.procs import AUTHKEY_ENV, LOG_LEVEL_ENV
 from splitserve.engine.core import EngineCore
 from splitserve.engine.messages import CoreOutput
 from splitserve.engine.sequence import Sequence
@@ -80,7 +82,8 @@ def worker_cli(argv: list[str] | None = None) -> None:
     if not key:
         raise SystemExit(f"splitserve pd-worker: set {AUTHKEY_ENV} (the same secret as the coordinator's)")
     host, _, port = args.coordinator.rpartition(":")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s splitserve: %(message)s")
+    logging.basicConfig(level=int(os.environ.get(LOG_LEVEL_ENV, logging.WARNING)),
+                        format="%(asctime)s %(levelname)s splitserve: %(message)s")
     worker_main(args.role, args.device, (host, int(port)), key.encode(), args.connect_timeout)
 
 
@@ -90,6 +93,7 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = _connect(address, key, connect_timeout_s)
     channel.send(Hello(role, os.getpid()))
+    ready = False
     try:
         setup: Setup = channel.recv()
         config = setup.config
@@ -104,12 +108,14 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
             config = config if config.device == device else _on_device(config, device)
         worker = {"prefill": PrefillWorker, "decode": DecodeWorker, "core": CoreWorker}[role](config, channel)
         channel.send(Ready(role, worker.core.max_model_len, worker.stats()))
+        ready = True
         worker.run()
     except (EOFError, ConnectionError):
         pass  # the coordinator is gone: nothing to report to
-    except Exception:
+    except Exception as e:
+        refused = str(e) if isinstance(e, ValueError) and not ready else None  # e.g. a cache too small
         try:
-            channel.send(Error(role, traceback.format_exc()))
+            channel.send(Error(role, traceback.format_exc(), refused))
         except OSError:
             pass
         raise SystemExit(1) from None
@@ -119,16 +125,22 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """A local worker runs in its own session (Ctrl-C is the coordinator's to handle); if the coordinator
-    dies without stopping it, the kernel kills it too, even while it is blocked in a collective."""
-    import ctypes
-
+    """A local worker runs in its own session (Ctrl-C is its client's to handle). If the client's process exits
+    without stopping it, a thread here sees that at once (through a pidfd) and kills this process, even while the
+    main thread is blocked in a collective. Not PR_SET_PDEATHSIG: that fires when the client's *thread* that
+    started the worker exits (an LLM built in a thread pool)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the coordinator died before the line above ran
+        parent = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        raise SystemExit(1) from None
+    if os.getppid() != parent_pid:  # the client died before the line above ran (its pid may be another's now)
         raise SystemExit(1)
+
+    def watch() -> None:
+        select.select([parent], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="splitserve-parent-watch", daemon=True).start()
 
 
 def _on_device(config: EngineConfig, device: str) -> EngineConfig:
@@ -211,6 +223,9 @@ class CoreWorker(_Worker):
     def progress(self) -> None:
         if self.core.has_unfinished():
             self.report(self.core.step())
+
+    def stats(self) -> dict:
+        return self.core.stats()  # what the in-process core reports (no KV transfers here)
 
 
 def add_or_refuse(worker: _Worker, msg: Add) -> None:

@@ -159,6 +159,9 @@ class EngineCore:
         return any(self.requests.get(s.request_id) is s for step in (self.pending, self.unsampled) if step is not None
                    for s in step.samplers)
 
+    def alive(self) -> bool:
+        return True  # in this process: alive while the process is
+
     def shutdown(self) -> None:
         """Nothing to stop in-process but the grammar threads (the PD client stops its workers here)."""
         if self.mask_fill is not None:  # let it finish: the switch interval it lowered is restored then

@@ -51,6 +51,9 @@ class CoreProcClient(ProcClient):
         except WorkerDiedError:
             pass  # abort never raises: the requests went with the worker, and the next step() says why
 
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self.early)  # a finished request's last output may wait in `early`
+
     def step(self) -> list[CoreOutput]:
         """The outputs that came since the last call: waits up to POLL_S for some when none came."""
         self._check_alive()

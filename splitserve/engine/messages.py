@@ -12,6 +12,10 @@ from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 
 
+class CoreDiedError(RuntimeError):
+    """The core client lost its core (a worker process died): nothing more can run on this engine."""
+
+
 @dataclass(frozen=True)
 class CoreRequest:
     request_id: str

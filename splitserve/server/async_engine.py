@@ -10,13 +10,14 @@ walk runs only when someone asks (/stats).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from splitserve.engine.messages import CoreGauges
+from splitserve.engine.messages import CoreDiedError, CoreGauges
 from splitserve.engine.request_state import RequestState
 from splitserve.outputs import Logprob
 
@@ -79,7 +80,8 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.dead is None
+        """False once the engine thread has died, or its core has (seen at once, even while no request runs)."""
+        return self._thread.is_alive() and self.dead is None and self.engine.core.alive()
 
     # ---- asyncio side ----
     def make_requests(self, prompt, params, request_id: str | None = None) -> list[RequestState]:
@@ -149,6 +151,8 @@ class AsyncLLM:
             logger.exception("engine thread died")
             self.dead = e
             self._fail_all(EngineDeadError(f"engine failed: {type(e).__name__}: {e}"))
+            if self.on_step is not None:  # nothing runs or waits any more
+                self.on_step(dataclasses.replace(engine.gauges(), running=0, waiting=0))
 
     def _handle(self, cmd) -> None:
         kind, arg = cmd
@@ -159,10 +163,21 @@ class AsyncLLM:
             except (ValueError, TypeError) as e:
                 stream.push(e)
                 return
+            except BaseException as e:  # the engine cannot take requests any more: this one learns it too
+                stream.push(EngineDeadError(f"engine failed: {type(e).__name__}: {e}"))
+                raise
             self._streams[stream.seq.request_id] = stream
         elif kind == "stats":
             future: asyncio.Future = arg
-            future.get_loop().call_soon_threadsafe(_resolve, future, self.engine.stats())
+            try:
+                stats = self.engine.stats()
+            except Exception as e:  # the asker gets the error; a dead core takes the engine down after that
+                future.get_loop().call_soon_threadsafe(_reject, future, EngineDeadError(f"stats failed: {e}"))
+                if isinstance(e, CoreDiedError):
+                    raise
+                logger.exception("stats failed")
+                return
+            future.get_loop().call_soon_threadsafe(_resolve, future, stats)
         elif kind == "abort":
             stream = self._streams.pop(arg, None)
             if stream is not None:
@@ -172,6 +187,8 @@ class AsyncLLM:
     def _step(self) -> None:
         try:
             updated = self.engine.step()
+        except CoreDiedError:
+            raise  # no later step can run: the engine is dead (_run fails every request and /health)
         except Exception as e:
             # One bad step must not take the server down: fail the requests in flight, keep serving.
             logger.exception("engine step failed; aborting the requests in flight")
