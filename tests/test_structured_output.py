@@ -368,6 +368,43 @@ def test_the_compile_time_limit_counts_from_its_start_not_from_the_queue(tiny_di
         manager.shutdown()
 
 
+def test_a_grammar_the_core_cannot_compile_ends_its_request_with_the_reason(tiny_dir, monkeypatch):
+    """A grammar whose compile fails in the core (after the front end's check passed): the request ends with no
+    tokens and its reason, offline and through AsyncLLM; the server answers that with a 400, not an empty 200."""
+    import asyncio
+
+    from splitserve.server.api import _merge
+    from splitserve.server.async_engine import AsyncLLM, RequestRefusedError
+    from splitserve.server.protocol import APIError
+
+    def fail(self, kind, text):
+        raise RuntimeError("no room for it")
+
+    monkeypatch.setattr(StructuredOutputManager, "_compile", fail)
+    engine = LLM(tiny_dir, device="cpu").engine
+    params = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    request = engine.add_request(PROMPT, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert request.finish_reason == "abort" and request.output_token_ids == []
+    assert request.error == "the grammar failed to compile: no room for it"
+
+    async def through_the_server():
+        llm = AsyncLLM(engine)
+        llm.start()
+        try:
+            with pytest.raises(APIError) as refused:
+                async for _ in _merge([llm.generate(llm.make_requests(PROMPT, params)[0])]):
+                    pass
+        finally:
+            llm.shutdown()
+        return refused.value
+
+    refused = asyncio.run(through_the_server())
+    assert refused.status == 400 and "failed to compile: no room for it" in refused.message
+    assert issubclass(RequestRefusedError, ValueError)
+
+
 def test_fill_threads_follow_the_usable_cpus(monkeypatch):
     import os
 

@@ -18,9 +18,9 @@ import time
 import torch
 
 from splitserve.config import EngineConfig, ModelSpec
-from splitserve.disagg.messages import Abort, Accept, Add, Offer, Reject, Setup
+from splitserve.disagg.messages import Accept, Offer, Reject, Setup
 from splitserve.disagg.procs import AUTHKEY_ENV, ProcClient, Worker, WorkerDiedError
-from splitserve.engine.messages import CoreGauges, CoreRequest
+from splitserve.engine.messages import CoreGauges
 
 __all__ = ["PDClient", "WorkerDiedError", "listen_address", "pd_devices", "worker_config"]
 logger = logging.getLogger("splitserve")
@@ -81,6 +81,7 @@ def worker_config(config: EngineConfig, role: str, device: str) -> EngineConfig:
 
 
 class PDClient(ProcClient):
+    entry_role = "prefill"
     def __init__(self, config: EngineConfig, model: ModelSpec):
         super().__init__()
         t0 = time.perf_counter()
@@ -125,22 +126,6 @@ class PDClient(ProcClient):
         super().shutdown(grace_s)
         if self.store_file is not None and os.path.exists(self.store_file):
             os.remove(self.store_file)
-
-    # ---- the core client ----
-    def add(self, request: CoreRequest) -> None:
-        self._check_alive()
-        self.requests[request.request_id] = request
-        self._send("prefill", Add(request))
-
-    def abort(self, request_ids: list[str]) -> None:
-        ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
-        if not ids or self.dead is not None:
-            return
-        for role in ("prefill", "decode"):
-            try:
-                self._send(role, Abort(ids))
-            except WorkerDiedError:
-                return  # abort never raises: the requests went with the worker, and the next step() says why
 
     def _relay(self, worker: Worker, msg) -> None:
         if isinstance(msg, Offer):

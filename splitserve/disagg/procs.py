@@ -21,7 +21,7 @@ import weakref
 from multiprocessing.connection import wait
 
 from splitserve.disagg.channel import Channel, handshake
-from splitserve.disagg.messages import Error, Hello, Outputs, Ready, Setup, Stats, Stop
+from splitserve.disagg.messages import Abort, Add, Error, Hello, Outputs, Ready, Setup, Stats, Stop
 from splitserve.engine.messages import CoreDiedError, CoreGauges, CoreOutput, CoreRequest
 
 logger = logging.getLogger("splitserve")
@@ -155,6 +155,23 @@ class ProcClient:
         _stop_workers(self.workers, grace_s)
 
     # ---- the core client's common calls ----
+    entry_role = ""  # the worker that takes new requests
+
+    def add(self, request: CoreRequest) -> None:
+        self._check_alive()
+        self.requests[request.request_id] = request
+        self._send(self.entry_role, Add(request))
+
+    def abort(self, request_ids: list[str]) -> None:
+        ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
+        if not ids or self.dead is not None:
+            return
+        for role in self.workers:
+            try:
+                self._send(role, Abort(ids))
+            except WorkerDiedError:
+                return  # abort never raises: the requests went with the worker, and the next step() says why
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

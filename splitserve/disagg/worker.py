@@ -234,7 +234,7 @@ def add_or_refuse(worker: _Worker, msg: Add) -> None:
         worker.core.add(msg.request)
     except ValueError as e:
         logger.warning("request %s refused: %s", msg.request.request_id, e)
-        worker.report([CoreOutput(msg.request.request_id, [], None, finish_reason="abort")])
+        worker.report([CoreOutput(msg.request.request_id, [], None, finish_reason="abort", error=str(e))])
 
 
 class PrefillWorker(_Worker):

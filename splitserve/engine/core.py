@@ -126,7 +126,7 @@ class EngineCore:
                 seq.status, seq.grammar, seq.finish_reason = SequenceStatus.FINISHED, None, "abort"
                 self.requests.pop(seq.request_id, None)
                 self.block_manager.free_sequence(seq)  # a PD arrival holds blocks already
-                failed.append(CoreOutput(seq.request_id, [], None, "abort"))
+                failed.append(CoreOutput(seq.request_id, [], None, "abort", error=str(e)))
                 continue
             if ready:
                 admit(seq)

@@ -15,14 +15,15 @@ import secrets
 import time
 
 from splitserve.config import EngineConfig, ModelSpec
-from splitserve.disagg.messages import Abort, Add, GetStats, Setup
-from splitserve.disagg.procs import POLL_S, ProcClient, WorkerDiedError
-from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
+from splitserve.disagg.messages import GetStats, Setup
+from splitserve.disagg.procs import POLL_S, ProcClient
+from splitserve.engine.messages import CoreGauges, CoreOutput
 
 ROLE = "core"
 
 
 class CoreProcClient(ProcClient):
+    entry_role = ROLE
     def __init__(self, config: EngineConfig, model: ModelSpec):
         super().__init__()
         t0 = time.perf_counter()
@@ -36,20 +37,6 @@ class CoreProcClient(ProcClient):
             raise
         self.max_model_len = self.workers[ROLE].max_model_len
         self.startup_time_s = time.perf_counter() - t0
-
-    def add(self, request: CoreRequest) -> None:
-        self._check_alive()
-        self.requests[request.request_id] = request
-        self._send(ROLE, Add(request))
-
-    def abort(self, request_ids: list[str]) -> None:
-        ids = [r for r in request_ids if self.requests.pop(r, None) is not None]
-        if not ids or self.dead is not None:
-            return
-        try:
-            self._send(ROLE, Abort(ids))
-        except WorkerDiedError:
-            pass  # abort never raises: the requests went with the worker, and the next step() says why
 
     def has_unfinished(self) -> bool:
         return bool(self.requests or self.early)  # a finished request's last output may wait in `early`

@@ -36,6 +36,8 @@ class CoreOutput:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (first admission)
     scheduled_time: float | None = None  # set on a request's first output: when it was first scheduled
     prompt_logprobs: list[dict[int, Logprob]] | None = None  # prompt tokens 1.. (on the first output, if asked)
+    error: str | None = None  # why the core refused the request (finish "abort", no tokens): its grammar did not
+    # compile in time, or a worker could not take it
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class RequestState:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
+        self.error: str | None = None  # the core refused it (CoreOutput.error)
         self.metrics = RequestMetrics(arrival_time=time.time())
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, sampling_params.skip_special_tokens)
 
@@ -55,6 +56,7 @@ class RequestState:
         if out.scheduled_time is not None and m.first_scheduled_time is None:
             m.first_scheduled_time = out.scheduled_time
         self.num_cached_tokens = out.num_cached_tokens
+        self.error = out.error or self.error
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = [None] + [self._decoded(entry) for entry in out.prompt_logprobs]
         stopped, last = False, len(out.new_token_ids) - 1

@@ -32,7 +32,7 @@ from splitserve.engine.request_state import RequestState
 from splitserve.engine.structured_output import GrammarError
 from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
-from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError
+from splitserve.server.async_engine import AsyncLLM, Delta, EngineDeadError, RequestRefusedError
 from splitserve.server.metrics import ServerMetrics
 from splitserve.server.protocol import (
     APIError,
@@ -235,6 +235,8 @@ async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, D
             i, item = await q.get()
             if item is None:
                 remaining -= 1
+            elif isinstance(item, RequestRefusedError):  # the client's doing (a grammar too costly): a 400
+                raise APIError(400, f"the request was refused: {item}")
             elif isinstance(item, Exception):
                 raise item
             else:

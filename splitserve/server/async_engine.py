@@ -36,10 +36,15 @@ class Delta:
     num_output_tokens: int  # so far
     num_cached_tokens: int
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, with the first token, when requested
+    error: str | None = None  # the core refused the request (it ends here, with no tokens)
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestRefusedError(ValueError):
+    """The core refused a request it had taken (its grammar did not compile in time): `generate` raises it."""
 
 
 class _Stream:
@@ -109,6 +114,8 @@ class AsyncLLM:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    raise RequestRefusedError(item.error)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
@@ -216,7 +223,7 @@ class AsyncLLM:
         if seq.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
             prompt_logprobs, stream.sent_prompt_logprobs = seq.prompt_logprobs, True
         return Delta(text, new_ids, logprobs, seq.finish_reason, seq.stop_reason, seq.num_prompt_tokens,
-                     seq.num_output_tokens, seq.num_cached_tokens, prompt_logprobs)
+                     seq.num_output_tokens, seq.num_cached_tokens, prompt_logprobs, seq.error)
 
     def _end(self, stream: _Stream) -> None:
         self.engine.release(stream.seq)
