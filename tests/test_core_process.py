@@ -85,6 +85,7 @@ def test_killed_core_process_raises_at_once_and_the_engine_stays_dead(tiny_dir):
     # a product promise: a dead core is seen at once (its process sentinel), not after a time-out
     assert delay < 2.0, delay
     assert not process_alive(pid)
+    assert (llm.engine.gauges().running, llm.engine.gauges().waiting) == (0, 0)
     with pytest.raises(WorkerDiedError):
         llm.generate(prompts[:1], params, use_tqdm=False)
 

@@ -49,6 +49,8 @@ class CoreProcClient(ProcClient):
 
     def gauges(self) -> CoreGauges:
         g = self.workers[ROLE].gauges  # as of the last outputs
+        if self.dead is not None:  # nothing runs or waits in a dead core
+            return CoreGauges(0, 0, 0.0, g.num_preemptions if g else 0, g.decode_path if g else "eager")
         if g is None:
             return CoreGauges(0, len(self.requests), 0.0, 0, self.workers[ROLE].stats.get("decode_path", "eager"))
         return dataclasses.replace(g, waiting=max(0, len(self.requests) - g.running))
