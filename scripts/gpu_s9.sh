@@ -9,14 +9,16 @@
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s9}
 source scripts/gpu_env.sh
-keep() { for ext in json md; do mv "$out/sampling.$ext" "$out/sampling-$1.$ext"; done; }  # the last bench's files
+both_ways() {  # bench sampling, 5 rounds, in-process then with the core process; $1: each one's time limit
+  for mode in in-process core-process; do
+    stamp "bench sampling, $mode"
+    flag=(); [[ $mode == core-process ]] && flag=(--engine-core-process)
+    sampling "$1" --sampling-repeats 5 "${flag[@]}"
+    for ext in json md; do mv "$out/sampling.$ext" "$out/sampling-$mode.$ext"; done
+  done
+}
 if [[ ${PART:-a} == a ]]; then
-  stamp "bench sampling, in-process core"
-  sampling 170 --sampling-repeats 5
-  keep in-process
-  stamp "bench sampling, core process"
-  sampling 170 --sampling-repeats 5 --engine-core-process
-  keep core-process
+  both_ways 170
   for mode in in-process core-process; do
     stamp "smallbatch, $mode"
     flag=(); [[ $mode == core-process ]] && flag=(--engine-core-process)
@@ -35,12 +37,7 @@ if [[ ${PART:-a} == b ]]; then
   timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
     | tee "$out/gpu-tests.log"
   procs "after the suite" | tee -a "$out/processes.txt"
-  stamp "bench sampling, in-process core"
-  sampling 120 --sampling-repeats 5
-  keep in-process
-  stamp "bench sampling, core process"
-  sampling 120 --sampling-repeats 5 --engine-core-process
-  keep core-process
+  both_ways 120
   procs "at the end" | tee -a "$out/processes.txt"
 fi
 if [[ ${PART:-a} == c ]]; then
