@@ -109,9 +109,12 @@ class ProcClient:
     def _accept(self, key: bytes, accepted: list) -> None:
         """Accept worker connections until every role has one. A peer with a wrong key, or one that says
         nothing, is dropped after its handshake fails or times out; accepting goes on."""
-        while self.listener is not None and any(w.channel is None for w in self.workers.values()):
+        while any(w.channel is None for w in self.workers.values()):
+            listener = self.listener
+            if listener is None:
+                return  # every worker came, or the client shut down
             try:
-                sock, peer = self.listener.accept()
+                sock, peer = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -135,7 +138,10 @@ class ProcClient:
         if self.dead is not None:
             return False
         sentinels = [w.sentinel for w in self.workers.values() if w.sentinel is not None]
-        return not sentinels or not wait(sentinels, timeout=0)
+        try:
+            return not sentinels or not wait(sentinels, timeout=0)
+        except (OSError, ValueError):  # closed under us: the client is shutting down
+            return False
 
     def worker_pids(self) -> dict[str, int]:
         return {role: w.proc.pid for role, w in self.workers.items() if w.proc is not None}
