@@ -2,7 +2,7 @@
 
 Coordinator -> worker: Setup, Add (prefill), Offer (relayed to decode with its request), Accept/Reject
 (relayed to prefill), Abort, GetStats, Stop. Worker -> coordinator: Hello, Ready, Outputs, Stats, Offer (prefill),
-Accept/Reject (decode), Error. The one-process core (engine/core_client.py) uses the same records, without
+Accept/Reject (decode), Error. The core process (engine/core_client.py) uses the same records, without
 the offers. KV bytes never travel here: they go worker to worker (kv_transfer.py).
 
 A request's prompt ids travel coordinator -> prefill (Add) and coordinator -> decode (with the Offer),
@@ -29,7 +29,7 @@ class Setup:
     """Everything a worker needs, explicitly: its own engine config and the rendezvous of the KV channel."""
     config: EngineConfig
     # The KV channel's rendezvous: "file://PATH" on one host; "env://" for two hosts (with master_addr/master_port);
-    # None for the one-process core, which moves no KV.
+    # None for the core process (engine_core_process), which moves no KV.
     init_method: str | None = None
     master_addr: str | None = None
     master_port: int | None = None
@@ -108,7 +108,7 @@ class Error:
 
 @dataclass(frozen=True)
 class GetStats:
-    """Asks a worker for a Stats answer now (the one-process core: `LLM.stats()`)."""
+    """Asks a worker for a Stats answer now (the core process: `LLM.stats()`)."""
 
 
 @dataclass(frozen=True)
