@@ -3,7 +3,7 @@
 The coordinator holds no model. The front end (engine.LLMEngine) tokenizes and validates as always and
 talks to this client as it would to an in-process EngineCore: requests go to the prefill worker, the
 small offer/accept/reject messages are relayed between the workers, and their token outputs come back.
-Starting, polling and stopping the workers is procs.py's (shared with the one-process core client).
+Starting, polling and stopping the workers is procs.py's (shared with the core process's client).
 """
 
 from __future__ import annotations
