@@ -82,6 +82,7 @@ def worker_config(config: EngineConfig, role: str, device: str) -> EngineConfig:
 
 class PDClient(ProcClient):
     entry_role = "prefill"
+
     def __init__(self, config: EngineConfig, model: ModelSpec):
         super().__init__()
         t0 = time.perf_counter()

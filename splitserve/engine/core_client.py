@@ -24,6 +24,7 @@ ROLE = "core"
 
 class CoreProcClient(ProcClient):
     entry_role = ROLE
+
     def __init__(self, config: EngineConfig, model: ModelSpec):
         super().__init__()
         t0 = time.perf_counter()
