@@ -2,10 +2,12 @@
 
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
-them. Variants: off (the layout before), fused_qkv (q/k-norm + rotary + KV store in one kernel),
-and off again last (the drift of the run). With --split-min-keys K ...: instead, the fused layout with
-each K as the decode attention's shortest split-K chunk (`SPLIT_MIN_KEYS`, fixed in a graph at capture),
-then the first K again. Each variant also counts the kernels one graph replay launches, per point.
+them. Variants: cublas (the projections as cuBLAS GEMMs after their own norm / SiLU kernels), gemv (decode's
+projections as the Triton GEMV with the norm / SiLU fused in front: splitserve.layers.linear), and cublas again
+last (the drift of the run); q/k-norm + rotary + KV store are one kernel in all three. With --split-min-keys
+K ...: instead, the default layout with each K as the decode attention's shortest split-K chunk
+(`SPLIT_MIN_KEYS`, fixed in a graph at capture), then the first K again. Each variant also counts the
+kernels one graph replay launches, per point.
 Usage: python scripts/gpu_fused_ab.py SHAPE OUT_JSON --points B:CTX ... [--smallbatch] [--split-min-keys K ...]
 """
 
@@ -22,15 +24,18 @@ from splitserve import LLM
 from splitserve.bench import workloads
 from splitserve.bench.shapes import shape_folder
 from splitserve.kernels import paged_attention
+from splitserve.layers import linear
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
-# name -> SPLITSERVE_FUSED_QKV (the one-split graphs were measured on 2026-11-30, gained nothing, and are gone)
-VARIANTS = [("off", False), ("fused_qkv", True), ("off_again", False)]
+# name -> the GEMV's row limit (the fused q/k-norm kernel was A/B'd on 2026-11-30 and is on in all of them)
+VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("cublas_again", True, 0)]
 
 
-def recapture(llm, fuse_qkv: bool, split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
+def recapture(llm, fuse_qkv: bool, gemv_rows: int = linear.GEMV_ROWS,
+              split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
     runner = llm.engine.core.runner
     paged_attention.SPLIT_MIN_KEYS = split_min_keys  # read by decode_splits when each graph is captured
+    linear.gemv_rows = gemv_rows  # read by each projection as the graph is captured
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()
@@ -62,7 +67,8 @@ def main() -> None:
     variants = VARIANTS
     if args.split_min_keys:
         keys = args.split_min_keys + args.split_min_keys[:1]
-        variants = [(f"{'keys' if i < len(keys) - 1 else 'again'}{k}", True, k) for i, k in enumerate(keys)]
+        variants = [(f"{'keys' if i < len(keys) - 1 else 'again'}{k}", True, linear.GEMV_ROWS, k)
+                    for i, k in enumerate(keys)]
     points = [tuple(map(int, p.split(":"))) for p in args.points]
     batches, ctxs = sorted({b for b, _ in points}), sorted({c for _, c in points})
     llm = LLM(shape_folder(args.shape), load_format="dummy", max_num_seqs=max(batches),
@@ -70,8 +76,8 @@ def main() -> None:
     runner = llm.engine.core.runner
     result = {"shape": args.shape, "device": torch.cuda.get_device_name(runner.device), "torch": torch.__version__,
               "max_model_len": runner.max_model_len, "variants": {}}
-    for name, fuse_qkv, *keys in variants:
-        recapture(llm, fuse_qkv, *keys)
+    for name, fuse_qkv, *rest in variants:
+        recapture(llm, fuse_qkv, *rest)
         graphs = runner.graphs
         wanted, bandwidth = [], None
         for b, c in points:  # one point a call: the grid would also run every (batch, ctx) cross pair
@@ -81,7 +87,7 @@ def main() -> None:
                 p["kernels_per_replay"] = kernels_per_replay(llm, b, c)
             wanted.append(p)
             bandwidth = bandwidth or lat["copy_bandwidth_GBps"]
-        entry = {"fuse_qkv": fuse_qkv, "split_min_keys": paged_attention.SPLIT_MIN_KEYS,
+        entry = {"fuse_qkv": fuse_qkv, "gemv_rows": linear.gemv_rows, "split_min_keys": paged_attention.SPLIT_MIN_KEYS,
                  "copy_bandwidth_GBps": bandwidth, "graph_capture_s": graphs.capture_time_s, "points": wanted}
         if args.smallbatch:
             entry["smallbatch"] = workloads.smallbatch(llm)

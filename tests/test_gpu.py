@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from conftest import random_prompts  # noqa: E402
-from kernel_cases import QKV_FUSED_CASES, check_case, check_qkv_fused  # noqa: E402
+from kernel_cases import GEMV_CASES, QKV_FUSED_CASES, check_case, check_gemv, check_qkv_fused  # noqa: E402
 
 from splitserve import LLM, SamplingParams  # noqa: E402
 
@@ -179,6 +179,38 @@ def test_fused_qkv_matches_the_unfused_layout(qwen3_06b, monkeypatch):
     assert after.engine.core.runner.model.layers[0].self_attn.attn.backend.fuse_qkv
     after_out = [o.outputs[0].token_ids for o in after.generate(prompts, params, use_tqdm=False)]
     assert after_out == before_out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GEMV_CASES + [
+    (1, 6144, 4096, "norm+residual", False),  # Qwen3-8B's qkv at batch 1
+    (16, 4096, 12288, "silu_mul", False),  # its down_proj, the tile's rows all used
+    (4, 24576, 4096, "norm", True),  # its gate_up
+    (1, 1024, 2048, "plain", True),  # Qwen3-0.6B's o_proj
+])
+def test_decode_gemv_matches_a_float64_oracle(case, dtype):
+    check_gemv(*case, device="cuda", dtype=dtype)
+
+
+def test_bf16_decode_graphs_run_the_fused_gemv(qwen3_06b):
+    """Each layer of a bf16 decode graph is 4 GEMV launches with no norm or SiLU kernel of its own (the final norm
+    stays). That these graphs give HF's outputs is test_bf16_logits_close_and_greedy_matches_hf's part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from splitserve.layers import linear
+    from splitserve.worker.decode_graphs import PLAIN
+
+    llm = LLM(qwen3_06b, max_model_len=1024, gpu_memory_utilization=0.4, max_num_seqs=8)
+    graphs = llm.engine.core.runner.graphs
+    graphs.time(PLAIN, 4, 100, iters=1)  # a fake batch of 4 rows at ctx 100
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphs._graph(PLAIN, 4).graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    layers = QWEN3_06B["num_hidden_layers"]
+    assert sum("_gemv_kernel" in n for n in names) == 4 * layers, names[:20]
+    assert sum("silu" in n for n in names) == 0 and sum("_rms_norm_kernel" in n for n in names) == 1, names[:20]
+    assert linear.gemv_rows == linear.GEMV_ROWS
 
 
 @pytest.mark.parametrize("splits", [2, 7, 32])

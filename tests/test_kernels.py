@@ -56,6 +56,13 @@ print(check_count_penalties(), "count penalties")
 """
 
 
+GEMV_SCRIPT = SHIM + r"""
+from kernel_cases import GEMV_CASES, check_gemv
+for case in GEMV_CASES:
+    print("ok", case, check_gemv(*case))
+"""
+
+
 TOP_P_SCRIPT = SHIM + r"""
 from kernel_cases import check_top_p_floor
 print(check_top_p_floor(), "top-p floor")
@@ -85,3 +92,10 @@ def test_count_penalties_kernel_matches_torch_reference_in_interpreter():
 
 def test_top_p_floor_kernel_matches_a_float64_oracle_in_interpreter():
     assert "ok top-p floor" in _interpret(TOP_P_SCRIPT)
+
+
+def test_decode_gemv_with_its_fused_input_op_matches_a_float64_oracle_in_interpreter():
+    from kernel_cases import GEMV_CASES
+
+    out = _interpret(GEMV_SCRIPT)
+    assert out.count("ok") == len(GEMV_CASES), out

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Tenth session (issue 15): decode's projections as one Triton GEMV with the norm / SiLU fused in front.
+#   PART=a  the GEMV's GPU tests and the bf16/fp32 HF tests; then cuBLAS | GEMV | cuBLAS A/B of the decode graph
+#           (scripts/gpu_fused_ab.py) on Qwen3-8B (P1 / P11's batch 1) and Qwen3-0.6B (P2's batch 4, smallbatch)
+# Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
+set -uo pipefail
+out=${OUT:-docs/benchmarks/s10}
+source scripts/gpu_env.sh
+if [[ ${PART:-a} == a ]]; then
+  stamp "GPU tests: the GEMV, HF parity, graphs"
+  timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -k "gemv or bf16_logits or fp32_greedy or graph_path_equals or fused" 2>&1 | tail -15 | tee "$out/gpu-tests-a.log"
+  stamp "A/B, Qwen3-8B"
+  timeout 200 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/gemv-ab-qwen3-8b.json" --points 1:1024 1:128 4:1024 \
+    16:1024 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -8
+  stamp "A/B, Qwen3-0.6B"
+  timeout 150 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/gemv-ab-qwen3-0.6b.json" --points 4:128 1:1024 \
+    16:1024 --smallbatch 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -8
+fi
+stamp "done"
