@@ -28,14 +28,15 @@ from splitserve.layers import linear
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
 # name -> the GEMV's row limit (the fused q/k-norm kernel was A/B'd on 2026-11-30 and is on in all of them)
-VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("cublas_again", True, 0)]
+VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("gemv_unfused", True, -linear.GEMV_ROWS),
+            ("cublas_again", True, 0)]
 
 
 def recapture(llm, fuse_qkv: bool, gemv_rows: int = linear.GEMV_ROWS,
               split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
     runner = llm.engine.core.runner
     paged_attention.SPLIT_MIN_KEYS = split_min_keys  # read by decode_splits when each graph is captured
-    linear.gemv_rows = gemv_rows  # read by each projection as the graph is captured
+    linear.gemv_rows, linear.gemv_fuse = abs(gemv_rows), gemv_rows > 0  # read by each projection at capture
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()

@@ -2,6 +2,8 @@
 # Tenth session (issue 15): decode's projections as one Triton GEMV with the norm / SiLU fused in front.
 #   PART=a  the GEMV's GPU tests and the bf16/fp32 HF tests; then cuBLAS | GEMV | cuBLAS A/B of the decode graph
 #           (scripts/gpu_fused_ab.py) on Qwen3-8B (P1 / P11's batch 1) and Qwen3-0.6B (P2's batch 4, smallbatch)
+#   PART=b  the fused input ops' cost per shape (scripts/probe_gemv.py --prologues), then the 8B A/B with the
+#           unfused GEMV as a variant too
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s10}
@@ -16,5 +18,12 @@ if [[ ${PART:-a} == a ]]; then
   stamp "A/B, Qwen3-0.6B"
   timeout 150 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/gemv-ab-qwen3-0.6b.json" --points 4:128 1:1024 \
     16:1024 --smallbatch 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -8
+fi
+if [[ ${PART:-a} == b ]]; then
+  stamp "probe: the fused input ops' cost"
+  timeout 300 python3 scripts/probe_gemv.py "$out/probe-gemv-prologues.json" --prologues 2>&1 | grep -v Warning
+  stamp "A/B, Qwen3-8B"
+  timeout 220 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/gemv-ab-qwen3-8b.json" --points 1:1024 4:1024 \
+    16:1024 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -5
 fi
 stamp "done"

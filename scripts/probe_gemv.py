@@ -63,6 +63,85 @@ def _gemv_dot(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
     tl.store(y_ptr + m[None, :] * N + n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mmask[None, :] & nmask[:, None])
 
 
+@triton.jit
+def _gemv_swap(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, y_ptr, residual_out_ptr, eps, M, N, K,
+               PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, RESIDUAL_PREPASS: tl.constexpr):
+    """splitserve.kernels.gemv's kernel with the dot's operands swapped: the input's chunk [M, K] is operand A,
+    which an MMA takes from registers, so the prologue's result needs no trip through shared memory."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    m = tl.arange(0, BLOCK_M)
+    mmask = m < M
+    k0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sumsq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    if PROLOGUE == 1 and HAS_RESIDUAL and RESIDUAL_PREPASS:
+        if pid == 0:
+            for k in range(0, K, BLOCK_K):
+                kk = k + k0
+                xmask = mmask[:, None] & (kk < K)[None, :]
+                xo = m[:, None] * K + kk[None, :]
+                s = tl.load(x_ptr + xo, mask=xmask, other=0.0)
+                s = (s.to(tl.float32) + tl.load(residual_ptr + xo, mask=xmask, other=0.0).to(tl.float32)).to(s.dtype)
+                tl.store(residual_out_ptr + xo, s, mask=xmask)
+    for k in range(0, K, BLOCK_K):
+        kk = k + k0
+        kmask = kk < K
+        xmask = mmask[:, None] & kmask[None, :]
+        xo = m[:, None] * K + kk[None, :]
+        if PROLOGUE == 1:
+            s = tl.load(x_ptr + xo, mask=xmask, other=0.0)
+            if HAS_RESIDUAL:
+                s = (s.to(tl.float32) + tl.load(residual_ptr + xo, mask=xmask, other=0.0).to(tl.float32)).to(s.dtype)
+                if not RESIDUAL_PREPASS:
+                    if pid == 0:
+                        tl.store(residual_out_ptr + xo, s, mask=xmask)
+            sf = s.to(tl.float32)
+            sumsq += sf * sf
+            g = tl.load(norm_weight_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            xin = (sf * g[None, :]).to(s.dtype)
+        elif PROLOGUE == 2:
+            gate = tl.load(x_ptr + m[:, None] * 2 * K + kk[None, :], mask=xmask, other=0.0)
+            up = tl.load(x_ptr + m[:, None] * 2 * K + K + kk[None, :], mask=xmask, other=0.0)
+            gf = gate.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
+            xin = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+        else:
+            xin = tl.load(x_ptr + xo, mask=xmask, other=0.0)
+        w = tl.load(w_ptr + n[None, :].to(tl.int64) * K + kk[:, None], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = tl.dot(xin, w, acc)
+    if PROLOGUE == 1:
+        acc = acc * (1.0 / tl.sqrt(tl.sum(sumsq, axis=1) / K + eps))[:, None]
+    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def swap_launch(prologue, bn, bk, stages, prepass, extra):
+    def run(x, w, y):
+        m, n, k = x.shape[0], w.shape[0], w.shape[1]
+        res, nw, res_out = extra
+        _gemv_swap[(triton.cdiv(n, bn),)](x, res, nw, w, y, res_out, 1e-6, m, n, k, PROLOGUE=prologue,
+                                         HAS_RESIDUAL=prologue == 1, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=16,
+                                         RESIDUAL_PREPASS=prepass, num_warps=4, num_stages=stages)
+    return run
+
+
+def ours_launch(prologue, options, extra):
+    from splitserve.kernels.gemv import gemv
+
+    def run(x, w, y):
+        res, nw, _ = extra
+        if prologue == 1:
+            gemv(x, w, norm_weight=nw, eps=1e-6, residual=res, **options)
+        elif prologue == 2:
+            gemv(x, w, silu_mul=True, **options)
+        else:
+            gemv(x, w, **options)
+    return run
+
+
 def sum_launch(bn, bk, warps, reduce_each):
     def run(x, w, y):
         m, k = x.shape
@@ -140,11 +219,67 @@ SHAPES = {  # name: (N, K)
 }
 
 
+PROLOGUE_SHAPES = {  # name: (N, K, prologue): 1 = RMSNorm + residual, 2 = SiLU-and-mul, 0 = none
+    "8b.qkv": (6144, 4096, 1), "8b.o": (4096, 4096, 0), "8b.gate_up": (24576, 4096, 1), "8b.down": (4096, 12288, 2),
+    "0.6b.qkv": (4096, 1024, 1), "0.6b.o": (1024, 2048, 0), "0.6b.gate_up": (6144, 1024, 1),
+    "0.6b.down": (1024, 3072, 2),
+}
+
+
+def prologues(out: str) -> None:
+    """The fused input ops' cost: splitserve's GEMV plain and with its op (and its experimental options), and the
+    operand-swapped kernel, against cuBLAS, per decoder shape."""
+    result = {"device": torch.cuda.get_device_name(), "shapes": {}}
+    for (name, (n, k, prologue)), m in itertools.product(PROLOGUE_SHAPES.items(), [1, 4]):
+        nbytes = n * k * 2
+        copies = max(2, math.ceil(240e6 / nbytes))
+        kx = 2 * k if prologue == 2 else k
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        xs = [torch.randn(m, kx, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        ys = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        extra = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda").bfloat16() + 0.5,
+                 torch.empty(m, k, device="cuda", dtype=torch.bfloat16))
+        plain_x = [x[:, :k].contiguous() for x in xs]
+        fns = {"cublas": (cublas, plain_x), "ours_plain": (ours_launch(0, {}, extra), plain_x)}
+        opts = [{}]
+        if prologue == 1:
+            opts += [{"RESIDUAL_PREPASS": True}, {"SUMSQ_DEFERRED": True},
+                     {"RESIDUAL_PREPASS": True, "SUMSQ_DEFERRED": True}]
+        for o in opts:
+            fns["ours_op" + "".join(f"_{key.lower()}" for key in o)] = (ours_launch(prologue, o, extra), xs)
+        for bn, bk, stages in [(64, 128, 5), (32, 256, 5), (64, 128, 3), (128, 128, 3), (32, 128, 5), (128, 64, 4)]:
+            fns[f"swap_plain{bn}x{bk}s{stages}"] = (swap_launch(0, bn, bk, stages, False, extra), plain_x)
+            fns[f"swap_op{bn}x{bk}s{stages}"] = (swap_launch(prologue, bn, bk, stages, True, extra), xs)
+            if prologue == 1:
+                fns[f"swap_op_inloop{bn}x{bk}s{stages}"] = (swap_launch(prologue, bn, bk, stages, False, extra), xs)
+        row = {}
+        for fname, (fn, xin) in fns.items():
+            try:
+                row[fname] = {"us": time_graph(fn, xin, ws, ys) * 1e6}
+            except Exception as e:
+                row[fname] = {"error": str(e).splitlines()[0][:200]}
+        ok = {f: v["us"] for f, v in row.items() if "us" in v}
+        best_swap_op = min((u, f) for f, u in ok.items() if f.startswith("swap_op"))
+        best_swap_plain = min((u, f) for f, u in ok.items() if f.startswith("swap_plain"))
+        print(f"{name} M={m}: cublas {ok['cublas']:.2f} | ours plain {ok['ours_plain']:.2f} | " +
+              " ".join(f"{f} {u:.2f}" for f, u in ok.items() if f.startswith("ours_op")) +
+              f" | swap plain {best_swap_plain[1]} {best_swap_plain[0]:.2f} | swap op {best_swap_op[1]} "
+              f"{best_swap_op[0]:.2f}", flush=True)
+        result["shapes"][f"{name}.m{m}"] = {"N": n, "K": k, "M": m, "prologue": prologue, "fns": row}
+        del ws, xs, ys
+        torch.cuda.empty_cache()
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prologues", action="store_true", help="the fused input ops' cost (see prologues())")
     args = ap.parse_args()
+    if args.prologues:
+        return prologues(args.out)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               **bandwidths(), "shapes": {}}

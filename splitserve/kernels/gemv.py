@@ -24,7 +24,8 @@ _PLAIN, _NORM, _SILU_MUL = 0, 1, 2
 @triton.jit
 def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, y_ptr, residual_out_ptr, eps, M, N, K,
                  stride_xm, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 RESIDUAL_PREPASS: tl.constexpr = False, SUMSQ_DEFERRED: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -33,6 +34,16 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, y_ptr, r
     k0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     sumsq = tl.zeros([BLOCK_M], tl.float32)
+    sumsq2 = tl.zeros([BLOCK_K, BLOCK_M], tl.float32)
+    if PROLOGUE == 1 and HAS_RESIDUAL and RESIDUAL_PREPASS:
+        if pid == 0:
+            for k in range(0, K, BLOCK_K):
+                kk = k + k0
+                xmask = (kk < K)[:, None] & mmask[None, :]
+                rt = m[None, :] * K + kk[:, None]
+                s = tl.load(x_ptr + m[None, :] * stride_xm + kk[:, None], mask=xmask, other=0.0)
+                s = (s.to(tl.float32) + tl.load(residual_ptr + rt, mask=xmask, other=0.0).to(tl.float32)).to(s.dtype)
+                tl.store(residual_out_ptr + rt, s, mask=xmask)
     for k in range(0, K, BLOCK_K):
         kk = k + k0
         kmask = kk < K
@@ -43,10 +54,14 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, y_ptr, r
             if HAS_RESIDUAL:
                 rt = m[None, :] * K + kk[:, None]
                 s = (s.to(tl.float32) + tl.load(residual_ptr + rt, mask=xmask, other=0.0).to(tl.float32)).to(s.dtype)
-                if pid == 0:
-                    tl.store(residual_out_ptr + rt, s, mask=xmask)
+                if not RESIDUAL_PREPASS:
+                    if pid == 0:
+                        tl.store(residual_out_ptr + rt, s, mask=xmask)
             sf = s.to(tl.float32)
-            sumsq += tl.sum(sf * sf, axis=0)
+            if SUMSQ_DEFERRED:
+                sumsq2 += sf * sf
+            else:
+                sumsq += tl.sum(sf * sf, axis=0)
             g = tl.load(norm_weight_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
             xin = (sf * g[:, None]).to(s.dtype)
         elif PROLOGUE == 2:
@@ -60,6 +75,8 @@ def _gemv_kernel(x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, y_ptr, r
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0.0)
         acc = tl.dot(w, xin, acc)
+    if SUMSQ_DEFERRED:
+        sumsq = tl.sum(sumsq2, axis=0)
     if PROLOGUE == 1:
         acc = acc * (1.0 / tl.sqrt(sumsq / K + eps))[None, :]
     if HAS_BIAS:
@@ -79,7 +96,7 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-         silu_mul: bool = False):
+         silu_mul: bool = False, **options):
     """y = op(x) @ weight.T (+ bias) for x [M ≤ 16, K'] with a contiguous last dim, weight [N, K] contiguous.
 
     op: none; RMSNorm with `norm_weight` (then returns (y, s) where s = x + residual, or x without one);
@@ -99,7 +116,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
             bias if bias is not None else weight, y, residual_out if residual_out is not None else y, eps, m, n, k,
             x.stride(0), PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS, num_warps=4, num_stages=stages)
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS, num_warps=4, num_stages=stages, **options)
     if prologue != _NORM:
         return y
     return y, (residual_out if residual is not None else x)
