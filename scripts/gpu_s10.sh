@@ -4,6 +4,7 @@
 #           (scripts/gpu_fused_ab.py) on Qwen3-8B (P1 / P11's batch 1) and Qwen3-0.6B (P2's batch 4, smallbatch)
 #   PART=b  the fused input ops' cost per shape (scripts/probe_gemv.py --prologues), then the 8B A/B with the
 #           unfused GEMV as a variant too
+#   PART=c  programmatic dependent launch in a chain of GEMVs (scripts/probe_gemv.py --pdl)
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s10}
@@ -25,5 +26,9 @@ if [[ ${PART:-a} == b ]]; then
   stamp "A/B, Qwen3-8B"
   timeout 220 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/gemv-ab-qwen3-8b.json" --points 1:1024 4:1024 \
     16:1024 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -5
+fi
+if [[ ${PART:-a} == c ]]; then
+  stamp "probe: PDL in a chain of GEMVs"
+  timeout 200 python3 scripts/probe_gemv.py "$out/probe-gemv-pdl.json" --pdl 2>&1 | grep -v Warning
 fi
 stamp "done"

@@ -142,6 +142,86 @@ def ours_launch(prologue, options, extra):
     return run
 
 
+@triton.jit
+def _gemv_pdl(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    """The plain GEMV; with PDL it lets the next kernel launch at once and waits for the previous one only
+    before it reads x, after (with PREFETCH) asking L2 for its first weight chunks, which no kernel writes."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    m = tl.arange(0, 16)
+    mmask = m < M
+    k0 = tl.arange(0, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH:
+            lines = tl.arange(0, 2 * BLOCK_K // 64) * 64  # 128-byte lines of bf16, two chunks deep
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                      [w_ptr + n[:, None].to(tl.int64) * K + lines[None, :]], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kk = k + k0
+        kmask = kk < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + m[None, :] * K + kk[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
+        acc = tl.dot(w, xt, acc)
+    tl.store(y_ptr + m[None, :] * N + n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mmask[None, :] & nmask[:, None])
+
+
+def pdl_chain(out: str) -> None:
+    """A Qwen3-8B decode step's projections at batch 1 (qkv, o, gate_up, down) x 36 layers as one CUDA graph, each
+    projection's output the next one's input: cuBLAS, the GEMV, the GEMV with programmatic dependent launch
+    (PDL), and PDL with an L2 prefetch of the first weight chunks before the wait."""
+    from splitserve.kernels.gemv import _tiles
+
+    shapes = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+    layers = 36
+    ws = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes] for _ in range(layers)]
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+    ys = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
+
+    def step(kind):
+        for lw in ws:
+            for i, w in enumerate(lw):
+                x, (n, k) = xs[i], w.shape  # one stream: each launch waits for the one before (PDL: at gdc_wait)
+                if kind == "cublas":
+                    torch.matmul(x, w.t(), out=ys[i])
+                    continue
+                bn, bk, stages = _tiles(n, k)
+                extra = {} if kind == "gemv" else {"launch_pdl": True}
+                _gemv_pdl[(triton.cdiv(n, bn),)](x, w, ys[i], 1, n, k, BLOCK_N=bn, BLOCK_K=bk, PDL=kind != "gemv",
+                                                 PREFETCH=kind == "pdl_prefetch", num_warps=4, num_stages=stages,
+                                                 **extra)
+
+    result = {"device": torch.cuda.get_device_name(), "weight_GB": sum(n * k * 2 for n, k in shapes) * layers / 1e9}
+    for kind in ["cublas", "gemv", "pdl", "pdl_prefetch", "gemv", "cublas"]:
+        try:
+            step(kind)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step(kind)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 20
+            result.setdefault(kind, []).append(ms)
+            print(f"{kind}: {ms:.3f} ms per step ({result['weight_GB'] / ms:.0f} GB/s)", flush=True)
+        except Exception as e:
+            result.setdefault(kind, []).append(str(e).splitlines()[0][:300])
+            print(kind, "failed:", str(e).splitlines()[0][:300], flush=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def sum_launch(bn, bk, warps, reduce_each):
     def run(x, w, y):
         m, k = x.shape
@@ -277,9 +357,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prologues", action="store_true", help="the fused input ops' cost (see prologues())")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch in a chain (pdl_chain())")
     args = ap.parse_args()
     if args.prologues:
         return prologues(args.out)
+    if args.pdl:
+        return pdl_chain(args.out)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               **bandwidths(), "shapes": {}}
