@@ -2,9 +2,10 @@
 
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
-them. Variants: cublas (the projections as cuBLAS GEMMs after their own norm / SiLU kernels), gemv (decode's
-projections as the Triton GEMV with the norm / SiLU fused in front: splitserve.layers.linear), and cublas again
-last (the drift of the run); q/k-norm + rotary + KV store are one kernel in all three. With --split-min-keys
+them. Variants: cublas (the projections as cuBLAS GEMMs), gemv (decode's projections as the Triton GEMV:
+splitserve.layers.linear), and cublas again last (the drift of the run); q/k-norm + rotary + KV store are one
+kernel in all three. (The results of 2026-12-01 name a fourth, gemv_unfused: this gemv; their gemv had the
+norm / SiLU fused in front, commit 521281b, and was dropped.) With --split-min-keys
 K ...: instead, the default layout with each K as the decode attention's shortest split-K chunk
 (`SPLIT_MIN_KEYS`, fixed in a graph at capture), then the first K again. Each variant also counts the
 kernels one graph replay launches, per point.
@@ -28,15 +29,14 @@ from splitserve.layers import linear
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
 # name -> the GEMV's row limit (the fused q/k-norm kernel was A/B'd on 2026-11-30 and is on in all of them)
-VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("gemv_unfused", True, -linear.GEMV_ROWS),
-            ("cublas_again", True, 0)]
+VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("cublas_again", True, 0)]
 
 
 def recapture(llm, fuse_qkv: bool, gemv_rows: int = linear.GEMV_ROWS,
               split_min_keys: int = paged_attention.SPLIT_MIN_KEYS) -> None:
     runner = llm.engine.core.runner
     paged_attention.SPLIT_MIN_KEYS = split_min_keys  # read by decode_splits when each graph is captured
-    linear.gemv_rows, linear.gemv_fuse = abs(gemv_rows), gemv_rows > 0  # read by each projection at capture
+    linear.gemv_rows = gemv_rows  # read by each projection as the graph is captured
     runner.graphs = None  # free the old graphs' pool before capturing the new ones
     gc.collect()
     torch.cuda.empty_cache()

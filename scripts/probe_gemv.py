@@ -128,20 +128,6 @@ def swap_launch(prologue, bn, bk, stages, prepass, extra):
     return run
 
 
-def ours_launch(prologue, options, extra):
-    from splitserve.kernels.gemv import gemv
-
-    def run(x, w, y):
-        res, nw, _ = extra
-        if prologue == 1:
-            gemv(x, w, norm_weight=nw, eps=1e-6, residual=res, **options)
-        elif prologue == 2:
-            gemv(x, w, silu_mul=True, **options)
-        else:
-            gemv(x, w, **options)
-    return run
-
-
 @triton.jit
 def _gemv_pdl(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
               PREFETCH: tl.constexpr):
@@ -307,8 +293,10 @@ PROLOGUE_SHAPES = {  # name: (N, K, prologue): 1 = RMSNorm + residual, 2 = SiLU-
 
 
 def prologues(out: str) -> None:
-    """The fused input ops' cost: splitserve's GEMV plain and with its op (and its experimental options), and the
-    operand-swapped kernel, against cuBLAS, per decoder shape."""
+    """The fused input ops' cost: an operand-swapped GEMV plain and with the op, against cuBLAS, per decoder
+    shape. The rows `ours_*` of probe-gemv-prologues.json came from splitserve's own GEMV with the op fused in
+    front, at commit 521281b (`ours_op_*`: the options it tried: the residual written in a pass of its own, the
+    sum of squares reduced once at the end); it was 2-4x slower than without the op and was dropped."""
     result = {"device": torch.cuda.get_device_name(), "shapes": {}}
     for (name, (n, k, prologue)), m in itertools.product(PROLOGUE_SHAPES.items(), [1, 4]):
         nbytes = n * k * 2
@@ -320,13 +308,7 @@ def prologues(out: str) -> None:
         extra = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.rand(k, device="cuda").bfloat16() + 0.5,
                  torch.empty(m, k, device="cuda", dtype=torch.bfloat16))
         plain_x = [x[:, :k].contiguous() for x in xs]
-        fns = {"cublas": (cublas, plain_x), "ours_plain": (ours_launch(0, {}, extra), plain_x)}
-        opts = [{}]
-        if prologue == 1:
-            opts += [{"RESIDUAL_PREPASS": True}, {"SUMSQ_DEFERRED": True},
-                     {"RESIDUAL_PREPASS": True, "SUMSQ_DEFERRED": True}]
-        for o in opts:
-            fns["ours_op" + "".join(f"_{key.lower()}" for key in o)] = (ours_launch(prologue, o, extra), xs)
+        fns = {"cublas": (cublas, plain_x)}
         for bn, bk, stages in [(64, 128, 5), (32, 256, 5), (64, 128, 3), (128, 128, 3), (32, 128, 5), (128, 64, 4)]:
             fns[f"swap_plain{bn}x{bk}s{stages}"] = (swap_launch(0, bn, bk, stages, False, extra), plain_x)
             fns[f"swap_op{bn}x{bk}s{stages}"] = (swap_launch(prologue, bn, bk, stages, True, extra), xs)
@@ -341,8 +323,7 @@ def prologues(out: str) -> None:
         ok = {f: v["us"] for f, v in row.items() if "us" in v}
         best_swap_op = min((u, f) for f, u in ok.items() if f.startswith("swap_op"))
         best_swap_plain = min((u, f) for f, u in ok.items() if f.startswith("swap_plain"))
-        print(f"{name} M={m}: cublas {ok['cublas']:.2f} | ours plain {ok['ours_plain']:.2f} | " +
-              " ".join(f"{f} {u:.2f}" for f, u in ok.items() if f.startswith("ours_op")) +
+        print(f"{name} M={m}: cublas {ok['cublas']:.2f}" +
               f" | swap plain {best_swap_plain[1]} {best_swap_plain[0]:.2f} | swap op {best_swap_op[1]} "
               f"{best_swap_op[0]:.2f}", flush=True)
         result["shapes"][f"{name}.m{m}"] = {"N": n, "K": k, "M": m, "prologue": prologue, "fns": row}

@@ -222,40 +222,22 @@ def check_top_p_floor(device="cpu", seed=0, vocab_sizes=(50, 4099, 9000), tol=1e
     return "ok"
 
 
-# (M rows, N, K, prologue, bias): odd N and K leave partial tiles; M = 16 fills the tile's rows
-GEMV_CASES = [(1, 100, 200, "plain", False), (3, 70, 130, "norm", False), (16, 100, 200, "norm+residual", True),
-              (2, 64, 96, "silu_mul", False), (5, 33, 256, "norm+residual", False)]
+# (M rows, N, K, bias): odd N and K leave partial tiles; M = 16 fills the tile's rows
+GEMV_CASES = [(1, 100, 200, False), (3, 70, 130, True), (16, 100, 200, True), (5, 33, 256, False)]
 
 
-def check_gemv(m, n, k, prologue, bias, device="cpu", dtype=torch.float16, seed=0):
-    """The decode GEMV with its fused input op vs a float64 oracle of the same math on the same 16-bit inputs.
-    Its error may not exceed that of the unfused torch path (op in 16 bits, then the product) by more than
-    half again, and the new residual stream must equal torch's x + residual bit for bit. Returns the error."""
+def check_gemv(m, n, k, bias, device="cpu", dtype=torch.float16, seed=0):
+    """The decode GEMV vs a float64 oracle on the same 16-bit inputs: its error may not exceed cuBLAS's (fp32
+    accumulation, rounded once) by more than half again. Returns the error."""
     from splitserve.kernels.gemv import gemv
-    from splitserve.layers.activation import silu_and_mul_torch
-    from splitserve.layers.norm import rms_norm_torch
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-    x, w = rand(m, 2 * k if prologue == "silu_mul" else k), rand(n, k) / k**0.5
-    b, nw, res = (rand(n) if bias else None), 1 + rand(k) / 4, rand(m, k)
-    x64, w64 = x.double(), w.double()
-    if prologue == "silu_mul":
-        got = gemv(x, w, b, silu_mul=True)
-        inp64, inp_torch = torch.nn.functional.silu(x64[:, :k]) * x64[:, k:], silu_and_mul_torch(x)
-    elif prologue == "plain":
-        got, inp64, inp_torch = gemv(x, w, b), x64, x
-    else:
-        residual = res if prologue == "norm+residual" else None
-        got, s = gemv(x, w, b, norm_weight=nw, eps=1e-6, residual=residual)
-        s_ref = x + residual if residual is not None else x
-        assert torch.equal(s, s_ref), "the residual stream differs from torch's x + residual"
-        s64 = s_ref.double()
-        inp64 = nw.double() * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6)
-        inp_torch = rms_norm_torch(x, nw, 1e-6, residual)[0] if residual is not None else rms_norm_torch(x, nw, 1e-6)
-    oracle = inp64 @ w64.t() + (b.double() if bias else 0)
-    unfused = torch.nn.functional.linear(inp_torch.float(), w.float(), b.float() if bias else None).to(dtype)
+    x, w, b = rand(m, k), rand(n, k) / k**0.5, (rand(n) if bias else None)
+    got = gemv(x, w, b)
+    oracle = x.double() @ w.double().t() + (b.double() if bias else 0)
+    torch_path = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
     err = lambda y: ((y.double() - oracle).norm() / oracle.norm()).item()
     assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
-    assert err(got) <= 1.5 * err(unfused) + 1e-4, (m, n, k, prologue, err(got), err(unfused))
+    assert err(got) <= 1.5 * err(torch_path) + 1e-4, (m, n, k, bias, err(got), err(torch_path))
     return err(got)

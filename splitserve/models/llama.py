@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from splitserve.layers.activation import silu_and_mul
 from splitserve.layers.attention import Attention, AttentionMetadata
-from splitserve.layers.linear import norm_linear, project, silu_mul_linear
+from splitserve.layers.linear import Linear
 from splitserve.layers.norm import RMSNorm
 from splitserve.layers.rotary import RotaryEmbedding
 
@@ -39,8 +40,8 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=flags.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=flags.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=flags.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=flags.o_bias)
         self.qk_norm = flags.qk_norm
         if flags.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -59,8 +60,11 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg, flags: ArchFlags):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=flags.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=flags.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=flags.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=flags.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 @dataclass
@@ -83,9 +87,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, flags)
 
     def compute_pre(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
-        """Input norm (+ residual add), QKV projection (one kernel at decode's batch: layers.linear)."""
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x.hidden, x.residual)
-        return Handoff(residual, qkv=qkv)
+        """Input norm (+ residual add), QKV projection."""
+        if x.residual is None:
+            hidden, residual = self.input_layernorm(x.hidden), x.hidden
+        else:
+            hidden, residual = self.input_layernorm(x.hidden, x.residual)
+        return Handoff(residual, qkv=self.self_attn.qkv_proj(hidden))
 
     def memory(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
         """q/k-norm, rotary, KV write, paged attention: the only stage with no GEMM."""
@@ -93,9 +100,9 @@ class DecoderLayer(nn.Module):
 
     def compute_post(self, positions: torch.Tensor, x: Handoff, meta: AttentionMetadata) -> Handoff:
         """Output projection, post-attention norm (+ residual add), gate/up, SiLU-and-mul, down."""
-        hidden = project(self.self_attn.o_proj, x.attn.flatten(1))
-        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, x.residual)
-        return Handoff(residual, hidden=silu_mul_linear(self.mlp.down_proj, gate_up))
+        hidden = self.self_attn.o_proj(x.attn.flatten(1))
+        hidden, residual = self.post_attention_layernorm(hidden, x.residual)
+        return Handoff(residual, hidden=self.mlp(hidden))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
