@@ -2,9 +2,10 @@
 
 One engine per shape (random weights, `bench latency`'s set-up); for each variant the decode graphs are
 captured afresh and `bench.workloads.latency` (and, with --smallbatch, `workloads.smallbatch`) runs on
-them. Variants: cublas (the projections as cuBLAS GEMMs), gemv (decode's projections as the Triton GEMV:
-splitserve.layers.linear), and cublas again last (the drift of the run); q/k-norm + rotary + KV store are one
-kernel in all three. (The results of 2026-12-01 name a fourth, gemv_unfused: this gemv; their gemv had the
+them. Variants: cublas (the projections as cuBLAS GEMMs, the split-K chunk at least 256 keys: the code before
+2026-12-01), gemv (decode's projections as the Triton GEMV: splitserve.layers.linear), gemv_split64 (and chunks
+down to 64 keys: the code now), and cublas again last (the drift of the run); q/k-norm + rotary + KV store are
+one kernel in all. (The results of 2026-12-01 name a fourth, gemv_unfused: this gemv; their gemv had the
 norm / SiLU fused in front, commit 521281b, and was dropped.) With --split-min-keys
 K ...: instead, the default layout with each K as the decode attention's shortest split-K chunk
 (`SPLIT_MIN_KEYS`, fixed in a graph at capture), then the first K again. Each variant also counts the
@@ -29,7 +30,8 @@ from splitserve.layers import linear
 from splitserve.worker.decode_graphs import PLAIN, DecodeGraphs
 
 # name -> the GEMV's row limit (the fused q/k-norm kernel was A/B'd on 2026-11-30 and is on in all of them)
-VARIANTS = [("cublas", True, 0), ("gemv", True, linear.GEMV_ROWS), ("cublas_again", True, 0)]
+VARIANTS = [("cublas", True, 0, 256), ("gemv", True, linear.GEMV_ROWS, 256),
+            ("gemv_split64", True, linear.GEMV_ROWS, 64), ("cublas_again", True, 0, 256)]
 
 
 def recapture(llm, fuse_qkv: bool, gemv_rows: int = linear.GEMV_ROWS,

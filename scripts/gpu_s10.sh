@@ -5,6 +5,7 @@
 #   PART=b  the fused input ops' cost per shape (scripts/probe_gemv.py --prologues), then the 8B A/B with the
 #           unfused GEMV as a variant too
 #   PART=c  programmatic dependent launch in a chain of GEMVs (scripts/probe_gemv.py --pdl)
+#   PART=d  the GEMV's GPU tests, HF parity, split-K; A/B cublas | gemv | gemv + 64-key splits | cublas, 8B and 0.6B
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s10}
@@ -30,5 +31,17 @@ fi
 if [[ ${PART:-a} == c ]]; then
   stamp "probe: PDL in a chain of GEMVs"
   timeout 200 python3 scripts/probe_gemv.py "$out/probe-gemv-pdl.json" --pdl 2>&1 | grep -v Warning
+fi
+if [[ ${PART:-a} == d ]]; then
+  stamp "GPU tests: the GEMV, HF parity, graphs, split-K"
+  timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -k "gemv or bf16_logits or fp32_greedy or graph_path_equals or fused or split_k" 2>&1 | tail -15 \
+    | tee "$out/gpu-tests-d.log"
+  stamp "A/B, Qwen3-8B"
+  timeout 220 python3 scripts/gpu_fused_ab.py qwen3-8b "$out/gemv-ab2-qwen3-8b.json" --points 1:1024 1:128 4:1024 \
+    16:1024 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -6
+  stamp "A/B, Qwen3-0.6B"
+  timeout 150 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/gemv-ab2-qwen3-0.6b.json" --points 4:128 1:1024 \
+    --smallbatch 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -5
 fi
 stamp "done"

@@ -222,22 +222,31 @@ def check_top_p_floor(device="cpu", seed=0, vocab_sizes=(50, 4099, 9000), tol=1e
     return "ok"
 
 
-# (M rows, N, K, bias): odd N and K leave partial tiles; M = 16 fills the tile's rows
-GEMV_CASES = [(1, 100, 200, False), (3, 70, 130, True), (16, 100, 200, True), (5, 33, 256, False)]
+# (M rows, N, K, bias, silu_mul, logits): odd N and K leave partial tiles; M = 16 fills the tile's rows
+GEMV_CASES = [(1, 100, 200, False, False, False), (3, 70, 130, True, False, False), (16, 100, 200, True, True, False),
+              (5, 33, 256, False, True, False), (2, 300, 64, False, False, True)]
 
 
-def check_gemv(m, n, k, bias, device="cpu", dtype=torch.float16, seed=0):
-    """The decode GEMV vs a float64 oracle on the same 16-bit inputs: its error may not exceed cuBLAS's (fp32
-    accumulation, rounded once) by more than half again. Returns the error."""
+def check_gemv(m, n, k, bias, silu_mul, logits, device="cpu", dtype=torch.float16, seed=0):
+    """The decode GEMV vs a float64 oracle on the same 16-bit inputs: its error may not exceed the torch path's
+    (a GEMM rounded to `dtype`, then SiLU-and-mul in `dtype` where asked) by more than half again. With `logits`
+    it returns fp32 holding the `dtype`-rounded product, as the torch path's `.float()` does. Returns the error."""
     from splitserve.kernels.gemv import gemv
+    from splitserve.layers.activation import silu_and_mul_torch
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-    x, w, b = rand(m, k), rand(n, k) / k**0.5, (rand(n) if bias else None)
-    got = gemv(x, w, b)
+    rows = 2 * n if silu_mul else n
+    x, w, b = rand(m, k), rand(rows, k) / k**0.5, (rand(rows) if bias else None)
+    got = gemv(x, w, b, silu_mul=silu_mul, out_dtype=torch.float32 if logits else None)
     oracle = x.double() @ w.double().t() + (b.double() if bias else 0)
     torch_path = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
+    if silu_mul:
+        oracle = torch.nn.functional.silu(oracle[:, :n]) * oracle[:, n:]
+        torch_path = silu_and_mul_torch(torch_path)
     err = lambda y: ((y.double() - oracle).norm() / oracle.norm()).item()
-    assert got.shape == (m, n) and got.dtype == dtype and not got.isnan().any()
-    assert err(got) <= 1.5 * err(torch_path) + 1e-4, (m, n, k, bias, err(got), err(torch_path))
+    assert got.shape == (m, n) and got.dtype == (torch.float32 if logits else dtype) and not got.isnan().any()
+    if logits:
+        assert torch.equal(got, got.to(dtype).float()), "logits not rounded to the input's dtype"
+    assert err(got) <= 1.5 * err(torch_path) + 1e-4, (m, n, k, bias, silu_mul, err(got), err(torch_path))
     return err(got)

@@ -183,18 +183,19 @@ def test_fused_qkv_matches_the_unfused_layout(qwen3_06b, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GEMV_CASES + [
-    (1, 6144, 4096, False),  # Qwen3-8B's qkv at batch 1
-    (16, 4096, 12288, False),  # its down_proj, the tile's rows all used
-    (4, 24576, 4096, True),  # its gate_up
-    (1, 1024, 2048, True),  # Qwen3-0.6B's o_proj
+    (1, 6144, 4096, False, False, False),  # Qwen3-8B's qkv at batch 1
+    (16, 4096, 12288, False, False, False),  # its down_proj, the tile's rows all used
+    (4, 12288, 4096, True, True, False),  # its gate_up with SiLU-and-mul
+    (1, 1024, 2048, True, False, False),  # Qwen3-0.6B's o_proj
+    (3, 151936, 1024, False, False, True),  # its logits
 ])
 def test_decode_gemv_matches_a_float64_oracle(case, dtype):
     check_gemv(*case, device="cuda", dtype=dtype)
 
 
 def test_bf16_decode_graphs_run_the_gemv(qwen3_06b):
-    """A bf16 decode graph's four projections per layer are the Triton GEMV, not cuBLAS. That these graphs give
-    HF's outputs is test_bf16_logits_close_and_greedy_matches_hf's part."""
+    """A bf16 decode graph's four projections per layer are the Triton GEMV, not cuBLAS, with SiLU-and-mul in the
+    gate/up one. That these graphs give HF's outputs is test_bf16_logits_close_and_greedy_matches_hf's part."""
     from torch.profiler import ProfilerActivity, profile
 
     from splitserve.layers import linear
@@ -208,7 +209,7 @@ def test_bf16_decode_graphs_run_the_gemv(qwen3_06b):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("_gemv_kernel" in n for n in names) == 4 * QWEN3_06B["num_hidden_layers"], names[:20]
-    assert not any("gemm" in n.lower() or "nvjet" in n for n in names), names[:20]
+    assert not any("gemm" in n.lower() or "nvjet" in n or "silu" in n for n in names), names[:20]
     assert linear.gemv_rows == linear.GEMV_ROWS
 
 

@@ -18,8 +18,8 @@ ones sits at position L - q + i and sees keys 0..L - q + i.
 Decode with few (sequence, KV head) pairs would leave most SMs idle while each program walks a long
 context: there the context is split over NUM_SPLITS programs (flash-decoding) that write partial results
 with their log-sum-exp, and a small kernel merges them. With one split (the split count comes from the
-longest context, so any batch whose contexts fit SPLIT_MIN_KEYS) the kernel writes the output itself and
-no merge is launched; decode CUDA graphs keep a one-split graph per small bucket for such batches.
+longest context, so any batch whose contexts fit SPLIT_FROM_KEYS) the kernel writes the output itself and
+no merge is launched.
 """
 
 from __future__ import annotations
@@ -181,12 +181,14 @@ WIDE_LAUNCH = {"BLOCK_N": 64}
 _SM_COUNT: dict = {}
 
 
-SPLIT_MIN_KEYS = 256  # no split shorter than this: a context up to this long is never split
+SPLIT_FROM_KEYS = 256  # a context up to this long is never split: the merge would cost more than it saves
+SPLIT_MIN_KEYS = 64  # and no split shorter than this
 
 
 def decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:
-    """Enough programs to fill the GPU twice over, but no split shorter than SPLIT_MIN_KEYS keys."""
-    if device.type != "cuda":
+    """Enough programs to fill the GPU twice over, contexts up to SPLIT_FROM_KEYS in one piece, and no split
+    shorter than SPLIT_MIN_KEYS keys (docs/PERFORMANCE.md, "Split-K's shortest chunk")."""
+    if device.type != "cuda" or max_seq_len <= SPLIT_FROM_KEYS:
         return 1
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from splitserve.layers.activation import silu_and_mul
 from splitserve.layers.attention import Attention, AttentionMetadata
-from splitserve.layers.linear import Linear
+from splitserve.layers.linear import Linear, gemv_fits
 from splitserve.layers.norm import RMSNorm
 from splitserve.layers.rotary import RotaryEmbedding
 
@@ -64,7 +63,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=flags.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x, silu_mul=True))
 
 
 @dataclass
@@ -186,6 +185,11 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [N, V]; written into `out` when given (the CUDA graph sampler's static rows)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        if gemv_fits(hidden):
+            from splitserve.kernels.gemv import gemv
+
+            logits = gemv(hidden, weight, out_dtype=torch.float32)
+            return logits if out is None else out.copy_(logits)
         logits = torch.nn.functional.linear(hidden, weight)
         return logits.float() if out is None else out.copy_(logits)
 
