@@ -6,6 +6,8 @@
 #           unfused GEMV as a variant too
 #   PART=c  programmatic dependent launch in a chain of GEMVs (scripts/probe_gemv.py --pdl)
 #   PART=d  the GEMV's GPU tests, HF parity, split-K; A/B cublas | gemv | gemv + 64-key splits | cublas, 8B and 0.6B
+#   PART=e  issue 15's goals against hf-compiled in the same run: P2 (smallbatch), P1 / P11 (latency, 8B batch 1)
+#   PART=f  the whole GPU suite
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s10}
@@ -44,4 +46,18 @@ if [[ ${PART:-a} == d ]]; then
   timeout 150 python3 scripts/gpu_fused_ab.py qwen3-0.6b "$out/gemv-ab2-qwen3-0.6b.json" --points 4:128 1:1024 \
     --smallbatch 2>&1 | grep --line-buffered -v "latency:" | quiet | tail -5
 fi
+if [[ ${PART:-a} == e ]]; then
+  stamp "P2: smallbatch against hf-compiled"
+  timeout 200 python3 -m splitserve bench smallbatch --shape qwen3-0.6b --compare hf-compiled --out "$out" \
+    --name smallbatch-p2 2>&1 | quiet | tail -8
+  stamp "P11 / P1: latency, Qwen3-8B batch 1, against hf-compiled"
+  timeout 300 python3 -m splitserve bench latency --shape qwen3-8b --batch-sizes 1 --context-lens 1024 \
+    --compare hf-compiled --out "$out" --name latency-8b-b1-p11 2>&1 | quiet | tail -10
+fi
+if [[ ${PART:-a} == f ]]; then
+  stamp "the whole GPU suite"
+  timeout 420 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
+    | tee "$out/gpu-tests.log"
+fi
 stamp "done"
+rm -f "$out"/*.png
