@@ -8,6 +8,7 @@
 #   PART=d  the GEMV's GPU tests, HF parity, split-K; A/B cublas | gemv | gemv + 64-key splits | cublas, 8B and 0.6B
 #   PART=e  issue 15's goals against hf-compiled in the same run: P2 (smallbatch), P1 / P11 (latency, 8B batch 1)
 #   PART=f  the whole GPU suite
+#   PART=g  where P4's step goes: kernel times by kind (8B, batch 256, ctx 2048) and decode attention's launch swept
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s10}
@@ -58,6 +59,14 @@ if [[ ${PART:-a} == f ]]; then
   stamp "the whole GPU suite"
   timeout 420 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
     | tee "$out/gpu-tests.log"
+fi
+if [[ ${PART:-a} == g ]]; then
+  stamp "profile: Qwen3-8B batch 256 ctx 2048, kernel times by kind"
+  timeout 150 python3 scripts/profile_decode.py qwen3-8b 256 2048 "$out/profile-8b-b256-ctx2048.json" 2>&1 \
+    | quiet | grep -v Warning | tail -25
+  stamp "decode attention's launch, 8B heads, batch 256, ctx 2048"
+  timeout 150 python3 scripts/probe_attention_launch.py "$out/probe-attention-launch-b256-ctx2048.json" 2>&1 \
+    | grep -v Warning
 fi
 stamp "done"
 rm -f "$out"/*.png

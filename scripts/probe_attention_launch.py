@@ -1,0 +1,79 @@
+"""Decode attention's launch at a large batch (issue 15's P4: Qwen3-8B heads, batch 256, ctx 2048): the shipped
+tiles (16 keys, one warp, six stages) against other tile widths, warps and pipeline depths, each timed as a CUDA
+graph of 10 calls over one layer's 2.1 GB of K/V. Prints GB/s of K/V read, beside the device copy bandwidth.
+Usage: python scripts/probe_attention_launch.py OUT_JSON [BATCH] [CTX] [BLOCK_SIZE]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import torch
+
+from splitserve.kernels.paged_attention import DECODE_LAUNCH, paged_attention
+
+
+def main() -> None:
+    out = sys.argv[1]
+    batch, ctx, bs = [int(a) for a in sys.argv[2:5]] + [256, 2048, 16][len(sys.argv[2:5]):]
+    hq, hkv, d = 32, 8, 128
+    torch.manual_seed(0)
+    blocks_per_seq = ctx // bs
+    nblocks = batch * blocks_per_seq
+    k_cache = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    kv_bytes = 2 * k_cache.numel() * 2
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    b.copy_(a)
+    start.record()
+    for _ in range(20):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    copy = 2 * a.numel() * 20 / (start.elapsed_time(end) / 1e3) / 1e9
+    del a, b
+    result = {"device": torch.cuda.get_device_name(), "batch": batch, "ctx": ctx, "block_size": bs,
+              "copy_GBps": copy, "kv_GB": kv_bytes / 1e9, "shipped": DECODE_LAUNCH, "configs": {}}
+    ref = paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5).float()
+    configs = [dict(DECODE_LAUNCH)] + [{"BLOCK_N": n, "num_warps": w, "num_stages": s} for n, w, s in
+                                        itertools.product([16, 32, 64], [1, 2, 4], [3, 4, 6, 8])]
+    for launch in configs:
+        name = f"n{launch['BLOCK_N']}w{launch['num_warps']}s{launch['num_stages']}"
+        if name in result["configs"]:
+            continue
+        try:
+            got = paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch).float()
+            assert (got - ref).abs().max().item() < 2e-2
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(10):
+                    paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
+            g.replay()
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(5):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 50
+            result["configs"][name] = {"ms": ms, "GBps": kv_bytes / ms / 1e6}
+        except Exception as e:
+            result["configs"][name] = {"error": str(e).splitlines()[0][:200]}
+    ok = sorted((v["ms"], k) for k, v in result["configs"].items() if "ms" in v)
+    shipped = next(iter(result["configs"].values()))  # the first config is the shipped one
+    print(f"copy {copy:.0f} GB/s; shipped {shipped['ms']:.3f} ms ({shipped['GBps']:.0f} GB/s); best: " +
+          ", ".join(f"{k} {ms:.3f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)" for ms, k in ok[:6]), flush=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
