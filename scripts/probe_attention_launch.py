@@ -1,7 +1,8 @@
 """Decode attention's launch at a large batch (issue 15's P4: Qwen3-8B heads, batch 256, ctx 2048): the shipped
 tiles (16 keys, one warp, six stages) against other tile widths, warps and pipeline depths, each timed as a CUDA
 graph of 10 calls over one layer's 2.1 GB of K/V. Prints GB/s of K/V read, beside the device copy bandwidth.
-Usage: python scripts/probe_attention_launch.py OUT_JSON [BATCH] [CTX] [BLOCK_SIZE]
+With --grid: the shipped launch and the best three of batch 256, ctx 2048 over batch x ctx, to choose by.
+Usage: python scripts/probe_attention_launch.py OUT_JSON [BATCH] [CTX] [BLOCK_SIZE] | OUT_JSON --grid
 """
 
 from __future__ import annotations
@@ -15,8 +16,50 @@ import torch
 from splitserve.kernels.paged_attention import DECODE_LAUNCH, paged_attention
 
 
+def grid(out: str) -> None:
+    hq, hkv, d, bs = 32, 8, 128, 16
+    launches = {"shipped": dict(DECODE_LAUNCH), "n64w2s4": {"BLOCK_N": 64, "num_warps": 2, "num_stages": 4},
+                "n32w1s4": {"BLOCK_N": 32, "num_warps": 1, "num_stages": 4},
+                "n64w4s4": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}}
+    result = {"device": torch.cuda.get_device_name(), "launches": launches, "points": []}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for batch, ctx in itertools.product([1, 4, 16, 64, 128, 256, 512], [512, 2048, 8192]):
+        blocks_per_seq = ctx // bs
+        nblocks = batch * blocks_per_seq
+        k_cache = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+        qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        row = {"batch": batch, "ctx": ctx}
+        for name, launch in launches.items():
+            g = torch.cuda.CUDAGraph()
+            paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
+            with torch.cuda.graph(g):
+                for _ in range(10):
+                    paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
+            g.replay()
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(5):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            row[name] = start.elapsed_time(end) / 50 * 1e3  # µs per call
+        result["points"].append(row)
+        print(f"b{batch} ctx{ctx}: " + " ".join(f"{n} {row[n]:.1f}us (x{row[n] / row['shipped']:.3f})"
+                                               for n in launches), flush=True)
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main() -> None:
     out = sys.argv[1]
+    if sys.argv[2:3] == ["--grid"]:
+        return grid(out)
     batch, ctx, bs = [int(a) for a in sys.argv[2:5]] + [256, 2048, 16][len(sys.argv[2:5]):]
     hq, hkv, d = 32, 8, 128
     torch.manual_seed(0)

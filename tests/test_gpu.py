@@ -42,6 +42,7 @@ def qwen3_06b(tmp_path_factory):
     (9, 3, 64, 16, [45, 1, 1], [19, 63, 64]),  # SmolLM2 heads (GQA 3)
     (16, 16, 64, 8, [130, 2], [7, 250]),  # MHA
     (64, 8, 128, 256, [1, 1, 513], [3000, 255, 0]),  # GQA 8, big blocks
+    (32, 8, 128, 16, [1] * 130, [(i * 37) % 900 for i in range(130)]),  # >= 1024 programs: the large-batch tiles
 ])
 def test_triton_kernels_match_reference(case, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2

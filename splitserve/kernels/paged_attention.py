@@ -144,7 +144,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_q, block_m = 1, max(16, triton.next_power_of_2(group))
         if num_splits is None:
             num_splits = decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
-        tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
+        if num_seqs * num_kv_heads * num_splits >= LARGE_DECODE_PROGRAMS:
+            tiles = LARGE_DECODE_LAUNCH
+        else:
+            tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
     else:
         block_m = max(64, triton.next_power_of_2(group))
         block_q = block_m // group
@@ -177,6 +180,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # fits in a KV block; prefill, and decode on smaller blocks, use 64-key tiles with Triton's default launch.
 DECODE_LAUNCH = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 6}
 WIDE_LAUNCH = {"BLOCK_N": 64}
+# With many programs (a large batch), 64-key tiles on two warps read faster: Qwen3-8B heads on an H200 at batch
+# 256 take 0.84-0.85x the time of the 16-key tiles at ctx 512-8192, at batch 128 and 512 0.90-0.99x; at batch
+# 64 and below the two are within a few percent either way (scripts/probe_attention_launch.py --grid,
+# docs/benchmarks/h200-2026-12-01-s10/probe-attention-launch-grid.json).
+LARGE_DECODE_LAUNCH = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 4}
+LARGE_DECODE_PROGRAMS = 1024  # (sequence, KV head, split) programs from which it is used: batch 128 x 8 KV heads
 
 _SM_COUNT: dict = {}
 
