@@ -7,7 +7,7 @@
 #   PART=c  programmatic dependent launch in a chain of GEMVs (scripts/probe_gemv.py --pdl)
 #   PART=d  the GEMV's GPU tests, HF parity, split-K; A/B cublas | gemv | gemv + 64-key splits | cublas, 8B and 0.6B
 #   PART=e  issue 15's goals against hf-compiled in the same run: P2 (smallbatch), P1 / P11 (latency, 8B batch 1)
-#   PART=f  the whole GPU suite
+#   PART=f  P4 (latency, 8B batch 256, ctx 2048), then the whole GPU suite
 #   PART=g  where P4's step goes: kernel times by kind (8B, batch 256, ctx 2048) and decode attention's launch swept
 # Usage: OUT=folder PART=a bash scripts/gpu_s10.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -56,6 +56,9 @@ if [[ ${PART:-a} == e ]]; then
     --compare hf-compiled --out "$out" --name latency-8b-b1-p11 2>&1 | quiet | tail -10
 fi
 if [[ ${PART:-a} == f ]]; then
+  stamp "P4: latency, Qwen3-8B batch 256, ctx 2048"
+  timeout 150 python3 -m splitserve bench latency --shape qwen3-8b --batch-sizes 256 --context-lens 2048 \
+    --max-num-seqs 256 --out "$out" --name latency-8b-b256-p4 2>&1 | quiet | tail -5
   stamp "the whole GPU suite"
   timeout 420 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short 2>&1 | tail -25 \
     | tee "$out/gpu-tests.log"
