@@ -16,14 +16,15 @@ GEMV_ROWS = 16  # the GEMV tile's rows (kernels.gemv.MAX_ROWS); more rows go to 
 gemv_rows = GEMV_ROWS if os.environ.get("SPLITSERVE_GEMV", "1") != "0" else 0
 
 
-def gemv_fits(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 2 and 0 < x.shape[0] <= gemv_rows
+def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 2 and 0 < x.shape[0] <= gemv_rows
+            and weight.dtype == x.dtype and weight.is_contiguous())
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """x @ weight.T + bias; with `silu_mul` the weight is [gate | up] and the result silu(gate) * up."""
-        if gemv_fits(x):
+        if gemv_fits(x, self.weight):
             from splitserve.kernels.gemv import gemv
 
             return gemv(x, self.weight, self.bias, silu_mul=silu_mul)

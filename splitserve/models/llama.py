@@ -185,7 +185,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [N, V]; written into `out` when given (the CUDA graph sampler's static rows)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        if gemv_fits(hidden):
+        if gemv_fits(hidden, weight):
             from splitserve.kernels.gemv import gemv
 
             logits = gemv(hidden, weight, out_dtype=torch.float32)
