@@ -13,40 +13,43 @@ import sys
 
 import torch
 
+from splitserve.bench.timing import graph_seconds_per_call
+from splitserve.bench.workloads import device_copy_bandwidth
 from splitserve.kernels.paged_attention import DECODE_LAUNCH, paged_attention
 
 
+def decode_batch(batch: int, ctx: int, bs: int, hq: int = 32, hkv: int = 8, d: int = 128):
+    """q, caches, block tables (a random permutation of the blocks), query starts and lengths of `batch` decode
+    rows with `ctx` keys each (Qwen3-8B heads by default)."""
+    blocks_per_seq = ctx // bs
+    nblocks = batch * blocks_per_seq
+    k_cache = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    return q, k_cache, torch.randn_like(k_cache), tables, qsl, lens
+
+
+def time_launch(q, k_cache, v_cache, tables, qsl, lens, ctx: int, launch: dict) -> float:
+    """Seconds per call, as a graph of 10 calls replayed 5 times (after one replay)."""
+    return graph_seconds_per_call(
+        lambda i: paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, q.shape[-1]**-0.5, launch=launch),
+        calls=10, replays=5, warmup=1)
+
+
 def grid(out: str) -> None:
-    hq, hkv, d, bs = 32, 8, 128, 16
+    bs = 16
     launches = {"shipped": dict(DECODE_LAUNCH), "n64w2s4": {"BLOCK_N": 64, "num_warps": 2, "num_stages": 4},
                 "n32w1s4": {"BLOCK_N": 32, "num_warps": 1, "num_stages": 4},
                 "n64w4s4": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}}
     result = {"device": torch.cuda.get_device_name(), "launches": launches, "points": []}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for batch, ctx in itertools.product([1, 4, 16, 64, 128, 256, 512], [512, 2048, 8192]):
-        blocks_per_seq = ctx // bs
-        nblocks = batch * blocks_per_seq
-        k_cache = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-        qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
-        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        q, k_cache, v_cache, tables, qsl, lens = decode_batch(batch, ctx, bs)
         row = {"batch": batch, "ctx": ctx}
         for name, launch in launches.items():
-            g = torch.cuda.CUDAGraph()
-            paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
-            g.replay()
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(5):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            row[name] = start.elapsed_time(end) / 50 * 1e3  # µs per call
+            paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, q.shape[-1]**-0.5, launch=launch)
+            row[name] = time_launch(q, k_cache, v_cache, tables, qsl, lens, ctx, launch) * 1e6  # µs per call
         result["points"].append(row)
         print(f"b{batch} ctx{ctx}: " + " ".join(f"{n} {row[n]:.1f}us (x{row[n] / row['shipped']:.3f})"
                                                for n in launches), flush=True)
@@ -61,28 +64,11 @@ def main() -> None:
     if sys.argv[2:3] == ["--grid"]:
         return grid(out)
     batch, ctx, bs = [int(a) for a in sys.argv[2:5]] + [256, 2048, 16][len(sys.argv[2:5]):]
-    hq, hkv, d = 32, 8, 128
     torch.manual_seed(0)
-    blocks_per_seq = ctx // bs
-    nblocks = batch * blocks_per_seq
-    k_cache = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-    qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    q, k_cache, v_cache, tables, qsl, lens = decode_batch(batch, ctx, bs)
+    d = q.shape[-1]
     kv_bytes = 2 * k_cache.numel() * 2
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    b.copy_(a)
-    start.record()
-    for _ in range(20):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    copy = 2 * a.numel() * 20 / (start.elapsed_time(end) / 1e3) / 1e9
-    del a, b
+    copy = device_copy_bandwidth(q.device) / 1e9
     result = {"device": torch.cuda.get_device_name(), "batch": batch, "ctx": ctx, "block_size": bs,
               "copy_GBps": copy, "kv_GB": kv_bytes / 1e9, "shipped": DECODE_LAUNCH, "configs": {}}
     ref = paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5).float()
@@ -95,18 +81,7 @@ def main() -> None:
         try:
             got = paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch).float()
             assert (got - ref).abs().max().item() < 2e-2
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(10):
-                    paged_attention(q, k_cache, v_cache, tables, qsl, lens, 1, ctx, d**-0.5, launch=launch)
-            g.replay()
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(5):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 50
+            ms = time_launch(q, k_cache, v_cache, tables, qsl, lens, ctx, launch) * 1e3
             result["configs"][name] = {"ms": ms, "GBps": kv_bytes / ms / 1e6}
         except Exception as e:
             result["configs"][name] = {"error": str(e).splitlines()[0][:200]}

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.bench.timing import graph_seconds_per_call, median_time
+from splitserve.bench.workloads import device_copy_bandwidth
+
 
 @triton.jit
 def _gemv_sum(x_ptr, w_ptr, y_ptr, M, N, K, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -186,21 +189,9 @@ def pdl_chain(out: str) -> None:
         try:
             step(kind)
             torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step(kind)
-            for _ in range(3):
-                g.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 20
+            ms = graph_seconds_per_call(lambda i, kind=kind: step(kind), calls=1, replays=20, warmup=3) * 1e3
             result.setdefault(kind, []).append(ms)
-            print(f"{kind}: {ms:.3f} ms per step ({result['weight_GB'] / ms:.0f} GB/s)", flush=True)
+            print(f"{kind}: {ms:.3f} ms per step ({result['weight_GB'] / ms:.2f} TB/s)", flush=True)
         except Exception as e:
             result.setdefault(kind, []).append(str(e).splitlines()[0][:300])
             print(kind, "failed:", str(e).splitlines()[0][:300], flush=True)
@@ -238,45 +229,15 @@ def time_graph(fn, xs, ws, ys, calls: int = 48, replays: int = 10) -> float:
             fn(xs[i], ws[i], ys[i])
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            j = i % len(ws)
-            fn(xs[j], ws[j], ys[j])
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * calls)
+    return graph_seconds_per_call(lambda i: fn(xs[i % len(ws)], ws[i % len(ws)], ys[i % len(ws)]), calls, replays,
+                                  warmup=3)
 
 
 def bandwidths() -> dict:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        b.copy_(a)
-    start.record()
-    for _ in range(20):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    copy = 2 * a.numel() * 20 / (start.elapsed_time(end) / 1e3)
-    h = a.view(torch.bfloat16)
-    for _ in range(3):
-        h.sum(dtype=torch.float32)
-    start.record()
-    for _ in range(20):
-        h.sum(dtype=torch.float32)
-    end.record()
-    torch.cuda.synchronize()
-    read = a.numel() * 20 / (start.elapsed_time(end) / 1e3)
-    return {"copy_GBps": copy / 1e9, "read_GBps": read / 1e9}
+    """The copy bandwidth (bytes read + written) and the read-only one (a bf16 sum) of 1 GiB."""
+    h = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    read = h.numel() * 2 / median_time(lambda: h.sum(dtype=torch.float32), h.device, iters=20, warmup=3)
+    return {"copy_GBps": device_copy_bandwidth(h.device) / 1e9, "read_GBps": read / 1e9}
 
 
 SHAPES = {  # name: (N, K)

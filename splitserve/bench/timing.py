@@ -27,3 +27,21 @@ def median_time(fn, device: torch.device, iters: int, warmup: int = 0) -> float:
     for _ in range(warmup):
         fn()
     return float(np.median([timed(fn, device)[1] for _ in range(iters)]))
+
+
+def graph_seconds_per_call(call, calls: int, replays: int, warmup: int = 2) -> float:
+    """Device seconds per call of `call(i)`, i = 0 .. calls - 1, captured once as a CUDA graph and replayed `replays`
+    times back to back (no host gaps) after `warmup` replays. Run `call` eagerly before: capture does not compile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i)
+    for _ in range(warmup):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
