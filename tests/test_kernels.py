@@ -94,8 +94,32 @@ def test_top_p_floor_kernel_matches_a_float64_oracle_in_interpreter():
     assert "ok top-p floor" in _interpret(TOP_P_SCRIPT)
 
 
-def test_decode_gemv_with_its_fused_input_op_matches_a_float64_oracle_in_interpreter():
+def test_decode_gemv_matches_a_float64_oracle_in_interpreter():
     from kernel_cases import GEMV_CASES
 
     out = _interpret(GEMV_SCRIPT)
     assert out.count("ok") == len(GEMV_CASES), out
+
+
+def test_decode_split_count_and_tiles_follow_the_context_bound_and_the_grid():
+    """decode_splits: one split up to SPLIT_FROM_KEYS, then chunks of at least SPLIT_MIN_KEYS, up to two programs per
+    SM (132 here) and 64 splits; decode_launch: the large-batch tiles from LARGE_DECODE_PROGRAMS programs."""
+    import torch
+
+    from splitserve.kernels import paged_attention as pa
+
+    gpu = torch.device("cuda", 0)  # never touched: the SM count is set, as on an H200
+    pa._SM_COUNT[gpu] = 132
+    try:
+        assert pa.decode_splits(torch.device("cpu"), 8, 40960) == 1
+        assert pa.decode_splits(gpu, 8, 256) == 1  # never split up to 256 keys
+        assert pa.decode_splits(gpu, 8, 257) == 5  # then 64-key chunks: ceil(257 / 64)
+        assert pa.decode_splits(gpu, 8, 1025) == 17
+        assert pa.decode_splits(gpu, 8, 40960) == 33  # two programs per SM: ceil(264 / 8)
+        assert pa.decode_splits(gpu, 2048, 40960) == 1  # the grid is full without splitting
+        assert pa.decode_splits(gpu, 1, 40960) == 64  # the cap
+    finally:
+        del pa._SM_COUNT[gpu]
+    assert pa.decode_launch(1023, 16) == pa.DECODE_LAUNCH
+    assert pa.decode_launch(1024, 16) == pa.LARGE_DECODE_LAUNCH
+    assert pa.decode_launch(8, 8) == pa.WIDE_LAUNCH  # 16-key tiles need blocks they fit in

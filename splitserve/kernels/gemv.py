@@ -19,7 +19,9 @@ import triton.language as tl
 MAX_ROWS = 16  # the rows one tile holds; more rows than this go to cuBLAS
 
 
-@triton.jit
+# The row count varies step to step: specialised on it (== 1, % 16 == 0), Triton would compile a variant the first
+# time a prefill of 16 tokens (or a batch of 1) comes, mid-serving, where no graph bucket warmed it up.
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     # N output columns; with SILU_MUL the weight has 2N rows (gate | up) and a program reads the gate rows and the
@@ -65,15 +67,17 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x [M ≤ 16, K] with a contiguous last dim and weight [N, K] contiguous.
 
     `silu_mul`: weight is [gate | up] ([2N, K]) and the result silu(x @ gate.T) * (x @ up.T), [M, N].
-    `out_dtype` (fp32 for the logits): the result, rounded to x's dtype first, in that dtype."""
+    `out_dtype` (fp32 for the logits): the result, rounded to x's dtype first, in that dtype; written into `out`
+    (contiguous [M, N]) when given."""
     m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     assert m <= MAX_ROWS and x.shape[1] == k and x.stride(-1) == 1 and weight.is_contiguous()
-    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device) if out is None else out
+    assert y.shape == (m, n) and y.is_contiguous()
     if m:
         block_n, block_k, stages = _tiles(weight.shape[0], k)
         block_n = block_n // 2 if silu_mul else block_n  # the same rows a step: half gate, half up

@@ -144,10 +144,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_q, block_m = 1, max(16, triton.next_power_of_2(group))
         if num_splits is None:
             num_splits = decode_splits(q.device, num_seqs * num_kv_heads, max_seq_len)
-        if num_seqs * num_kv_heads * num_splits >= LARGE_DECODE_PROGRAMS:
-            tiles = LARGE_DECODE_LAUNCH
-        else:
-            tiles = DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
+        tiles = decode_launch(num_seqs * num_kv_heads * num_splits, kv_block_size)
     else:
         block_m = max(64, triton.next_power_of_2(group))
         block_q = block_m // group
@@ -187,11 +184,20 @@ WIDE_LAUNCH = {"BLOCK_N": 64}
 LARGE_DECODE_LAUNCH = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 4}
 LARGE_DECODE_PROGRAMS = 1024  # (sequence, KV head, split) programs from which it is used: batch 128 x 8 KV heads
 
+
+def decode_launch(programs: int, kv_block_size: int) -> dict:
+    """Decode's tiles for a grid of `programs` (sequence, KV head, split) programs."""
+    if programs >= LARGE_DECODE_PROGRAMS:
+        return LARGE_DECODE_LAUNCH
+    return DECODE_LAUNCH if kv_block_size % DECODE_LAUNCH["BLOCK_N"] == 0 else WIDE_LAUNCH
+
 _SM_COUNT: dict = {}
 
 
-SPLIT_FROM_KEYS = 256  # a context up to this long is never split: the merge would cost more than it saves
-SPLIT_MIN_KEYS = 64  # and no split shorter than this
+# The split count comes from the longest context: the actual one in an eager step, the capture-time bound
+# (max_model_len) in a CUDA graph, whose splits then share whatever context each replay has.
+SPLIT_FROM_KEYS = 256  # up to this bound, one split: the merge would cost more than it saves
+SPLIT_MIN_KEYS = 64  # above it, no split shorter than this (at the bound)
 
 
 def decode_splits(device: torch.device, programs: int, max_seq_len: int) -> int:

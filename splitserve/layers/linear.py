@@ -18,7 +18,7 @@ gemv_rows = GEMV_ROWS if os.environ.get("SPLITSERVE_GEMV", "1") != "0" else 0
 
 def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 2 and 0 < x.shape[0] <= gemv_rows
-            and weight.dtype == x.dtype and weight.is_contiguous())
+            and x.stride(-1) == 1 and weight.dtype == x.dtype and weight.is_contiguous())
 
 
 class Linear(nn.Linear):

@@ -185,11 +185,10 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [N, V]; written into `out` when given (the CUDA graph sampler's static rows)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        if gemv_fits(hidden, weight):
+        if gemv_fits(hidden, weight) and (out is None or (out.is_contiguous() and out.dtype == torch.float32)):
             from splitserve.kernels.gemv import gemv
 
-            logits = gemv(hidden, weight, out_dtype=torch.float32)
-            return logits if out is None else out.copy_(logits)
+            return gemv(hidden, weight, out_dtype=torch.float32, out=out)
         logits = torch.nn.functional.linear(hidden, weight)
         return logits.float() if out is None else out.copy_(logits)
 
