@@ -230,7 +230,8 @@ GEMV_CASES = [(1, 100, 200, False, False, False), (3, 70, 130, True, False, Fals
 def check_gemv(m, n, k, bias, silu_mul, logits, device="cpu", dtype=torch.float16, seed=0):
     """The decode GEMV vs a float64 oracle on the same 16-bit inputs: its error may not exceed the torch path's
     (a GEMM rounded to `dtype`, then SiLU-and-mul in `dtype` where asked) by more than half again. With `logits`
-    it returns fp32 holding the `dtype`-rounded product, as the torch path's `.float()` does. Returns the error."""
+    it returns fp32 holding the `dtype`-rounded product, as the torch path's `.float()` does, written into a given
+    buffer. Returns the error."""
     from splitserve.kernels.gemv import gemv
     from splitserve.layers.activation import silu_and_mul_torch
 
@@ -238,7 +239,9 @@ def check_gemv(m, n, k, bias, silu_mul, logits, device="cpu", dtype=torch.float1
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     rows = 2 * n if silu_mul else n
     x, w, b = rand(m, k), rand(rows, k) / k**0.5, (rand(rows) if bias else None)
-    got = gemv(x, w, b, silu_mul=silu_mul, out_dtype=torch.float32 if logits else None)
+    out = torch.full((m, n), float("nan"), device=device) if logits else None  # the sampler's buffer
+    got = gemv(x, w, b, silu_mul=silu_mul, out_dtype=torch.float32 if logits else None, out=out)
+    assert out is None or got.data_ptr() == out.data_ptr()
     oracle = x.double() @ w.double().t() + (b.double() if bias else 0)
     torch_path = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
     if silu_mul:
