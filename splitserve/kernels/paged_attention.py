@@ -11,6 +11,8 @@ pipelines the loads through shared memory). KV heads vary fastest in the grid. M
 (`scripts/probe_decode_attention.py`, Qwen3-8B heads, batch 512, context 512):
 - all SMs: 4.45 TB/s, against 4.33 for 64-key tiles and four warps;
 - a 64-SM green partition, where the decode pipeline runs attention: 4.06 TB/s against 2.78.
+With 1,024 programs or more (batch 128 and up at 8 KV heads) decode uses 64-key tiles on two warps instead, which
+read faster there (`LARGE_DECODE_LAUNCH`; 4.41 against 3.75 TB/s at batch 256, context 2048).
 
 Online softmax in fp32, causal with an offset: query i of a sequence with L cached tokens and q new
 ones sits at position L - q + i and sees keys 0..L - q + i.
@@ -18,8 +20,8 @@ ones sits at position L - q + i and sees keys 0..L - q + i.
 Decode with few (sequence, KV head) pairs would leave most SMs idle while each program walks a long
 context: there the context is split over NUM_SPLITS programs (flash-decoding) that write partial results
 with their log-sum-exp, and a small kernel merges them. With one split (the split count comes from the
-longest context, so any batch whose contexts fit SPLIT_FROM_KEYS) the kernel writes the output itself and
-no merge is launched.
+longest context, under a CUDA graph the capture-time bound: contexts up to SPLIT_FROM_KEYS) the kernel writes
+the output itself and no merge is launched.
 """
 
 from __future__ import annotations
