@@ -148,6 +148,52 @@ def test_decode_partition_candidates_reach_three_quarters_of_the_gpu():
     assert candidate_decode_sm(16) == [8]
 
 
+def _roofline_ms(decode_sm: int | None, batch: float, ctx: float) -> float:
+    """A plain-math decode step: the weights read, then the KV read (batch × ctx), each at a bandwidth that grows
+    with the decode SMs (None: the whole GPU alone), slower beside a prefill."""
+    bandwidth = 1.0 if decode_sm is None else 0.4 + 0.5 * decode_sm / 96
+    return (3.5 + 2e-5 * batch * ctx) / bandwidth
+
+
+def _roofline_plan():
+    from splitserve.pipeline.pd_multiplex import PDPlan, partition_path
+
+    anchors, ctxs, sms = [1, 32, 64, 128, 256], [1024, 4096], [24, 48, 96]
+    times = {"plain": [[_roofline_ms(None, a, c) for c in ctxs] for a in anchors]}
+    times |= {partition_path(sm).name: [[_roofline_ms(sm, a, c) for c in ctxs] for a in anchors] for sm in sms}
+    splits = {partition_path(sm).name: [sm, 132 - sm] for sm in sms}
+    return PDPlan(anchors, ctxs, times, splits, prefill_tokens=8192), sms
+
+
+@pytest.mark.parametrize("target", [9.0, 14.0, 30.0, None])
+def test_pd_plan_follows_the_batch_and_its_contexts(target):
+    """The split for a decode batch is the fewest SMs whose step, read off the plan at that batch and mean
+    context, stays within the target (default: 2× the idle step there), else the most; the same as the
+    plain-math step it was measured from (the plan is bilinear, the step here too, so reading it is exact).
+    Longer contexts need more decode SMs; the plan survives its JSON cache."""
+    import json
+    from dataclasses import asdict
+
+    from splitserve.pipeline.pd_multiplex import PDPlan
+
+    plan, sms = _roofline_plan()
+    for batch in (1, 20, 64, 100, 256, 300):
+        for ctx in (200, 1024, 2500, 4096, 6000):
+            want_target = target if target is not None else 2 * _roofline_ms(None, batch, ctx)
+            fits = [sm for sm in sms if _roofline_ms(sm, batch, ctx) <= want_target]
+            sm, got_target, met = plan.choice(batch, ctx, target)
+            assert got_target == pytest.approx(want_target)
+            assert (sm, met) == ((fits[0], True) if fits else (sms[-1], False)), (batch, ctx)
+            kept = [24, 96]
+            assert plan.choice(batch, ctx, target, among=kept)[0] == next(
+                (s for s in kept if _roofline_ms(s, batch, ctx) <= want_target), kept[-1])
+    if target == 14.0:
+        assert plan.choice(64, 1024, target)[0] < plan.choice(64, 4096, target)[0]  # same batch, longer contexts
+    assert plan.grid_choices(target) == {plan.choice(a, c, target)[0] for a in plan.anchors for c in plan.ctx_points}
+    assert len(plan.table(target).splitlines()) == 2 + len(plan.anchors) * len(plan.ctx_points)
+    assert PDPlan(**json.loads(json.dumps(asdict(plan)))) == plan
+
+
 def test_mode_is_said_once_and_reported(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="splitserve"):
         llm = LLM(tiny_dir, enable_pd_multiplex=True, num_kv_blocks=64, kvcache_block_size=8,

@@ -262,20 +262,22 @@ class EngineCore:
             if part.lane == DECODE_LANE:
                 decode = part
             else:
-                self._launch_prefill(part, len(decode))
+                self._launch_prefill(part, decode)
         if self.runner.graphs is not None:
             self.runner.graphs.split_path = lanes.decode_path()
         if decode.seqs:
             lanes.count_decode(self.prefill_pending is not None)
         return decode
 
-    def _launch_prefill(self, batch: ScheduledBatch, num_decode: int) -> None:
-        """Start a prefill batch on its stream (its first pieces enqueued now); it is busy until finished."""
+    def _launch_prefill(self, batch: ScheduledBatch, decode: ScheduledBatch) -> None:
+        """Start a prefill batch on its stream (its first pieces enqueued now), beside `decode` (its split is
+        chosen for that batch); it is busy until finished."""
         now = time.time()
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
-        stream = self.lanes.start_prefill(num_decode, None if self.pending is None else self.pending.tokens)
+        mean_ctx = sum(s.num_computed_tokens for s in decode.seqs) / max(len(decode.seqs), 1)
+        stream = self.lanes.start_prefill(len(decode), mean_ctx, None if self.pending is None else self.pending.tokens)
         pieces = self.runner.launch_in_pieces(batch, self.pending, PREFILL_LAYERS_PER_PIECE)
         self.prefill_pending = PrefillRun(batch, pieces, stream)
         self.prefill_pending.feed()  # its inputs are read now: `self.pending` is still the step they may need

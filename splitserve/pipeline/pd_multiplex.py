@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from splitserve.config import EngineConfig
+from splitserve.pipeline.planner import Plan
 from splitserve.worker.decode_graphs import PLAIN, DecodePath
 from splitserve.worker.model_runner import LaunchedStep
 
@@ -48,7 +49,9 @@ logger = logging.getLogger("splitserve")
 # SMs at small batch (H200 plan: 32 decode SMs up to batch 32, 48 above).
 DEFAULT_TARGET_FACTOR = 2.0
 PREFILL_LAYERS_PER_PIECE = 4  # layers of a prefill batch enqueued at once (~60 kernels: far below a full queue)
-PLAN_VERSION = 1
+CTX_POINTS = (1024, 4096)  # decode contexts the plan is measured at (the step is near linear in between)
+PREFILLS_QUEUED = 3  # calibration: fake prefills kept enqueued beside each timed decode replay
+PLAN_VERSION = 2  # 2: anchors × contexts (1: anchors at one context)
 
 
 def partition_path(decode_sm: int) -> DecodePath:
@@ -56,37 +59,41 @@ def partition_path(decode_sm: int) -> DecodePath:
 
 
 @dataclass
-class PDPlan:
-    """Decode step times (ms) at batch anchors: alone on the whole GPU, and per candidate decode partition while
-    a prefill runs on the rest; and the split each anchor gets under the target."""
-    anchors: list[int]
-    ctx: int
-    prefill_tokens: int
-    idle_ms: list[float]
-    beside_prefill_ms: dict[str, list[float]]  # str(decode SMs) -> per anchor
-    prefill_sms: dict[str, int]  # str(decode SMs) -> the rest, as the driver made it
-    overlapped: dict[str, list[bool]]  # whether the prefill was still running when the timing ended
-    key: dict = field(default_factory=dict)
-    calibration_s: float = 0.0
+class PDPlan(Plan):
+    """Decode step times (ms) measured at batch anchors × contexts (planner.Plan, read the same way: piecewise
+    linear in both): times_ms["plain"] alone on the whole GPU, times_ms["partition:N"] on N decode SMs while a
+    prefill of `prefill_tokens` runs on the rest (splits: [decode SMs, prefill SMs], as the driver made them);
+    `overlapped`: whether the prefill was still running when each timing ended."""
+    prefill_tokens: int = 0
+    overlapped: dict[str, list[list[bool]]] = field(default_factory=dict)
 
-    def choice(self, anchor_index: int, target_ms: float | None) -> tuple[int, float, bool]:
-        """(decode SMs, target ms, met) at one anchor: the fewest SMs within the target, else the most."""
-        target = target_ms if target_ms is not None else DEFAULT_TARGET_FACTOR * self.idle_ms[anchor_index]
-        sizes = sorted(int(s) for s in self.beside_prefill_ms)
+    def decode_sms(self) -> list[int]:
+        return sorted(decode_sm for decode_sm, _ in self.splits.values())
+
+    def choice(self, batch: float, ctx: float, target_ms: float | None,
+               among: list[int] | None = None) -> tuple[int, float, bool]:
+        """(decode SMs, target ms, met) for a decode batch of `batch` rows at mean context `ctx`: the fewest SMs
+        (of `among`, default every partition measured) whose step stays within the target, else the most."""
+        target = target_ms if target_ms is not None else DEFAULT_TARGET_FACTOR * self.estimate(PLAIN.name, batch, ctx)
+        sizes = sorted(among) if among is not None else self.decode_sms()
         for sm in sizes:
-            if self.beside_prefill_ms[str(sm)][anchor_index] <= target:
+            if self.estimate(partition_path(sm).name, batch, ctx) <= target:
                 return sm, target, True
         return sizes[-1], target, False
 
-    def table(self, target_ms: float | None) -> str:
-        sizes = sorted(int(s) for s in self.beside_prefill_ms)
-        head = "batch | idle ms | " + " | ".join(f"{s} SMs" for s in sizes) + " | target ms | decode SMs"
+    def grid_choices(self, target_ms: float | None) -> set[int]:
+        return {self.choice(a, c, target_ms)[0] for a in self.anchors for c in self.ctx_points}
+
+    def table(self, target_ms: float | None = None) -> str:
+        sizes = self.decode_sms()
+        head = "batch | ctx | idle ms | " + " | ".join(f"{s} SMs" for s in sizes) + " | target ms | decode SMs"
         lines = [head, "-" * len(head)]
         for i, anchor in enumerate(self.anchors):
-            sm, target, met = self.choice(i, target_ms)
-            cells = " | ".join(f"{self.beside_prefill_ms[str(s)][i]:.2f}" for s in sizes)
-            lines.append(f"{anchor} | {self.idle_ms[i]:.2f} | {cells} | {target:.2f} | {sm}"
-                         + ("" if met else " (target missed: the most SMs)"))
+            for j, ctx in enumerate(self.ctx_points):
+                sm, target, met = self.choice(anchor, ctx, target_ms)
+                cells = " | ".join(f"{self.times_ms[partition_path(s).name][i][j]:.2f}" for s in sizes)
+                lines.append(f"{anchor} | {ctx} | {self.times_ms[PLAIN.name][i][j]:.2f} | {cells} | {target:.2f} | "
+                             f"{sm}" + ("" if met else " (target missed: the most SMs)"))
         return "\n".join(lines)
 
 
@@ -138,19 +145,20 @@ class PDLanes:
         self.prefill_started = 0.0
         self.whole_gpu_stream = torch.cuda.Stream() if self.partitions else None
 
-    def choose_split(self, num_decode: int) -> int:
-        """Decode SMs for a prefill batch launched beside a decode batch of `num_decode` rows."""
+    def choose_split(self, num_decode: int, mean_ctx: float) -> int:
+        """Decode SMs for a prefill batch launched beside a decode batch of `num_decode` rows whose mean context
+        is `mean_ctx` tokens (the KV read grows with it: a split that keeps pace at short contexts may not at
+        long ones). Only the partitions kept at start-up are candidates."""
         if len(self.partitions) == 1 or self.plan is None:
             return next(iter(self.partitions))
-        anchors = self.plan.anchors
-        i = next((k for k, a in enumerate(anchors) if a >= num_decode), len(anchors) - 1)
-        return self.plan.choice(i, self.target_ms)[0]
+        return self.plan.choice(num_decode, mean_ctx, self.target_ms, among=list(self.partitions))[0]
 
-    def start_prefill(self, num_decode: int, prev_tokens: torch.Tensor | None) -> torch.cuda.Stream | None:
-        """The stream of a prefill batch launched beside a decode batch of `num_decode` rows (None on CPU): the
-        prefill side of the split chosen for it, or the whole GPU when no decode runs. It first waits for the
-        work already enqueued on the decode stream (blocks it writes may have been freed by a step still
-        running there)."""
+    def start_prefill(self, num_decode: int, mean_ctx: float,
+                      prev_tokens: torch.Tensor | None) -> torch.cuda.Stream | None:
+        """The stream of a prefill batch launched beside a decode batch of `num_decode` rows at mean context
+        `mean_ctx` (None on CPU): the prefill side of the split chosen for it, or the whole GPU when no decode
+        runs. It first waits for the work already enqueued on the decode stream (blocks it writes may have been
+        freed by a step still running there)."""
         st = self.status
         st["prefill_launches"] += 1
         self.prefill_started = time.perf_counter()
@@ -160,12 +168,12 @@ class PDLanes:
             st["prefill_launches_whole_gpu"] += 1
             self.decode_sm, stream = None, self.whole_gpu_stream
         else:
-            sm = self.choose_split(num_decode)
+            sm = self.choose_split(num_decode, mean_ctx)
             if sm != self.last_decode_sm:
                 if self.last_decode_sm is not None:
                     st["split_switches"] += 1
-                    logger.info("PD multiplexing: decode partition %d -> %d SMs (decode batch %d)",
-                                self.last_decode_sm, sm, num_decode)
+                    logger.info("PD multiplexing: decode partition %d -> %d SMs (decode batch %d, mean context %d)",
+                                self.last_decode_sm, sm, num_decode, mean_ctx)
                 self.last_decode_sm = sm
             self.decode_sm = st["decode_sm"] = sm
             st["prefill_sm"] = self.partitions[sm].compute_sm  # the rest of the split: prefill's
@@ -274,7 +282,7 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
     plan, cached, plan_file = None, False, None
     if len(partitions) > 1:
         plan, cached, plan_file = _plan(runner, partitions, config.max_num_batched_tokens)
-        used = {plan.choice(i, config.pd_itl_target_ms)[0] for i in range(len(plan.anchors))}
+        used = plan.grid_choices(config.pd_itl_target_ms)
         for sm in [s for s in partitions if s not in used]:
             graphs.drop(partition_path(sm))
             del partitions[sm]
@@ -344,10 +352,10 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
 
     graphs = runner.graphs
     anchors = [b for b in graphs.buckets if b in (1, 8, 32, 64, 128, 256, 512)] or [graphs.buckets[-1]]
-    ctx = min(1024, graphs.max_model_len - 2)
+    ctx_points = sorted({min(c, graphs.max_model_len - 1) for c in CTX_POINTS})
     tokens = min(chunk, graphs.max_model_len - 1)
     key = planner.plan_key(graphs, planner.model_shape(runner.hf_config), str(runner.dtype), sorted(partitions),
-                           anchors, [ctx])
+                           anchors, ctx_points)
     key.update(kind="pd-multiplex", prefill_tokens=tokens)
     path = planner.plan_cache_path(key, "pd-plan")
     if os.path.exists(path):
@@ -358,7 +366,7 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
                 return PDPlan(**data), True, path
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
             logger.warning("PD plan cache %s unreadable (%s); calibrating again", path, e)
-    plan = calibrate(runner, partitions, anchors, ctx, tokens)
+    plan = calibrate(runner, partitions, anchors, ctx_points, tokens)
     plan.key = key
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -367,25 +375,36 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
     return plan, False, path
 
 
-def calibrate(runner, partitions: dict, anchors: list[int], ctx: int, tokens: int, iters: int = 5) -> PDPlan:
-    """Per anchor: the plain graph's step alone, and each partition's graph while fake prefills of `tokens`
-    tokens run on the rest (three back to back, so that they outlast the timed replays; `overlapped` says
-    whether they did). Start-up only: the fake batches write into the KV cache."""
+def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int], tokens: int,
+              iters: int = 5) -> PDPlan:
+    """Per anchor and context: the plain graph's step alone, and each partition's graph while fake prefills of
+    `tokens` tokens run on the rest (topped up to PREFILLS_QUEUED before each timing, so that they outlast it;
+    `overlapped` says whether they did). Start-up only: the fake batches write into the KV cache."""
     from splitserve.worker.inputs import fake_batch
 
     graphs = runner.graphs
     t0 = time.perf_counter()
-    idle = [graphs.time(PLAIN, a, ctx, iters) for a in anchors]
-    beside, overlapped, rest = {}, {}, {}
+    times = {PLAIN.name: [[graphs.time(PLAIN, a, c, iters) for c in ctx_points] for a in anchors]}
+    overlapped, splits = {}, {}
     prefill = fake_batch(1, 0, runner.block_size, runner.num_kv_blocks, num_new_tokens=tokens, token_id=0)
     for sm, part in partitions.items():
-        beside[str(sm)], overlapped[str(sm)], rest[str(sm)] = [], [], part.compute_sm
+        name = partition_path(sm).name
+        times[name], overlapped[name], splits[name] = [], [], [sm, part.compute_sm]
+        queued: deque = deque()
+        part.compute_stream.wait_stream(torch.cuda.current_stream())
         for anchor in anchors:
-            part.compute_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(part.compute_stream):
-                for _ in range(3):
-                    step = runner.launch(prefill)
-            beside[str(sm)].append(graphs.time(partition_path(sm), anchor, ctx, iters))
-            overlapped[str(sm)].append(not step.event.query())
-            step.event.synchronize()
-    return PDPlan(anchors, ctx, tokens, idle, beside, rest, overlapped, calibration_s=time.perf_counter() - t0)
+            row, seen = [], []
+            for ctx in ctx_points:
+                while queued and queued[0].query():
+                    queued.popleft()
+                with torch.cuda.stream(part.compute_stream):
+                    while len(queued) < PREFILLS_QUEUED:
+                        queued.append(runner.launch(prefill).event)
+                row.append(graphs.time(partition_path(sm), anchor, ctx, iters))
+                seen.append(not queued[-1].query())
+            times[name].append(row)
+            overlapped[name].append(seen)
+        torch.cuda.current_stream().wait_stream(part.compute_stream)
+    torch.cuda.synchronize(runner.device)
+    return PDPlan(list(anchors), list(ctx_points), times, splits, prefill_tokens=tokens, overlapped=overlapped,
+                  calibration_s=time.perf_counter() - t0)

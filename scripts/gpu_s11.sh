@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Eleventh session (issue 13): the PD plan measured at two decode contexts, the split chosen for the decode
+# batch's mean context; serving around P9's rate with the decode GEMV / split-K / tile changes of issue 15.
+#   PART=a  the PD-multiplex and green-context GPU tests; bench pdmux colocated-512, pdmux, pdmux-itl10 at 7, 9
+#   PART=b  bench pdmux, issue 13's table: colocated-512 / 2048 / 8192 and pdmux at 7 and 9 req/s
+#   PART=c  bench pdmux, more rates for the setups part a and b single out (SETUPS, RATES, MORE: extra flags)
+# Usage: OUT=folder PART=a bash scripts/gpu_s11.sh (as a device call with a 600 s limit)
+set -uo pipefail
+out=${OUT:-docs/benchmarks/s11}
+source scripts/gpu_env.sh
+bench() {  # $1: time limit, $2: result name, then bench flags
+  timeout "$1" python3 -m splitserve bench pdmux --shape qwen3-8b --duration-s 30 --warmup-s 6 --drain-s 10 \
+    --out "$out" --name "$2" "${@:3}" 2>&1 | quiet | tail -14
+}
+if [[ ${PART:-a} == a ]]; then
+  stamp "GPU tests: PD multiplexing, green partitions"
+  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -k "pd_multiplex or green_partitions" 2>&1 | tail -15 | tee "$out/gpu-tests-a.log"
+  stamp "bench pdmux"
+  bench 330 pdmux-qwen3-8b-a --setups colocated-512 pdmux pdmux-itl10 --pdmux-itl-targets 10 --request-rates 7 9
+elif [[ ${PART:-a} == b ]]; then
+  stamp "bench pdmux: issue 13's table"
+  bench 570 pdmux-qwen3-8b --setups colocated-512 pdmux colocated-2048 colocated-8192 --request-rates 7 9
+else
+  stamp "bench pdmux: more rates"
+  # shellcheck disable=SC2086
+  bench 570 pdmux-qwen3-8b-c --setups ${SETUPS:-colocated-512 pdmux} --request-rates ${RATES:-6.5 7.5 10} ${MORE:-}
+fi
+stamp done
