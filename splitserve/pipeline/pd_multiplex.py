@@ -50,7 +50,8 @@ logger = logging.getLogger("splitserve")
 DEFAULT_TARGET_FACTOR = 2.0
 PREFILL_LAYERS_PER_PIECE = 4  # layers of a prefill batch enqueued at once (~60 kernels: far below a full queue)
 CTX_POINTS = (1024, 4096)  # decode contexts the plan is measured at (the step is near linear in between)
-PREFILLS_QUEUED = 3  # calibration: fake prefills kept enqueued beside each timed decode replay
+PREFILLS_QUEUED = 3  # calibration: fake prefills kept enqueued beside each timed decode replay (at first: doubled,
+MAX_DEPTH_DOUBLINGS = 4  # up to this many times, while a timing outlasts them)
 PLAN_VERSION = 2  # 2: anchors × contexts (1: anchors at one context)
 
 
@@ -378,8 +379,8 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
 def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int], tokens: int,
               iters: int = 5) -> PDPlan:
     """Per anchor and context: the plain graph's step alone, and each partition's graph while fake prefills of
-    `tokens` tokens run on the rest (topped up to PREFILLS_QUEUED before each timing, so that they outlast it;
-    `overlapped` says whether they did). Start-up only: the fake batches write into the KV cache."""
+    `tokens` tokens run on the rest (topped up before each timing, as many as it takes to outlast it; `overlapped`
+    says whether they did). Start-up only: the fake batches write into the KV cache."""
     from splitserve.worker.inputs import fake_batch
 
     graphs = runner.graphs
@@ -390,18 +391,24 @@ def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int
     for sm, part in partitions.items():
         name = partition_path(sm).name
         times[name], overlapped[name], splits[name] = [], [], [sm, part.compute_sm]
-        queued: deque = deque()
+        queued, depth = deque(), PREFILLS_QUEUED
         part.compute_stream.wait_stream(torch.cuda.current_stream())
         for anchor in anchors:
             row, seen = [], []
             for ctx in ctx_points:
-                while queued and queued[0].query():
-                    queued.popleft()
-                with torch.cuda.stream(part.compute_stream):
-                    while len(queued) < PREFILLS_QUEUED:
-                        queued.append(runner.launch(prefill).event)
-                row.append(graphs.time(partition_path(sm), anchor, ctx, iters))
-                seen.append(not queued[-1].query())
+                for _ in range(MAX_DEPTH_DOUBLINGS + 1):  # a small model's prefill may end before the timing does
+                    while queued and queued[0].query():
+                        queued.popleft()
+                    with torch.cuda.stream(part.compute_stream):
+                        while len(queued) < depth:
+                            queued.append(runner.launch(prefill).event)
+                    ms = graphs.time(partition_path(sm), anchor, ctx, iters)
+                    beside = not queued[-1].query()  # the prefill outlasted the timing
+                    if beside:
+                        break
+                    depth *= 2
+                row.append(ms)
+                seen.append(beside)
             times[name].append(row)
             overlapped[name].append(seen)
         torch.cuda.current_stream().wait_stream(part.compute_stream)
