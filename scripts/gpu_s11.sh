@@ -3,6 +3,8 @@
 # batch's mean context; serving around P9's rate with the decode GEMV / split-K / tile changes of issue 15.
 #   PART=a  the PD-multiplex and green-context GPU tests; bench pdmux colocated-512, pdmux, pdmux-itl10 at 7, 9
 #   PART=b  bench pdmux, issue 13's table: colocated-512 / 2048 / 8192 and pdmux at 7 and 9 req/s
+#   PART=d  cuBLAS on a partition: default, cuBLASLt, cuBLASLt told the partition's SM count
+#           (scripts/probe_carveout.py); the PD calibration test again
 #   PART=c  bench pdmux, more rates for the setups part a and b single out (SETUPS, RATES, MORE: extra flags)
 # Usage: OUT=folder PART=a bash scripts/gpu_s11.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -21,6 +23,12 @@ if [[ ${PART:-a} == a ]]; then
 elif [[ ${PART:-a} == b ]]; then
   stamp "bench pdmux: issue 13's table"
   bench 570 pdmux-qwen3-8b --setups colocated-512 pdmux colocated-2048 colocated-8192 --request-rates 7 9
+elif [[ ${PART:-a} == d ]]; then
+  stamp "probe: cuBLAS SM target on partitions"
+  timeout 240 python3 scripts/probe_carveout.py "$out/carveout.json" 2>&1 | quiet | tail -12
+  stamp "GPU test: PD calibration"
+  timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -k "pd_multiplex_calibrates" 2>&1 | grep -v "^INFO\|^[0-9]* | \|^-----" | tail -30 | tee "$out/gpu-tests-d.log"
 else
   stamp "bench pdmux: more rates"
   # shellcheck disable=SC2086
