@@ -29,6 +29,11 @@ elif [[ ${PART:-a} == d ]]; then
   stamp "GPU test: PD calibration"
   timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
     -k "pd_multiplex_calibrates" 2>&1 | grep -v "^INFO\|^[0-9]* | \|^-----" | tail -30 | tee "$out/gpu-tests-d.log"
+elif [[ ${PART:-a} == e ]]; then
+  stamp "GPU test: PD calibration, with tracebacks after 100 s"
+  timeout 170 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -o faulthandler_timeout=100 --durations=5 -k "pd_multiplex_calibrates" > "$out/gpu-tests-e.log" 2>&1
+  grep -v "^INFO\|^[0-9]* | \|^-----" "$out/gpu-tests-e.log" | tail -60
 else
   stamp "bench pdmux: more rates"
   # shellcheck disable=SC2086

@@ -192,6 +192,10 @@ def test_pd_plan_follows_the_batch_and_its_contexts(target):
     assert plan.grid_choices(target) == {plan.choice(a, c, target)[0] for a in plan.anchors for c in plan.ctx_points}
     assert len(plan.table(target).splitlines()) == 2 + len(plan.anchors) * len(plan.ctx_points)
     assert PDPlan(**json.loads(json.dumps(asdict(plan)))) == plan
+    assert "*" not in plan.table(target)
+    plan.overlapped = {name: [[a != 256 for _ in plan.ctx_points] for a in plan.anchors] for name in plan.splits}
+    marked = [line for line in plan.table(target).splitlines() if "*" in line]
+    assert len(marked) == len(plan.ctx_points) + 1 and all(line.startswith("256 |") for line in marked[:-1])
 
 
 def test_mode_is_said_once_and_reported(tiny_dir, caplog):

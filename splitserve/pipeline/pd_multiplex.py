@@ -50,8 +50,9 @@ logger = logging.getLogger("splitserve")
 DEFAULT_TARGET_FACTOR = 2.0
 PREFILL_LAYERS_PER_PIECE = 4  # layers of a prefill batch enqueued at once (~60 kernels: far below a full queue)
 CTX_POINTS = (1024, 4096)  # decode contexts the plan is measured at (the step is near linear in between)
-PREFILLS_QUEUED = 3  # calibration: fake prefills kept enqueued beside each timed decode replay (at first: doubled,
-MAX_DEPTH_DOUBLINGS = 4  # up to this many times, while a timing outlasts them)
+# Calibration: fake prefills kept enqueued beside each timed decode replay. More do not help a small model whose
+# prefill ends first: enqueuing dozens made the 0.6B's calibration take minutes (H200); such a time is marked.
+PREFILLS_QUEUED = 3
 PLAN_VERSION = 2  # 2: anchors × contexts (1: anchors at one context)
 
 
@@ -85,6 +86,12 @@ class PDPlan(Plan):
     def grid_choices(self, target_ms: float | None) -> set[int]:
         return {self.choice(a, c, target_ms)[0] for a in self.anchors for c in self.ctx_points}
 
+    def _beside(self, name: str, i: int, j: int) -> bool:
+        return name not in self.overlapped or self.overlapped[name][i][j]
+
+    def _cell(self, name: str, i: int, j: int) -> str:
+        return f"{self.times_ms[name][i][j]:.2f}" + ("" if self._beside(name, i, j) else "*")
+
     def table(self, target_ms: float | None = None) -> str:
         sizes = self.decode_sms()
         head = "batch | ctx | idle ms | " + " | ".join(f"{s} SMs" for s in sizes) + " | target ms | decode SMs"
@@ -92,9 +99,11 @@ class PDPlan(Plan):
         for i, anchor in enumerate(self.anchors):
             for j, ctx in enumerate(self.ctx_points):
                 sm, target, met = self.choice(anchor, ctx, target_ms)
-                cells = " | ".join(f"{self.times_ms[partition_path(s).name][i][j]:.2f}" for s in sizes)
+                cells = " | ".join(self._cell(partition_path(s).name, i, j) for s in sizes)
                 lines.append(f"{anchor} | {ctx} | {self.times_ms[PLAIN.name][i][j]:.2f} | {cells} | {target:.2f} | "
                              f"{sm}" + ("" if met else " (target missed: the most SMs)"))
+        if not all(all(row) for rows in self.overlapped.values() for row in rows):  # see calibrate
+            lines.append("* the prefill beside it ended before the timing did: the step beside a prefill is longer")
         return "\n".join(lines)
 
 
@@ -379,8 +388,8 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
 def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int], tokens: int,
               iters: int = 5) -> PDPlan:
     """Per anchor and context: the plain graph's step alone, and each partition's graph while fake prefills of
-    `tokens` tokens run on the rest (topped up before each timing, as many as it takes to outlast it; `overlapped`
-    says whether they did). Start-up only: the fake batches write into the KV cache."""
+    `tokens` tokens run on the rest (topped up to PREFILLS_QUEUED before each timing; `overlapped` says whether they
+    outlasted it). Start-up only: the fake batches write into the KV cache."""
     from splitserve.worker.inputs import fake_batch
 
     graphs = runner.graphs
@@ -391,24 +400,18 @@ def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int
     for sm, part in partitions.items():
         name = partition_path(sm).name
         times[name], overlapped[name], splits[name] = [], [], [sm, part.compute_sm]
-        queued, depth = deque(), PREFILLS_QUEUED
+        queued = deque()
         part.compute_stream.wait_stream(torch.cuda.current_stream())
         for anchor in anchors:
             row, seen = [], []
             for ctx in ctx_points:
-                for _ in range(MAX_DEPTH_DOUBLINGS + 1):  # a small model's prefill may end before the timing does
-                    while queued and queued[0].query():
-                        queued.popleft()
-                    with torch.cuda.stream(part.compute_stream):
-                        while len(queued) < depth:
-                            queued.append(runner.launch(prefill).event)
-                    ms = graphs.time(partition_path(sm), anchor, ctx, iters)
-                    beside = not queued[-1].query()  # the prefill outlasted the timing
-                    if beside:
-                        break
-                    depth *= 2
-                row.append(ms)
-                seen.append(beside)
+                while queued and queued[0].query():
+                    queued.popleft()
+                with torch.cuda.stream(part.compute_stream):
+                    while len(queued) < PREFILLS_QUEUED:
+                        queued.append(runner.launch(prefill).event)
+                row.append(graphs.time(partition_path(sm), anchor, ctx, iters))
+                seen.append(not queued[-1].query())  # the prefill outlasted the timing
             times[name].append(row)
             overlapped[name].append(seen)
         torch.cuda.current_stream().wait_stream(part.compute_stream)
