@@ -5,6 +5,7 @@
 #   PART=b  bench pdmux, issue 13's table: colocated-512 / 2048 / 8192 and pdmux at 7 and 9 req/s
 #   PART=d  cuBLAS on a partition: default, cuBLASLt, cuBLASLt told the partition's SM count
 #           (scripts/probe_carveout.py); the PD calibration test again
+#   PART=f  the PD GPU tests again; bench pdmux, prefill chunk 8192 against 4096 at 7 and 9 req/s
 #   PART=c  bench pdmux, more rates for the setups part a and b single out (SETUPS, RATES, MORE: extra flags)
 # Usage: OUT=folder PART=a bash scripts/gpu_s11.sh (as a device call with a 600 s limit)
 set -uo pipefail
@@ -34,6 +35,13 @@ elif [[ ${PART:-a} == e ]]; then
   timeout 170 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
     -o faulthandler_timeout=100 --durations=5 -k "pd_multiplex_calibrates" > "$out/gpu-tests-e.log" 2>&1
   grep -v "^INFO\|^[0-9]* | \|^-----" "$out/gpu-tests-e.log" | tail -60
+elif [[ ${PART:-a} == f ]]; then
+  stamp "GPU tests: PD multiplexing, green partitions"
+  timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --tb=short \
+    -k "pd_multiplex or green_partitions" > "$out/gpu-tests-f.log" 2>&1
+  grep -v "^INFO\|^[0-9]* | \|^-----" "$out/gpu-tests-f.log" | tail -25
+  stamp "bench pdmux: prefill chunk 8192 against 4096"
+  bench 330 pdmux-qwen3-8b-f --setups pdmux pdmux-4096 --pdmux-chunks 4096 --request-rates 7 9
 else
   stamp "bench pdmux: more rates"
   # shellcheck disable=SC2086
