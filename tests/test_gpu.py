@@ -701,8 +701,10 @@ def test_pd_multiplex_calibrates_caches_and_falls_back(qwen3_06b, caplog, monkey
     assert kept == set(mode["decode_sm_used"]) and kept <= set(mode["candidate_decode_sm"])
     plan = llm.engine.core.lanes.plan
     assert len(plan.ctx_points) == 2 and plan.ctx_points[-1] == 2047  # contexts: 1024 and the longest that fits
-    # each partition's step at batch 1 (the shortest timing) was taken beside a running prefill
-    assert all(rows[0][0] for rows in plan.overlapped.values()), plan.overlapped
+    # A 0.6B prefill of 2047 tokens ends before even a batch-1 timing does (H200: none overlapped; the 8B's plan
+    # marks only large batches at long contexts on small partitions): the plan says so where it happened.
+    ended = not all(all(row) for rows in plan.overlapped.values() for row in rows)
+    assert ("*" in mode["plan"]) == ended and set(plan.overlapped) == set(plan.splits)
     out = llm.generate(random_prompts(8, 100, 1500, seed=2, vocab=151936),
                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in out)
