@@ -103,7 +103,8 @@ class PDPlan(Plan):
                 lines.append(f"{anchor} | {ctx} | {self.times_ms[PLAIN.name][i][j]:.2f} | {cells} | {target:.2f} | "
                              f"{sm}" + ("" if met else " (target missed: the most SMs)"))
         if not all(all(row) for rows in self.overlapped.values() for row in rows):  # see calibrate
-            lines.append("* the prefill beside it ended before the timing did: the step beside a prefill is longer")
+            lines.append("* the prefill beside it ended before the timing did: beside a running prefill the step "
+                         "may be longer")
         return "\n".join(lines)
 
 
