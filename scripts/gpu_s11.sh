@@ -6,8 +6,11 @@
 #   PART=d  cuBLAS on a partition: default, cuBLASLt, cuBLASLt told the partition's SM count
 #           (scripts/probe_carveout.py); the PD calibration test again
 #   PART=f  the PD GPU tests again; bench pdmux, prefill chunk 8192 against 4096 at 7 and 9 req/s
+#   PART=e  the PD calibration test alone, with Python tracebacks after 100 s
 #   PART=c  bench pdmux, more rates for the setups part a and b single out (SETUPS, RATES, MORE: extra flags)
-# Usage: OUT=folder PART=a bash scripts/gpu_s11.sh (as a device call with a 600 s limit)
+# Usage: OUT=folder PART=a bash scripts/gpu_s11.sh (as a device call with a 600 s limit). Call 4 of the
+# session was PART=c SETUPS="colocated-512 pdmux pdmux-itl12 pdmux-4096" RATES="7 9"
+#   MORE="--max-num-batched-tokens 2048 --pdmux-itl-targets 12 --pdmux-chunks 4096"
 set -uo pipefail
 out=${OUT:-docs/benchmarks/s11}
 source scripts/gpu_env.sh

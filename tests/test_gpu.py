@@ -653,9 +653,9 @@ def _first_divergence(got, want, steps: int) -> tuple[int, float] | None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b, dtype):
     """Outputs equal the colocated engine's (greedy: 40 steps exactly in fp32; in bf16 32 steps, where a flip
-    of a near-tie, within 0.1 of the reference's top logprob, is allowed in half of the requests: the random
-    weights give flat logits, and which rows share a decode batch, so which kernels a row takes, depends on
-    when a prefill finishes; one run failed a bound of a quarter, sixth session), the
+    of a near-tie, within 0.1 of the reference's top logprob, is allowed in a quarter of the requests: the
+    random weights give flat logits, and which rows share a decode batch, so which kernels a row takes, depends
+    on when a prefill finishes; the sixth session saw one failure, not kept), the
     decode steps ran on their partition's graphs while a prefill batch was still running on the device
     (observed: a decode step resolved while the prefill's event had not passed), and every block comes back."""
     shorts = random_prompts(24, 20, 200, seed=4, vocab=151936)
@@ -677,7 +677,7 @@ def test_pd_multiplex_matches_colocated_and_overlaps(qwen3_06b, dtype):
         # Where another kernel order (graphs vs the mixed batch's eager step) flips a near-tie, the token taken
         # must lie within bf16 noise of the reference's best; a real error lands far below it.
         flips = {i: d for i, (g, w) in enumerate(zip(got, want)) if (d := _first_divergence(g, w, 32)) is not None}
-        assert all(gap < 0.1 for _, gap in flips.values()) and len(flips) <= len(want) // 2, flips
+        assert all(gap < 0.1 for _, gap in flips.values()) and len(flips) <= len(want) // 4, flips
     assert mode["decode_steps_beside_prefill"] > 0 and mode["decode_done_while_prefill_ran"] > 0, mode
     assert llm.decode_sm_seen == {48, None}  # the partition while a prefill ran, the whole GPU otherwise
     assert llm.stats()["kv_used_blocks"] == 0
@@ -700,11 +700,8 @@ def test_pd_multiplex_calibrates_caches_and_falls_back(qwen3_06b, caplog, monkey
     kept = {p.memory_sm for p, _ in llm.engine.core.runner.graphs.pipelined}
     assert kept == set(mode["decode_sm_used"]) and kept <= set(mode["candidate_decode_sm"])
     plan = llm.engine.core.lanes.plan
-    assert len(plan.ctx_points) == 2 and plan.ctx_points[-1] == 2047  # contexts: 1024 and the longest that fits
-    # A 0.6B prefill of 2047 tokens ends before even a batch-1 timing does (H200: none overlapped; the 8B's plan
-    # marks only large batches at long contexts on small partitions): the plan says so where it happened.
-    ended = not all(all(row) for rows in plan.overlapped.values() for row in rows)
-    assert ("*" in mode["plan"]) == ended and set(plan.overlapped) == set(plan.splits)
+    assert plan.ctx_points == [1024, 2047]  # 1024 and the longest context that fits
+    assert set(plan.overlapped) == set(plan.splits) == {f"partition:{s}" for s in mode["candidate_decode_sm"]}
     out = llm.generate(random_prompts(8, 100, 1500, seed=2, vocab=151936),
                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in out)

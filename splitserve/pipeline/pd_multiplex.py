@@ -14,11 +14,12 @@ The engine core (engine/core.py) runs a multiplexed step as two launches over on
   with no prefill running they replay the plain graphs over the whole GPU.
 - A prefill batch launched while no decode runs takes the whole GPU (an ordinary stream): there is no pace to
   keep; decode steps that start before it is done (its own prompts' first tokens) share the GPU with it.
-- The split follows the load: at start-up each candidate decode partition is timed at a few batch sizes
-  while a prefill runs on the rest (the plan, cached as JSON like the decode plan); a prefill launch takes the
-  fewest decode SMs that keep the decode step within the target (`pd_itl_target_ms`, default
-  DEFAULT_TARGET_FACTOR × the idle step at that batch). A split holds for a whole prefill batch (no two
-  splits ever overlap), so re-choosing per prefill batch is the hysteresis; a change is logged.
+- The split follows the load: at start-up each candidate decode partition is timed at a few batch sizes and
+  two decode contexts while a prefill runs on the rest (the plan, cached as JSON like the decode plan); a
+  prefill launch takes the fewest decode SMs that keep the decode step, read off the plan for the decode
+  batch's size and mean context, within the target (`pd_itl_target_ms`, default DEFAULT_TARGET_FACTOR × the
+  idle step there). A split holds for a whole prefill batch (no two splits ever overlap), so re-choosing per
+  prefill batch is the hysteresis; a change is logged.
 On CPU the lanes run one after the other (no streams; the same scheduler), which is what CI tests. On a GPU
 without green contexts (old driver, MIG, no cuda-bindings) or without CUDA graphs (`enforce_eager`) the
 mode is off and the requests run colocated with chunked prefill; one WARNING says why.
@@ -26,27 +27,26 @@ mode is off and the requests run colocated with chunked prefill; one WARNING say
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from splitserve.config import EngineConfig
-from splitserve.pipeline.planner import Plan
+from splitserve.pipeline.planner import Plan, bracket
 from splitserve.worker.decode_graphs import PLAIN, DecodePath
 from splitserve.worker.model_runner import LaunchedStep
 
 logger = logging.getLogger("splitserve")
 
-# Default decode-step target beside a prefill: this × the idle step at the same batch. A chunked-prefill stall
-# costs decode 10-30 idle steps (docs/PD-MULTIPLEX.md); 2× keeps far below that while prefill keeps 3/4 of the
-# SMs at small batch (H200 plan: 32 decode SMs up to batch 32, 48 above).
+# Default decode-step target beside a prefill: this × the idle step at the same batch and context. A
+# chunked-prefill stall costs decode 10-30 idle steps (docs/PD-MULTIPLEX.md); 2× keeps far below that while
+# prefill keeps most of the SMs (Qwen3-8B on an H200: 32-64 decode SMs of 132).
 DEFAULT_TARGET_FACTOR = 2.0
 PREFILL_LAYERS_PER_PIECE = 4  # layers of a prefill batch enqueued at once (~60 kernels: far below a full queue)
 CTX_POINTS = (1024, 4096)  # decode contexts the plan is measured at (the step is near linear in between)
@@ -68,23 +68,37 @@ class PDPlan(Plan):
     `overlapped`: whether the prefill was still running when each timing ended."""
     prefill_tokens: int = 0
     overlapped: dict[str, list[list[bool]]] = field(default_factory=dict)
+    VERSION: ClassVar[int] = PLAN_VERSION
 
     def decode_sms(self) -> list[int]:
+        """The decode partitions measured, fewest SMs first."""
         return sorted(decode_sm for decode_sm, _ in self.splits.values())
+
+    def _timed_beside(self, name: str, batch: float, ctx: float) -> bool:
+        """Whether every cell the estimate at (batch, ctx) reads was timed beside a running prefill."""
+        return name not in self.overlapped or all(
+            self.overlapped[name][i][j] for i in bracket(self.anchors, batch) for j in bracket(self.ctx_points, ctx))
 
     def choice(self, batch: float, ctx: float, target_ms: float | None,
                among: list[int] | None = None) -> tuple[int, float, bool]:
         """(decode SMs, target ms, met) for a decode batch of `batch` rows at mean context `ctx`: the fewest SMs
-        (of `among`, default every partition measured) whose step stays within the target, else the most."""
+        (of `among`, default every partition measured) whose step stays within the target, else the most. A
+        step read from a cell the prefill did not outlast is a lower bound, so it never counts as within."""
         target = target_ms if target_ms is not None else DEFAULT_TARGET_FACTOR * self.estimate(PLAIN.name, batch, ctx)
         sizes = sorted(among) if among is not None else self.decode_sms()
         for sm in sizes:
-            if self.estimate(partition_path(sm).name, batch, ctx) <= target:
+            name = partition_path(sm).name
+            if self._timed_beside(name, batch, ctx) and self.estimate(name, batch, ctx) <= target:
                 return sm, target, True
         return sizes[-1], target, False
 
-    def grid_choices(self, target_ms: float | None) -> set[int]:
-        return {self.choice(a, c, target_ms)[0] for a in self.anchors for c in self.ctx_points}
+    def grid_choices(self, target_ms: float | None, max_batch: int, max_ctx: int) -> set[int]:
+        """The partitions chosen at some corner of the plan's cells, the grid extended to the largest batch and
+        context the engine can run. Keeping only these loses nothing wherever a step gets no slower as SMs are
+        added: the most SMs a cell's corners need are enough inside it too."""
+        batches = sorted({*self.anchors, max_batch})
+        ctxs = sorted({*self.ctx_points, max_ctx})
+        return {self.choice(b, c, target_ms)[0] for b in batches for c in ctxs}
 
     def _beside(self, name: str, i: int, j: int) -> bool:
         return name not in self.overlapped or self.overlapped[name][i][j]
@@ -293,7 +307,7 @@ def _concurrent_lanes(runner, config: EngineConfig, status: dict, total: int) ->
     plan, cached, plan_file = None, False, None
     if len(partitions) > 1:
         plan, cached, plan_file = _plan(runner, partitions, config.max_num_batched_tokens)
-        used = plan.grid_choices(config.pd_itl_target_ms)
+        used = plan.grid_choices(config.pd_itl_target_ms, graphs.buckets[-1], graphs.max_model_len - 1)
         for sm in [s for s in partitions if s not in used]:
             graphs.drop(partition_path(sm))
             del partitions[sm]
@@ -369,20 +383,12 @@ def _plan(runner, partitions: dict, chunk: int) -> tuple[PDPlan, bool, str]:
                            anchors, ctx_points)
     key.update(kind="pd-multiplex", prefill_tokens=tokens)
     path = planner.plan_cache_path(key, "pd-plan")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if data.pop("version", None) == PLAN_VERSION and data.get("key") == key:
-                return PDPlan(**data), True, path
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-            logger.warning("PD plan cache %s unreadable (%s); calibrating again", path, e)
+    plan = planner.read_plan(path, PDPlan, key)
+    if plan is not None:
+        return plan, True, path
     plan = calibrate(runner, partitions, anchors, ctx_points, tokens)
     plan.key = key
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"version": PLAN_VERSION, **asdict(plan)}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    planner.write_plan(path, plan)
     return plan, False, path
 
 
@@ -401,7 +407,7 @@ def calibrate(runner, partitions: dict, anchors: list[int], ctx_points: list[int
     for sm, part in partitions.items():
         name = partition_path(sm).name
         times[name], overlapped[name], splits[name] = [], [], [sm, part.compute_sm]
-        queued = deque()
+        queued: deque[torch.cuda.Event] = deque()
         part.compute_stream.wait_stream(torch.cuda.current_stream())
         for anchor in anchors:
             row, seen = [], []

@@ -22,6 +22,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -55,12 +56,21 @@ def anchor_buckets(graph_buckets: list[int], smallest: int = 32) -> list[int]:
             if b >= smallest and ((b & (b - 1)) == 0 or (b > 256 and b % 128 == 0) or b == top)]
 
 
+def bracket(xs: list[int], x: float) -> list[int]:
+    """The indices of the points `_interp` reads for x: the two around it, or the last two / first two past
+    the ends."""
+    if len(xs) == 1:
+        return [0]
+    i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    return [i, i + 1]
+
+
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
     """Piecewise-linear through (xs, ys); linear extrapolation past the ends; never below a tenth of the
     smallest measured value."""
     if len(xs) == 1:
         return ys[0]
-    i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    i, _ = bracket(xs, x)
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
     return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), 0.1 * min(ys))
 
@@ -74,6 +84,7 @@ class Plan:
     splits: dict[str, list[int]] = field(default_factory=dict)  # path -> [memory SMs, compute SMs] (real)
     key: dict = field(default_factory=dict)  # what the plan was measured on (cache key)
     calibration_s: float = 0.0
+    VERSION: ClassVar[int] = PLAN_VERSION
 
     def has(self, path: str, anchor: int) -> bool:
         if path not in self.times_ms or anchor not in self.anchors:
@@ -109,12 +120,12 @@ class Plan:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"version": PLAN_VERSION, **asdict(self)}
+        return {"version": self.VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> Plan:
         data = dict(data)
-        if data.pop("version", None) != PLAN_VERSION:
+        if data.pop("version", None) != cls.VERSION:
             raise ValueError("plan written by another planner version")
         return cls(**data)
 
@@ -205,6 +216,26 @@ def plan_cache_path(key: dict, prefix: str = "decode-plan") -> str:
     return os.path.join(cache_dir(), "plans", f"{prefix}-{digest}.json")
 
 
+def read_plan(path: str, cls: type[Plan], key: dict) -> Plan | None:
+    """The plan cached at `path`, if this version of `cls` measured it on `key`; else None (said if unreadable)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            plan = cls.from_json(json.load(f))
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        logger.warning("plan cache %s unreadable (%s); calibrating again", path, e)
+        return None
+    return plan if plan.key == key else None
+
+
+def write_plan(path: str, plan: Plan) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(plan.to_json(), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def pingpong_on(path: DecodePath, partition, profiling: bool):
     """The stage schedule of `path`'s pipelined graph on `partition` (pipeline.green.SMPartition)."""
     from splitserve.pipeline.pingpong import PingPong, StageStreams
@@ -249,23 +280,12 @@ def build_planner(graphs, partitions: dict[DecodePath, object], model_shape: dic
     path = plan_cache_path(key)
     t0 = time.perf_counter()
     mem0 = graphs.free_memory()
-    plan, cached = None, False
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                plan = Plan.from_json(json.load(f))
-            cached = plan.key == key
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-            logger.warning("decode plan cache %s unreadable (%s); calibrating again", path, e)
-        if not cached:
-            plan = None
+    plan = read_plan(path, Plan, key)
+    cached = plan is not None
     if plan is None:
         plan = calibrate(graphs, partitions, anchors, ctx_points)
         plan.key = key
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(plan.to_json(), f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_plan(path, plan)
     planner = DecodePlanner(plan, hysteresis)
     keep = planner.used_graphs()
     graphs.keep_pipelined(keep)
