@@ -58,6 +58,20 @@ def _watch(llm: LLM) -> dict:
         return outputs
 
     runner.launch, runner.launch_in_pieces, core.step = spy_launch, spy_pieces, checked_step
+    if core.lanes is not None:  # the split is asked for the decode batch beside the prefill: its rows, its context
+        seen["split_asked"], seen["decode_beside"] = [], []
+        launch_prefill, start_prefill = core._launch_prefill, core.lanes.start_prefill
+
+        def spy_launch_prefill(batch, decode):
+            rows = [len(s) - 1 for s in decode.seqs]  # a decode-lane row computes its last token only
+            seen["decode_beside"].append((len(rows), sum(rows) / len(rows) if rows else 0.0))
+            return launch_prefill(batch, decode)
+
+        def spy_start_prefill(num_decode, mean_ctx, prev_tokens):
+            seen["split_asked"].append((num_decode, mean_ctx))
+            return start_prefill(num_decode, mean_ctx, prev_tokens)
+
+        core._launch_prefill, core.lanes.start_prefill = spy_launch_prefill, spy_start_prefill
     return seen
 
 
@@ -237,6 +251,8 @@ def test_mixed_batch_prefix_hits_and_seeds_match_colocated(pair):
     assert pair[0].stats()["prefix_cache_hit_tokens"] - hits >= 3 * 32
     seen = pair[0].watch
     assert seen["lanes"] == {DECODE_LANE, PREFILL_LANE} and seen["both_lanes_steps"] > 0
+    assert seen["split_asked"] == pytest.approx(seen["decode_beside"]) and len(seen["split_asked"]) > 0
+    assert any(n > 1 and ctx > 0 for n, ctx in seen["split_asked"])
     _check_admission(seen)
     assert pair[1].watch["lanes"] == {"mixed"}  # the colocated engine's batches mix (the spy can tell)
     # ... where decode rows and prefill rows do share a launch: what the multiplexed lanes must never do
