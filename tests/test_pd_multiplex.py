@@ -251,7 +251,7 @@ def test_mixed_batch_prefix_hits_and_seeds_match_colocated(pair):
     assert pair[0].stats()["prefix_cache_hit_tokens"] - hits >= 3 * 32
     seen = pair[0].watch
     assert seen["lanes"] == {DECODE_LANE, PREFILL_LANE} and seen["both_lanes_steps"] > 0
-    assert seen["split_asked"] == pytest.approx(seen["decode_beside"]) and len(seen["split_asked"]) > 0
+    assert seen["split_asked"] == seen["decode_beside"] and len(seen["split_asked"]) > 0  # the same integer sums
     assert any(n > 1 and ctx > 0 for n, ctx in seen["split_asked"])
     _check_admission(seen)
     assert pair[1].watch["lanes"] == {"mixed"}  # the colocated engine's batches mix (the spy can tell)
