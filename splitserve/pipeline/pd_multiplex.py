@@ -74,10 +74,13 @@ class PDPlan(Plan):
         """The decode partitions measured, fewest SMs first."""
         return sorted(decode_sm for decode_sm, _ in self.splits.values())
 
-    def _timed_beside(self, name: str, batch: float, ctx: float) -> bool:
-        """Whether every cell the estimate at (batch, ctx) reads was timed beside a running prefill."""
-        return name not in self.overlapped or all(
-            self.overlapped[name][i][j] for i in bracket(self.anchors, batch) for j in bracket(self.ctx_points, ctx))
+    def _timed_beside(self, decode_sm: int, batch: float, ctx: float) -> bool:
+        """Whether every cell the estimate at (batch, ctx) reads was timed beside a running prefill, on this
+        partition and on every larger one (a larger partition's step is the shorter timing: where the prefill
+        did not outlast that, a smaller one's mark would be down to the timing race)."""
+        cells = [(i, j) for i in bracket(self.anchors, batch) for j in bracket(self.ctx_points, ctx)]
+        larger = [partition_path(s).name for s in self.decode_sms() if s >= decode_sm]
+        return all(self.overlapped[n][i][j] for n in larger if n in self.overlapped for i, j in cells)
 
     def choice(self, batch: float, ctx: float, target_ms: float | None,
                among: list[int] | None = None) -> tuple[int, float, bool]:
@@ -87,17 +90,16 @@ class PDPlan(Plan):
         target = target_ms if target_ms is not None else DEFAULT_TARGET_FACTOR * self.estimate(PLAIN.name, batch, ctx)
         sizes = sorted(among) if among is not None else self.decode_sms()
         for sm in sizes:
-            name = partition_path(sm).name
-            if self._timed_beside(name, batch, ctx) and self.estimate(name, batch, ctx) <= target:
+            if self._timed_beside(sm, batch, ctx) and self.estimate(partition_path(sm).name, batch, ctx) <= target:
                 return sm, target, True
         return sizes[-1], target, False
 
     def grid_choices(self, target_ms: float | None, max_batch: int, max_ctx: int) -> set[int]:
-        """The partitions chosen at some corner of the plan's cells, the grid extended to the largest batch and
-        context the engine can run. Keeping only these loses nothing wherever a step gets no slower as SMs are
-        added: the most SMs a cell's corners need are enough inside it too."""
-        batches = sorted({*self.anchors, max_batch})
-        ctxs = sorted({*self.ctx_points, max_ctx})
+        """The partitions chosen at some corner of the plan's cells, the grid extended to every batch and context
+        the engine can run (1 row, 0 tokens, up to the largest). Keeping only these loses nothing wherever a step
+        gets no slower as SMs are added: the most SMs a cell's corners need are enough inside it too."""
+        batches = sorted({1, *self.anchors, max_batch})
+        ctxs = sorted({0, *self.ctx_points, max_ctx})
         return {self.choice(b, c, target_ms)[0] for b in batches for c in ctxs}
 
     def _beside(self, name: str, i: int, j: int) -> bool:

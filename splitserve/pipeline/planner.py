@@ -224,7 +224,7 @@ def read_plan(path: str, cls: type[Plan], key: dict) -> Plan | None:
         with open(path) as f:
             plan = cls.from_json(json.load(f))
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-        logger.warning("plan cache %s unreadable (%s); calibrating again", path, e)
+        logger.warning("plan cache %s not used (%s); calibrating again", path, e)
         return None
     return plan if plan.key == key else None
 
