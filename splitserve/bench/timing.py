@@ -36,6 +36,11 @@ def graph_seconds_per_call(call, calls: int, replays: int, warmup: int = 2) -> f
     with torch.cuda.graph(graph):
         for i in range(calls):
             call(i)
+    return replay_seconds(graph, replays, warmup) / calls
+
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, replays: int, warmup: int = 2) -> float:
+    """Device seconds per replay of a captured graph: `replays` back to back (no host gaps) after `warmup`."""
     for _ in range(warmup):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -44,4 +49,4 @@ def graph_seconds_per_call(call, calls: int, replays: int, warmup: int = 2) -> f
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (replays * calls)
+    return start.elapsed_time(end) / 1e3 / replays

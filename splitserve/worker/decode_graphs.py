@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from splitserve.bench.timing import replay_seconds
 from splitserve.layers.attention import AttentionMetadata
 from splitserve.pipeline.profiling import StepProfiler
 from splitserve.worker.inputs import fake_batch, prepare_inputs
@@ -229,13 +230,4 @@ class DecodeGraphs:
             raise ValueError(f"context {ctx} does not fit max_model_len {self.max_model_len}")
         host = prepare_inputs(fake_batch(bucket, ctx, self.block_size, self.num_kv_blocks), self.block_size)
         self._load(host, bucket, bucket)
-        graph = self._graph(path, bucket).graph
-        graph.replay()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
+        return 1e3 * replay_seconds(self._graph(path, bucket).graph, iters, warmup=2)
