@@ -8,7 +8,10 @@ import argparse
 import functools
 import gc
 import json
+import sys
+import threading
 import time
+import traceback
 
 import torch
 
@@ -23,7 +26,8 @@ from splitserve.worker.decode_graphs import PLAIN
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-8b")
-    ap.add_argument("--rate", type=float, default=9.0)
+    ap.add_argument("--rates", type=float, nargs="+", default=[9.0],
+                    help="one run per rate, in turn, on the same engine (as bench pdmux does)")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--slow-ms", type=float, default=60.0)
     ap.add_argument("--out", default="stalls.json")
@@ -94,13 +98,31 @@ def main() -> None:
                 "host_allocs": host.get("num_host_alloc", 0),
                 "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3, "gc_ms": gc_ms[0]}
 
+    # a watchdog samples the main thread's stack while a step runs past --slow-ms (where the host is, not only
+    # which timed part it was in)
+    main_id, running_since, stacks = threading.main_thread().ident, [None], []
+
+    def watchdog():
+        while True:
+            time.sleep(0.01)
+            since = running_since[0]
+            if since is not None and (time.perf_counter() - since) * 1e3 > args.slow_ms and len(stacks) < 8:
+                frames = traceback.extract_stack(sys._current_frames()[main_id])[-14:]
+                stacks.append([f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in frames])
+                time.sleep(0.04)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
     def traced_step():
         parts.clear()
+        stacks.clear()
         pending_before = core.prefill_pending is not None
         first_uses.clear()
         before = allocations()
         t0 = time.perf_counter()
+        running_since[0] = t0
         out = step()
+        running_since[0] = None
         ms = (time.perf_counter() - t0) * 1e3
         count[0] += 1
         grew = {k: v - before[k] for k, v in allocations().items() if v != before[k]}
@@ -116,15 +138,17 @@ def main() -> None:
                 "waiting": len(core.scheduler.waiting), "decode_sm": core.lanes.decode_sm,
                 "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                 "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 1), "grew": grew,
-                "first_graph_uses": list(first_uses)})
+                "first_graph_uses": list(first_uses), "stacks": list(stacks)})
             print(json.dumps(slow[-1]), flush=True)
         return out
 
     engine.step = traced_step
     requests = make_requests(400, (512, 4096), (64, 512), vocab, seed=0)
-    offsets = arrivals_in_box(args.rate, args.duration_s, seed=1)
     t0 = time.perf_counter()
-    drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
+    for rate in args.rates:
+        print(f"rate {rate:g} at t = {time.perf_counter() - t_start:.1f} s", flush=True)
+        offsets = arrivals_in_box(rate, args.duration_s, seed=1)
+        drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
     result = {"steps": count[0], "slow": slow, "steps_with_allocator_growth_or_gc": grown,
               "first_graph_uses": firsts,
               "wall_s": time.perf_counter() - t0,

@@ -309,6 +309,8 @@ def test_metrics_exposes_engine_state(server):
                  'splitserve_decode_path_info{compute_sm="",memory_sm="",path="eager"}', "splitserve_pd_decode_sm 0.0",
                  'splitserve_http_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in text, name
+    # serve froze its start-up heap: a full garbage collection would otherwise stall every stream
+    assert http("GET", server + "/stats")[1]["gc_frozen_objects"] > 10_000
 
 
 def test_bench_serve_writes_results(server, tmp_path):

@@ -30,6 +30,7 @@ import torch
 
 from splitserve.bench.pd import UNFINISHED, drive, make_requests, serving_kwargs, single_prompt_ttft, warm_up
 from splitserve.bench.serving import RequestRecord, poisson_arrivals
+from splitserve.engine.gc_heap import freeze_startup_heap, thaw
 
 MUX = "pdmux"
 COLOCATED = "colocated-"  # + chunk size: colocated-512, ...
@@ -151,6 +152,7 @@ def run_setup(name: str, kwargs: dict, requests, rates: list[float], arrivals: l
     try:
         _log(t0, f"{name}: engine up in {time.time() - started:.1f} s; warming up")
         warm_up(engine, engine.vocab_size)
+        freeze_startup_heap()  # as `serve` does: no full collection walks the engine while it serves
         _log(t0, f"{name}: warm")
         for rate, offsets in zip(rates, arrivals):
             start = time.time()
@@ -174,6 +176,7 @@ def run_setup(name: str, kwargs: dict, requests, rates: list[float], arrivals: l
         out["setup_s"] = time.time() - started
         engine.shutdown()
         del engine
+        thaw()  # the engine's reference cycles are collectable again
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

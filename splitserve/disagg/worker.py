@@ -51,6 +51,7 @@ from splitserve.disagg.messages import (
 )
 from splitserve.disagg.procs import AUTHKEY_ENV, LOG_LEVEL_ENV
 from splitserve.engine.core import EngineCore
+from splitserve.engine.gc_heap import freeze_startup_heap
 from splitserve.engine.messages import CoreOutput
 from splitserve.engine.sequence import Sequence
 from splitserve.models.loader import resolve_model_spec
@@ -107,6 +108,7 @@ def worker_main(role: str, device: str, address: tuple[str, int], key: bytes, co
             kv_transfer.init_process_group(rank, torch_device, setup.init_method)
             config = config if config.device == device else _on_device(config, device)
         worker = {"prefill": PrefillWorker, "decode": DecodeWorker, "core": CoreWorker}[role](config, channel)
+        freeze_startup_heap()  # this process only serves from here on
         channel.send(Ready(role, worker.core.max_model_len, worker.stats()))
         ready = True
         worker.run()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from splitserve.config import EngineConfig, ModelSpec
+from splitserve.engine import gc_heap
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.messages import CoreGauges, CoreOutput, CoreRequest
 from splitserve.engine.scheduler import DECODE_LANE, ScheduledBatch, Scheduler, split_lanes
@@ -428,4 +429,5 @@ class EngineCore:
             "sampler_graphs": runner.sampler_graphs.stats() if runner.sampler_graphs else None,
             "graph_capture_time_s": graphs.capture_time_s if graphs else 0.0,
             "graph_memory_bytes": graphs.memory_bytes if graphs else 0, "startup_time_s": self.startup_time_s,
+            "gc_frozen_objects": gc_heap.frozen_objects,
         }

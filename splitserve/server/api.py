@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from splitserve.engine.engine import PromptTooLongError
+from splitserve.engine.gc_heap import freeze_startup_heap
 from splitserve.engine.request_state import RequestState
 from splitserve.engine.structured_output import GrammarError
 from splitserve.outputs import Logprob
@@ -724,5 +725,6 @@ def serve(model: str | None, engine_args: dict, host: str = "127.0.0.1", port: i
     name = served_model_name or (os.path.basename(os.path.normpath(model)) if model else "SmolLM2-135M-Instruct")
     app = build_app(AsyncLLM(engine), name, api_key, max_request_body_bytes=max_request_body_bytes,
                     max_waiting_requests=max_waiting_requests)
+    freeze_startup_heap()
     logger.info("serving %s on http://%s:%d", name, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
