@@ -34,6 +34,7 @@ main_id, running_since, stacks, slow, gc_ms = threading.main_thread().ident, [No
 recent, gaps, patched = deque(maxlen=40), [], [None]  # the last steps and prefill launches; long gaps; id of
 # the core whose prefill launches are noted (an id, not the core: a reference would keep its KV cache alive)
 gc_start, gc_counts, long_gcs = [0.0], [0, 0, 0], []  # collections per generation; those over 20 ms
+frozen = [0]  # the most start-up objects frozen while a step ran
 
 
 def on_gc(phase, info):
@@ -63,6 +64,7 @@ step = LLMEngine.step
 @functools.wraps(step)
 def timed_step(self):
     stacks.clear()
+    frozen[0] = max(frozen[0], gc_heap.frozen_objects)  # a module attribute (gc.get_freeze_count walks the list)
     gc_before, dev_before = gc_ms[0], torch.cuda.memory_stats().get("num_device_alloc", 0)
     t0 = time.perf_counter()
     running_since[0] = t0
@@ -115,7 +117,7 @@ def noted_apply(self, out, now):
 def dump():
     with open(os.environ.get("STALLS", "stalls.json"), "w") as f:
         json.dump({"slow_steps": slow, "long_gaps": gaps, "long_gcs": long_gcs, "gc_ms": round(gc_ms[0], 1),
-                   "gc_collections": gc_counts, "gc_frozen_objects": gc_heap.frozen_objects}, f, indent=1)
+                   "gc_collections": gc_counts, "gc_frozen_objects": frozen[0]}, f, indent=1)
 
 
 gc.callbacks.append(on_gc)
