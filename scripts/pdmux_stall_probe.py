@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
-import sys
-import threading
 import time
-import traceback
 
 import torch
+from step_watch import GcLog, StackSampler
 
 from splitserve import LLM
 from splitserve.bench.pd import drive, make_requests, warm_up
@@ -80,49 +77,26 @@ def main() -> None:
     step = engine.step
     slow, grown, firsts, count, t_start = [], [], [], [0], time.perf_counter()
 
-    gc_ms = [0.0]  # garbage-collector time so far (a full collection of a torch process walks ~1M objects)
-    gc_start = [0.0]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            gc_start[0] = time.perf_counter()
-        else:
-            gc_ms[0] += (time.perf_counter() - gc_start[0]) * 1e3
-
-    gc.callbacks.append(on_gc)
+    gcs = GcLog()  # garbage-collector time so far (a full collection of a torch process walks ~0.5M objects)
 
     def allocations() -> dict[str, float]:
         """Device and pinned allocator growth so far (cudaMalloc / cudaHostAlloc calls and their time)."""
         dev, host = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
         return {"device_allocs": dev.get("num_device_alloc", 0), "device_frees": dev.get("num_device_free", 0),
                 "host_allocs": host.get("num_host_alloc", 0),
-                "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3, "gc_ms": gc_ms[0]}
+                "host_alloc_ms": host.get("host_alloc_time.total", 0) / 1e3, "gc_ms": gcs.total_ms}
 
-    # a watchdog samples the main thread's stack while a step runs past --slow-ms (where the host is, not only
-    # which timed part it was in)
-    main_id, running_since, stacks = threading.main_thread().ident, [None], []
-
-    def watchdog():
-        while True:
-            time.sleep(0.01)
-            since = running_since[0]
-            if since is not None and (time.perf_counter() - since) * 1e3 > args.slow_ms and len(stacks) < 8:
-                frames = traceback.extract_stack(sys._current_frames()[main_id])[-14:]
-                stacks.append([f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in frames])
-                time.sleep(0.04)
-
-    threading.Thread(target=watchdog, daemon=True).start()
+    sampler = StackSampler(args.slow_ms)
 
     def traced_step():
         parts.clear()
-        stacks.clear()
         pending_before = core.prefill_pending is not None
         first_uses.clear()
         before = allocations()
         t0 = time.perf_counter()
-        running_since[0] = t0
+        sampler.start_step()
         out = step()
-        running_since[0] = None
+        stacks = sampler.end_step()
         ms = (time.perf_counter() - t0) * 1e3
         count[0] += 1
         grew = {k: v - before[k] for k, v in allocations().items() if v != before[k]}
@@ -149,7 +123,7 @@ def main() -> None:
         print(f"rate {rate:g} at t = {time.perf_counter() - t_start:.1f} s", flush=True)
         offsets = arrivals_in_box(rate, args.duration_s, seed=1)
         drive(engine, requests[: len(offsets)], offsets, stop_at=args.duration_s)
-    result = {"steps": count[0], "slow": slow, "steps_with_allocator_growth_or_gc": grown,
+    result = {"steps": count[0], "slow": slow, "steps_with_allocator_growth_or_gc": grown, "long_gcs": gcs.long,
               "first_graph_uses": firsts,
               "wall_s": time.perf_counter() - t0,
               "pd_multiplex": {k: v for k, v in llm.stats()["pd_multiplex"].items() if k != "plan"},

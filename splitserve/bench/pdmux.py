@@ -30,7 +30,7 @@ import torch
 
 from splitserve.bench.pd import UNFINISHED, drive, make_requests, serving_kwargs, single_prompt_ttft, warm_up
 from splitserve.bench.serving import RequestRecord, poisson_arrivals
-from splitserve.engine.gc_heap import freeze_startup_heap, thaw
+from splitserve.engine.gc_heap import freeze_startup_heap, thaw_startup_heap
 
 MUX = "pdmux"
 COLOCATED = "colocated-"  # + chunk size: colocated-512, ...
@@ -174,9 +174,10 @@ def run_setup(name: str, kwargs: dict, requests, rates: list[float], arrivals: l
         out.setdefault("error", f"stats: {type(e).__name__}: {e}")
     finally:
         out["setup_s"] = time.time() - started
+        thaw_startup_heap()  # first (a failing shutdown must not leave this engine's reference cycles frozen)
+        out["gc_frozen_after_free"] = gc.get_freeze_count()
         engine.shutdown()
         del engine
-        thaw()  # the engine's reference cycles are collectable again
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -7,7 +7,7 @@ import logging
 
 logger = logging.getLogger("splitserve")
 
-frozen_objects = 0  # this process's objects frozen at start-up (a process-wide fact: the collector is one too)
+frozen_objects = 0  # objects frozen by freeze_startup_heap in this process (the collector is per process)
 
 
 def freeze_startup_heap() -> None:
@@ -15,11 +15,13 @@ def freeze_startup_heap() -> None:
     is done (`serve`, the engine-core and PD worker processes, `bench pdmux`).
 
     A full (generation-2) collection walks every tracked object, and a process holding torch, transformers and
-    an engine has about half a million: 0.2-0.3 s on an H200 host, during which no step is launched and every
-    running request's next token waits (docs/PD-MULTIPLEX.md, twelfth session). What start-up made lives as long
+    an engine has about half a million: up to 0.29 s on an H200 host, while no step is launched and every
+    running request's next token waits (the likely cause of the bench's rare 0.24-0.3 s gaps:
+    docs/PD-MULTIPLEX.md, twelfth session). What start-up made lives as long
     as the engine and needs no collecting; frozen, it is no longer walked. vLLM and SGLang do the same. A
-    process that tears an engine down and builds another calls `thaw` first, or the old engine's reference
-    cycles are never freed; the offline `LLM` does not freeze (tests build many engines in one process)."""
+    process that tears an engine down and builds another calls `thaw_startup_heap` first, or the old engine's
+    reference cycles are never freed; the offline `LLM` does not freeze (tests build many engines in one
+    process)."""
     global frozen_objects
     gc.collect()
     gc.freeze()
@@ -28,7 +30,7 @@ def freeze_startup_heap() -> None:
                 frozen_objects)
 
 
-def thaw() -> None:
+def thaw_startup_heap() -> None:
     """Undo `freeze_startup_heap` (before an engine is torn down in a process that goes on)."""
     global frozen_objects
     gc.unfreeze()
