@@ -17,11 +17,10 @@ def freeze_startup_heap() -> None:
     A full (generation-2) collection walks every tracked object, and a process holding torch, transformers and
     an engine has about half a million: up to 0.29 s on an H200 host, while no step is launched and every
     running request's next token waits (the likely cause of the bench's rare 0.24-0.3 s gaps:
-    docs/PD-MULTIPLEX.md, twelfth session). What start-up made lives as long
-    as the engine and needs no collecting; frozen, it is no longer walked. vLLM and SGLang do the same. A
-    process that tears an engine down and builds another calls `thaw_startup_heap` first, or the old engine's
-    reference cycles are never freed; the offline `LLM` does not freeze (tests build many engines in one
-    process)."""
+    docs/PD-MULTIPLEX.md, twelfth session). What start-up made lives as long as the engine and needs no
+    collecting; frozen, it is no longer walked. vLLM and SGLang do the same. A process that tears an engine
+    down and builds another calls `thaw_startup_heap` first, or the old engine's reference cycles are never
+    freed. The offline `LLM` does not freeze (tests build many engines in one process)."""
     global frozen_objects
     gc.collect()
     gc.freeze()
