@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
@@ -11,6 +12,8 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request_state import group_output
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("splitserve")
 
 
 class LLM:
@@ -57,6 +60,10 @@ class LLM:
             outputs = [group_output(group) for group in groups]
             for request in requests:
                 self.engine.release(request)
+        refused = [r for r in requests if r.error is not None]
+        if refused:  # their outputs say why (CompletionOutput.error); say it here too, once
+            logger.warning("%d of %d requests were refused by the engine (finish_reason 'abort', no text); "
+                           "the first: %s", len(refused), len(requests), refused[0].error)
         return outputs
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,

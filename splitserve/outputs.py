@@ -23,6 +23,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None  # per output token: the sampled token's and the top-N
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
+    error: str | None = None  # why the engine refused the request (finish_reason "abort", no tokens)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

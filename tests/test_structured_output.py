@@ -368,7 +368,7 @@ def test_the_compile_time_limit_counts_from_its_start_not_from_the_queue(tiny_di
         manager.shutdown()
 
 
-def test_a_grammar_the_core_cannot_compile_ends_its_request_with_the_reason(tiny_dir, monkeypatch):
+def test_a_grammar_the_core_cannot_compile_ends_its_request_with_the_reason(tiny_dir, monkeypatch, caplog):
     """A grammar whose compile fails in the core (after the front end's check passed): the request ends with no
     tokens and its reason, offline and through AsyncLLM; the server answers that with a 400, not an empty 200."""
     import asyncio
@@ -381,13 +381,23 @@ def test_a_grammar_the_core_cannot_compile_ends_its_request_with_the_reason(tiny
         raise RuntimeError("no room for it")
 
     monkeypatch.setattr(StructuredOutputManager, "_compile", fail)
-    engine = LLM(tiny_dir, device="cpu").engine
+    llm = LLM(tiny_dir, device="cpu")
+    engine = llm.engine
     params = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
     request = engine.add_request(PROMPT, params)
     while engine.has_unfinished_requests():
         engine.step()
     assert request.finish_reason == "abort" and request.output_token_ids == []
     assert request.error == "the grammar failed to compile: no room for it"
+    # offline: the output carries the reason, the other request is served, and one WARNING says so
+    with caplog.at_level("WARNING", logger="splitserve"):
+        outs = llm.generate([PROMPT, PROMPT], [params, SamplingParams(max_tokens=4, ignore_eos=True)],
+                            use_tqdm=False)
+    refused, served = outs[0].outputs[0], outs[1].outputs[0]
+    assert (refused.finish_reason, refused.text, refused.error) == ("abort", "", request.error)
+    assert served.error is None and len(served.token_ids) == 4 and served.finish_reason == "length"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "refused" in r.getMessage()] == [
+        f"1 of 2 requests were refused by the engine (finish_reason 'abort', no text); the first: {request.error}"]
 
     async def through_the_server():
         llm = AsyncLLM(engine)

@@ -105,7 +105,7 @@ class RequestState:
         return CompletionOutput(
             index=self.index, text=self.output_text, token_ids=list(self.output_token_ids),
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason, error=self.error)
 
     def output(self) -> RequestOutput:
         return group_output([self])
